@@ -1,0 +1,230 @@
+"""Typed study config with documented defaults, loaded from YAML and written back out in full.
+
+Defaults describe the full study (OAI scale, 224 px, both CNNs, both foundation models). The demo presets in
+`kneeoa/configs/` shrink it to what two CPU cores finish in minutes. Every run writes its resolved config, every
+default spelled out, to RUN_DIR/config.yaml, so `kneeoa run RUN_DIR/config.yaml` repeats it.
+
+Where the paper is silent we choose, and the choice is a key here: the binarisation threshold (`tasks.thresholds`),
+the split (`data.split_fractions`, by patient), the crop (`data.crop_mm`), zero-shot prompts (`zeroshot.*`) and the
+XGBoost search (`foundation.xgb_grid`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kneeoa.errors import ConfigError
+
+
+@dataclass
+class DataCfg:
+    source: str = "phantom"  # phantom | folders | oai | csv | manifest (an existing RUN_DIR/manifest.parquet)
+    path: str | None = None  # source folder or table (not used by the phantom)
+    patients: int = 400  # phantom: number of patients
+    visits: int = 2  # phantom: visits per patient
+    image_size: int = 224  # crop size in pixels written to RUN_DIR/crops
+    low_quality_share: float = 0.08  # phantom: share of deliberately low-quality images
+    crop_mm: float = 140.0  # knee crop side in mm around the joint centre (films)
+    mirror_left: bool = False  # False keeps radiographic orientation; True mirrors left knees onto right
+    split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    csv_columns: dict[str, str] = field(default_factory=dict)  # csv importer: manifest column -> table column
+    workers: int = 2  # processes for prepare (DICOM decoding, localisation)
+
+
+@dataclass
+class TasksCfg:
+    names: list[str] = field(default_factory=lambda: ["klg", "osteophytes", "jsn", "sclerosis"])
+    # Minimum OARSI grade that makes a binary feature "present"; the paper does not say, we default to 1.
+    thresholds: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class CnnCfg:
+    backbones: list[str] = field(default_factory=lambda: ["resnet18", "convnext_small"])
+    image_size: int = 224
+    multitask: bool = True  # one shared backbone with a head per task; False trains one model per task
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.0
+    class_balance: str = "weighted_loss"  # none | weighted_loss (inverse-frequency class weights)
+    patience: int = 6  # early stopping on the val loss, in epochs
+    max_minutes: float | None = None  # wall-clock cap per model (Lightning max_time); None = no cap
+    augment: bool = True
+    pretrained: str = "auto"  # auto (hub/cache if reachable, else random init) | none | a weights file path
+    weights: dict[str, str] = field(default_factory=dict)  # backbone -> local weights file (.pth/.safetensors)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # backbone -> any of the keys above
+    accelerator: str = "auto"  # passed to Lightning
+    devices: Any = "auto"  # passed to Lightning
+    strategy: str = "auto"  # passed to Lightning (ddp, ddp_spawn, ...)
+    num_nodes: int = 1  # passed to Lightning (SLURM / torchrun multi-node)
+    precision: str = "auto"  # auto: bf16-mixed on CPUs with bf16, 16-mixed on GPU, else 32; or a Lightning value
+    channels_last: str = "auto"  # auto: on for ResNets, off for ConvNeXt (slower on CPU); true | false
+    num_workers: int = 0
+    max_train_images: int | None = None  # cap for quick runs; None = all
+
+
+@dataclass
+class FoundationCfg:
+    encoders: list[str] = field(default_factory=lambda: ["biomedclip", "rad-dino"])
+    weights: dict[str, str] = field(default_factory=dict)  # encoder -> local snapshot folder
+    batch_size: int = 16
+    biomedclip_features: str = "projected"  # projected (512-d) | pre_projection (768-d)
+    raddino_features: str = "cls"  # cls (pooler_output, 768-d) | cls_mean_patch (1536-d)
+    precision: str = "auto"  # auto: bf16 on CPUs with bf16 / GPUs; fp32
+    linear_probe: bool = True
+    xgb_grid: dict[str, list[Any]] = field(default_factory=lambda: {
+        "max_depth": [3, 5], "learning_rate": [0.05, 0.1], "min_child_weight": [1, 5]})
+    xgb_n_estimators: int = 500  # upper bound; early stopping on val picks the number of trees
+    xgb_early_stopping: int = 30
+    xgb_max_bin: int = 64
+    n_jobs: int = 2
+
+
+@dataclass
+class ZeroShotCfg:
+    enabled: bool = True
+    template: str = "this is a photo of {label}"  # BiomedCLIP model card template
+    knee_label: str = "knee X-ray"
+    labels: list[str] = field(default_factory=lambda: [
+        "knee X-ray", "chest X-ray", "hand X-ray", "pelvis X-ray", "spine X-ray", "skull X-ray", "foot X-ray"])
+    klg_prompts: list[str] = field(default_factory=lambda: [
+        "a knee X-ray with no osteoarthritis", "a knee X-ray with doubtful osteoarthritis",
+        "a knee X-ray with minimal osteoarthritis", "a knee X-ray with moderate osteoarthritis",
+        "a knee X-ray with severe osteoarthritis"])
+
+
+@dataclass
+class StatsCfg:
+    n_boot: int = 1000  # bootstrap resamples (over patients)
+    confidence: float = 0.95
+    seed: int = 0
+    calibration_bins: int = 10
+
+
+@dataclass
+class ExplainCfg:
+    per_grade: int = 2  # overlays per true grade, correct and wrong
+    max_score_images: int = 200  # test images used to score CAMs against phantom masks
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "study"
+    seed: int = 0
+    stages: list[str] = field(default_factory=lambda: [
+        "prepare", "train", "embed", "boost", "zeroshot", "evaluate", "stats", "explain", "report"])
+    data: DataCfg = field(default_factory=DataCfg)
+    tasks: TasksCfg = field(default_factory=TasksCfg)
+    cnn: CnnCfg = field(default_factory=CnnCfg)
+    foundation: FoundationCfg = field(default_factory=FoundationCfg)
+    zeroshot: ZeroShotCfg = field(default_factory=ZeroShotCfg)
+    stats: StatsCfg = field(default_factory=StatsCfg)
+    explain: ExplainCfg = field(default_factory=ExplainCfg)
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} must be {tp}. Got {value!r}.")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list. Got {value!r}.")
+        (inner,) = typing.get_args(tp)
+        return [_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping. Got {value!r}.")
+        return dict(value)
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where} must be {getattr(tp, '__name__', tp)}. Got {value!r}.")
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values. Got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in valid]
+    if unknown:
+        raise ConfigError(f"Unknown key '{unknown[0]}' in {where}. Valid keys: {', '.join(valid)}.")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _from_dict(tp, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _check_type(value, tp, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> Config:
+    """Build a Config from a (partial) mapping; unknown keys and wrong types raise ConfigError naming the key."""
+    return _from_dict(Config, data or {}, where)
+
+
+def load_config(path: Path) -> Config:
+    """Read a study YAML (a partial config: missing keys keep their defaults)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"Config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    return config_from_dict(data, where=str(path))
+
+
+def preset(name: str) -> Config:
+    """A packaged preset from kneeoa/configs/<name>.yaml (demo, demo_quick)."""
+    text = resources.files("kneeoa").joinpath("configs", f"{name}.yaml").read_text()
+    return config_from_dict(yaml.safe_load(text), where=f"preset {name}")
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def backbone_cfg(cfg: CnnCfg, backbone: str) -> CnnCfg:
+    """The CNN settings for one backbone: the common ones with `cfg.overrides[backbone]` applied."""
+    over = cfg.overrides.get(backbone, {})
+    base = dataclasses.asdict(cfg)
+    return _from_dict(CnnCfg, _merge(base, dict(over)), f"cnn.overrides.{backbone}")

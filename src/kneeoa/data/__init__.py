@@ -1,0 +1,1 @@
+"""Data in: importers that each produce the one validated manifest, and the image helpers they share."""

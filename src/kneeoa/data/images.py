@@ -1,0 +1,43 @@
+"""Reading and writing knee crops: 8- or 16-bit grayscale PNG in, float32 in [0, 1] out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from kneeoa.errors import DataError
+from kneeoa.io import atomic_path
+
+
+def load_gray(path: Path) -> np.ndarray:
+    """A grayscale crop as float32 (H, W) in [0, 1], whatever its bit depth (8-bit, 16-bit, RGB -> luminance)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float32)
+                scale = 65535.0 if arr.max() > 255 or im.mode.startswith("I;16") else 255.0
+                return np.clip(arr / scale, 0, 1)
+            return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except FileNotFoundError as e:
+        raise DataError(f"Image {path} does not exist. Check the manifest's image_path or re-run prepare.") from e
+    except (OSError, ValueError) as e:
+        raise DataError(f"Image {path} cannot be read as an image ({e}). Replace or remove it.") from e
+
+
+def save_gray16(img: np.ndarray, path: Path) -> Path:
+    """Write a float image in [0, 1] as a 16-bit grayscale PNG, atomically."""
+    arr = np.clip(np.asarray(img, dtype=np.float64), 0, 1)
+    with atomic_path(Path(path)) as tmp:
+        Image.fromarray((arr * 65535 + 0.5).astype(np.uint16)).save(tmp, format="PNG")
+    return Path(path)
+
+
+def resize(img: np.ndarray, size: int) -> np.ndarray:
+    """Square resize of a float (H, W) image with antialiasing (PIL, float mode)."""
+    if img.shape == (size, size):
+        return img
+    return np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((size, size), Image.BICUBIC),
+                      dtype=np.float32).clip(0, 1)

@@ -1,0 +1,25 @@
+"""The one exception family kneeoa raises for problems a user can fix."""
+
+
+class KneeoaError(Exception):
+    """Base class: bad input data, bad config, missing weights. The message says what, where and the fix."""
+
+
+class ConfigError(KneeoaError, ValueError):
+    """A config value or command option is invalid."""
+
+
+class ManifestError(KneeoaError, ValueError):
+    """A manifest or prediction table breaks its contract (names the row and the column)."""
+
+
+class LeakageError(ManifestError):
+    """A patient appears in more than one split."""
+
+
+class WeightsNotFoundError(KneeoaError, FileNotFoundError):
+    """Pretrained weights are needed but not present locally (names the hub id, the layout and the fetch command)."""
+
+
+class DataError(KneeoaError, ValueError):
+    """A source file (image, DICOM, reading table) cannot be used as given."""

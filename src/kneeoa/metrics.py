@@ -1,0 +1,112 @@
+"""Point metrics per task family, registered with their properties.
+
+Every metric takes the prediction-table view of one arm x task x split: `y_true` (n,) int class indices and `probs`
+(n, K) float class probabilities, and returns one float (NaN where undefined, e.g. AUC with one class present).
+Hard predictions are the argmax of `probs`. Scores are higher-is-better (scikit-learn's `_score` meaning).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn import metrics as skm
+
+from kneeoa.registry import Registry
+from kneeoa.tasks import Task
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric: `fn(y_true, probs) -> float` and the task kinds it applies to."""
+
+    name: str
+    fn: Callable[[np.ndarray, np.ndarray], float]
+    kinds: tuple[str, ...] = ("binary", "ordinal")
+    higher_is_better: bool = True
+    needs_probs: bool = False
+
+
+METRICS: Registry[Metric] = Registry("metric")
+
+
+def _metric(name: str, kinds: tuple[str, ...] = ("binary", "ordinal"), needs_probs: bool = False):
+    def wrap(fn):
+        METRICS.add(name, Metric(name, fn, kinds, True, needs_probs))
+        return fn
+
+    return wrap
+
+
+def _pred(probs: np.ndarray) -> np.ndarray:
+    return np.asarray(probs).argmax(axis=1)
+
+
+def _labels(probs: np.ndarray) -> np.ndarray:
+    return np.arange(np.asarray(probs).shape[1])
+
+
+@_metric("accuracy")
+def accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
+    return float(np.mean(np.asarray(y_true) == _pred(probs)))
+
+
+@_metric("balanced_accuracy")
+def balanced_accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean recall over the classes present in y_true."""
+    y, p = np.asarray(y_true), _pred(probs)
+    return float(np.mean([np.mean(p[y == c] == c) for c in np.unique(y)]))
+
+
+@_metric("f1_macro")
+def f1_macro(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Unweighted mean F1 over all K classes (a class never predicted nor present scores 0)."""
+    return float(skm.f1_score(y_true, _pred(probs), labels=_labels(probs), average="macro", zero_division=0))
+
+
+@_metric("sensitivity", kinds=("binary",))
+def sensitivity(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """TP / (TP + FN) for class 1; NaN without positives."""
+    y, p = np.asarray(y_true), _pred(probs)
+    return float(np.mean(p[y == 1] == 1)) if (y == 1).any() else float("nan")
+
+
+@_metric("specificity", kinds=("binary",))
+def specificity(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """TN / (TN + FP); NaN without negatives."""
+    y, p = np.asarray(y_true), _pred(probs)
+    return float(np.mean(p[y == 0] == 0)) if (y == 0).any() else float("nan")
+
+
+@_metric("auc", needs_probs=True)
+def auc(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """ROC AUC: binary on prob_1; multiclass one-vs-rest macro over the classes present. NaN with one class."""
+    y, probs = np.asarray(y_true), np.asarray(probs, dtype="float64")
+    present = np.unique(y)
+    if len(present) < 2:
+        return float("nan")
+    if probs.shape[1] == 2:
+        return float(skm.roc_auc_score(y, probs[:, 1]))
+    return float(np.mean([skm.roc_auc_score(y == c, probs[:, c]) for c in present]))
+
+
+@_metric("kappa_linear", kinds=("ordinal",))
+def kappa_linear(y_true: np.ndarray, probs: np.ndarray) -> float:
+    return float(skm.cohen_kappa_score(y_true, _pred(probs), labels=_labels(probs), weights="linear"))
+
+
+@_metric("kappa_quadratic", kinds=("ordinal",))
+def kappa_quadratic(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Quadratic-weighted Cohen's kappa, the paper's KLG metric."""
+    return float(skm.cohen_kappa_score(y_true, _pred(probs), labels=_labels(probs), weights="quadratic"))
+
+
+def metrics_for(task: Task) -> list[Metric]:
+    """The registered metrics that apply to `task`'s kind, in registry order."""
+    return [m for _, m in METRICS.items() if task.kind in m.kinds]
+
+
+def confusion(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """(K, K) int confusion matrix, rows = true class, columns = predicted class."""
+    return skm.confusion_matrix(y_true, _pred(probs), labels=_labels(probs))

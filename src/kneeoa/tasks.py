@@ -1,0 +1,130 @@
+"""The study's targets as data: which source grades feed each task, how they are binarised, which metrics apply.
+
+The paper reports three binary features (osteophytes, joint space narrowing, subchondral sclerosis) derived from
+OARSI atlas grades, and the Kellgren-Lawrence grade (KLG 0-4). It does not say how the OARSI grades were binarised;
+we default to "present if any site has grade >= 1" (`threshold=1`), the usual OAI convention for "any feature",
+and make the threshold a config option (`tasks.thresholds`). Graded variants (`*_grade`, the maximum 0-3 grade over
+sites) are registered too.
+
+A task whose source columns are absent from a manifest is simply not available for that dataset (kneeKL224 has
+KL grades only): labels are never invented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from kneeoa.errors import ConfigError
+from kneeoa.registry import Registry
+
+#: Raw OARSI grade columns of the manifest, 0-3 each (OAI variable in brackets).
+OSTEOPHYTE_SITES = ("os_fm", "os_fl", "os_tm", "os_tl")  # XROSFM, XROSFL, XROSTM, XROSTL
+JSN_SITES = ("jsn_m", "jsn_l")  # XRJSM, XRJSL
+SCLEROSIS_SITES = ("sc_fm", "sc_fl", "sc_tm", "sc_tl")  # XRSCFM, XRSCFL, XRSCTM, XRSCTL
+RAW_GRADE_COLUMNS = OSTEOPHYTE_SITES + JSN_SITES + SCLEROSIS_SITES
+
+
+@dataclass(frozen=True)
+class Task:
+    """One prediction target.
+
+    Attributes:
+        name: column name in the manifest and the `<task>` part of prediction-table file names.
+        kind: "binary", "ordinal" (KLG, graded variants) -- decides the metric family.
+        classes: class names, index = label value.
+        sources: raw manifest columns the label is derived from (empty: the label column itself is the source).
+        reduce: "max" over sites (graded) or "any" over sites at `threshold` (binary).
+        threshold: default binarisation threshold for "any" tasks.
+    """
+
+    name: str
+    kind: str
+    classes: tuple[str, ...]
+    sources: tuple[str, ...] = ()
+    reduce: str = "max"
+    threshold: int = 1
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def derive(self, df: pd.DataFrame, *, threshold: int | None = None) -> pd.Series | None:
+        """Label column for this task from `df`'s source columns, or None when the sources are absent.
+
+        A row whose source grades are all missing gets a missing label (pd.NA), never 0. Sites that are missing
+        while others are read count as "not present" only when another site already decides the label.
+        """
+        if not self.sources:
+            return df[self.name].astype("Int64") if self.name in df else None
+        present = [c for c in self.sources if c in df]
+        if not present:
+            return None
+        grades = df[present].apply(pd.to_numeric, errors="coerce").astype("float64")
+        all_missing = grades.isna().all(axis=1)
+        worst = grades.max(axis=1, skipna=True)
+        if self.reduce == "any":
+            t = self.threshold if threshold is None else threshold
+            label = (worst >= t).astype("float64")
+            # A row with a missing site and no positive site is undecided: the missing site could be positive.
+            undecided = grades.isna().any(axis=1) & (label == 0)
+            label[undecided] = np.nan
+        else:
+            label = worst
+        label[all_missing] = np.nan
+        return label.round().astype("Int64")
+
+
+TASKS: Registry[Task] = Registry("task")
+
+
+def _add(task: Task) -> None:
+    TASKS.add(task.name, task)
+
+
+_add(Task("klg", "ordinal", ("KL0", "KL1", "KL2", "KL3", "KL4")))
+_add(Task("osteophytes", "binary", ("absent", "present"), OSTEOPHYTE_SITES, "any"))
+_add(Task("jsn", "binary", ("absent", "present"), JSN_SITES, "any"))
+_add(Task("sclerosis", "binary", ("absent", "present"), SCLEROSIS_SITES, "any"))
+_add(Task("osteophytes_grade", "ordinal", ("0", "1", "2", "3"), OSTEOPHYTE_SITES, "max"))
+_add(Task("jsn_grade", "ordinal", ("0", "1", "2", "3"), JSN_SITES, "max"))
+_add(Task("sclerosis_grade", "ordinal", ("0", "1", "2", "3"), SCLEROSIS_SITES, "max"))
+# Zero-shot anatomy QC ("is this a knee radiograph?"): every manifest image is a knee, so y_true is 1.
+_add(Task("knee_id", "binary", ("not knee", "knee")))
+
+
+def get_task(name: str) -> Task:
+    return TASKS.get(name)
+
+
+def add_task_labels(df: pd.DataFrame, thresholds: dict[str, int] | None = None) -> pd.DataFrame:
+    """Return `df` with a label column for every task whose sources it has (raw grades -> task labels).
+
+    Args:
+        df: a manifest-like table with raw grade columns (any subset of RAW_GRADE_COLUMNS) and/or `klg`.
+        thresholds: per binary task, the minimum OARSI grade that counts as "present" (default 1).
+    """
+    thresholds = thresholds or {}
+    for name in thresholds:
+        task = TASKS.get(name)
+        if task.reduce != "any":
+            raise ConfigError(f"tasks.thresholds names '{name}', which is not a binarised task; use one of "
+                              f"{', '.join(n for n, t in TASKS.items() if t.reduce == 'any' and t.sources)}.")
+        if thresholds[name] not in (1, 2, 3):
+            raise ConfigError(f"The threshold of task '{name}' must be 1, 2 or 3 (an OARSI grade). "
+                              f"Got {thresholds[name]!r}.")
+    out = df.copy()
+    for name, task in TASKS.items():
+        if not task.sources:
+            continue
+        label = task.derive(out, threshold=thresholds.get(name))
+        if label is not None:
+            out[name] = label
+    return out
+
+
+def available_tasks(df: pd.DataFrame, wanted: list[str]) -> list[str]:
+    """The tasks of `wanted` for which `df` has at least one label."""
+    return [t for t in wanted if t in df and df[t].notna().any()]
