@@ -37,6 +37,9 @@ class DataCfg:
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     csv_columns: dict[str, str] = field(default_factory=dict)  # csv importer: manifest column -> table column
     workers: int = 2  # processes for prepare (DICOM decoding, localisation)
+    localizer: str = "profile"  # knee localiser for films (kneeoa.data.localize.LOCALIZERS)
+    default_spacing_mm: float | None = None  # films without pixel spacing: assume this (mm); None quarantines them
+    csv_kind: str = "auto"  # csv importer without a `kind` column: auto | crop | single | bilateral
 
 
 @dataclass
@@ -76,12 +79,15 @@ class CnnCfg:
 @dataclass
 class FoundationCfg:
     encoders: list[str] = field(default_factory=lambda: ["biomedclip", "rad-dino"])
-    weights: dict[str, str] = field(default_factory=dict)  # encoder -> local snapshot folder
+    weights: dict[str, str] = field(default_factory=dict)  # encoder -> local snapshot folder (hub layout)
+    weights_root: str | None = None  # folder with one snapshot per encoder (<root>/biomedclip, <root>/rad-dino)
+    device: str = "auto"  # auto (cuda when visible, else cpu) | cpu | cuda | cuda:N
     batch_size: int = 16
     biomedclip_features: str = "projected"  # projected (512-d) | pre_projection (768-d)
     raddino_features: str = "cls"  # cls (pooler_output, 768-d) | cls_mean_patch (1536-d)
     precision: str = "auto"  # auto: bf16 on CPUs with bf16 / GPUs; fp32
     linear_probe: bool = True
+    linear_c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])  # chosen on val
     xgb_grid: dict[str, list[Any]] = field(default_factory=lambda: {
         "max_depth": [3, 5], "learning_rate": [0.05, 0.1], "min_child_weight": [1, 5]})
     xgb_n_estimators: int = 500  # upper bound; early stopping on val picks the number of trees
@@ -108,7 +114,12 @@ class StatsCfg:
     n_boot: int = 1000  # bootstrap resamples (over patients)
     confidence: float = 0.95
     seed: int = 0
-    calibration_bins: int = 10
+    calibration_bins: int = 10  # equal-width bins for ECE and reliability diagrams
+    compare_split: str = "test"  # split on which arms are compared pairwise (and ROC bands drawn)
+    # Metrics compared between arms, per task kind; a binary "auc" uses DeLong's test, the rest a paired bootstrap.
+    compare_metrics: dict[str, list[str]] = field(default_factory=lambda: {
+        "binary": ["auc", "accuracy", "balanced_accuracy"],
+        "ordinal": ["kappa_quadratic", "accuracy", "balanced_accuracy"]})
 
 
 @dataclass
@@ -116,6 +127,8 @@ class ExplainCfg:
     per_grade: int = 2  # overlays per true grade, correct and wrong
     max_score_images: int = 200  # test images used to score CAMs against phantom masks
     seed: int = 0
+    pointing_tolerance: float = 0.03  # pointing-game tolerance as a share of the mask side (~7 px at 224 px)
+    batch_size: int = 16  # images per Grad-CAM forward/backward pass
 
 
 @dataclass

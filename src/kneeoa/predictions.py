@@ -62,7 +62,7 @@ def validate_predictions(df: pd.DataFrame, task: str, origin: str = "prediction 
     bad = y.isna() | (y < 0) | (y >= n)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ManifestError(f"{origin} row {i}: column 'y_true' is {df['y_true'].iloc[i]!r}; expected 0-{n - 1}.")
+        raise ManifestError(f"{origin} row {i}: column 'y_true' is {df['y_true'].iloc[i]}; expected 0-{n - 1}.")
     p = df[prob_columns(n)].to_numpy(dtype="float64")
     bad_row = ~np.isfinite(p).all(axis=1) | (p < -1e-6).any(axis=1) | (np.abs(p.sum(axis=1) - 1) > 1e-3)
     if bad_row.any():

@@ -41,13 +41,17 @@ def _where(df: pd.DataFrame, idx, origin: str) -> str:
     return f"{origin} row {idx} (image_id {df.at[idx, 'image_id']!r})" if "image_id" in df else f"{origin} row {idx}"
 
 
+def _show(value) -> str:
+    return repr(value.item()) if hasattr(value, "item") else repr(value)
+
+
 def _check_range(df: pd.DataFrame, col: str, lo: int, hi: int, origin: str, what: str) -> None:
     values = pd.to_numeric(df[col], errors="coerce")
     bad = df[col].notna() & (values.isna() | (values < lo) | (values > hi) | (values % 1 != 0))
     if bad.any():
         i = bad[bad].index[0]
-        raise ManifestError(f"{_where(df, i, origin)}: column '{col}' is {df.at[i, col]!r}; {what} are whole numbers "
-                            f"{lo}-{hi}. Correct the source table or drop the row.")
+        raise ManifestError(f"{_where(df, i, origin)}: column '{col}' is {_show(df.at[i, col])}; {what} are whole "
+                            f"numbers {lo}-{hi}. Correct the source table or drop the row.")
 
 
 def check_no_leakage(df: pd.DataFrame, origin: str = "manifest") -> None:
@@ -94,7 +98,7 @@ def validate_manifest(df: pd.DataFrame, origin: str = "manifest") -> pd.DataFram
         i = visit[visit.isna()].index[0]
         raise ManifestError(f"{_where(df, i, origin)}: column 'visit' is {df.at[i, 'visit']!r}; visits are integers.")
     df["visit"] = visit.astype("int64")
-    if df["low_quality"].isna().any() or not set(df["low_quality"].unique()) <= {True, False, 0, 1}:
+    if df["low_quality"].isna().any() or not set(df["low_quality"].unique()) <= {True, False}:
         raise ManifestError(f"{origin}: column 'low_quality' must be true/false on every row.")
     df["low_quality"] = df["low_quality"].astype(bool)
     if "klg" in df:

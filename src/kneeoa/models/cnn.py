@@ -1,0 +1,214 @@
+"""Supervised CNN arms: timm backbones with one linear head per task, their weights and their preprocessing.
+
+The paper trains ResNet18 and ConvNeXt-Small end to end. We default to ONE multi-task model per backbone (a shared
+backbone, a head per task, the sum of the tasks' cross-entropies): the four targets are facets of the same
+radiographic picture, the shared model costs a quarter of the compute of four models (what makes the CPU demo
+possible), and `cnn.multitask: false` trains one model per task instead with the same code.
+
+Pretrained weights are resolved in one place (`resolve_pretrained`): an explicit local file, the local cache, the
+hub; without any, the model starts from random init and says so (the arm record and the report carry it).
+Every checkpoint stores the preprocessing it needs (input size, channels, mean/std from the weights' timm config).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kneeoa.errors import ConfigError, WeightsNotFoundError
+from kneeoa.registry import Registry
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A registered CNN backbone.
+
+    Attributes:
+        name: arm name and timm architecture (`resnet18`, `convnext_small`).
+        pretrained_tag: timm weight tag used when pretrained weights are wanted (hub id `timm/<name>.<tag>`).
+        channels_last: whether channels_last memory format helps on CPU (it slows ConvNeXt by ~0.7x here).
+        target_layer: the layer Grad-CAM hooks, from the backbone module.
+    """
+
+    name: str
+    pretrained_tag: str
+    channels_last: bool
+    target_layer: Callable[[nn.Module], nn.Module]
+
+    @property
+    def hub_id(self) -> str:
+        return f"timm/{self.name}.{self.pretrained_tag}"
+
+
+BACKBONES: Registry[Backbone] = Registry("backbone")
+BACKBONES.add("resnet18", Backbone("resnet18", "a1_in1k", True, lambda m: m.layer4[-1]))
+BACKBONES.add("convnext_small", Backbone("convnext_small", "in12k_ft_in1k", False, lambda m: m.stages[-1]))
+
+
+def _cached_hub_file(hub_id: str) -> str | None:
+    """The weights file of `hub_id` in the local HF cache, or None (never touches the network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        hit = try_to_load_from_cache(hub_id, fname)
+        if isinstance(hit, str) and os.path.exists(hit):
+            return hit
+    return None
+
+
+def resolve_pretrained(backbone: Backbone, pretrained: str, weights_file: str | None) -> tuple[str | None, str]:
+    """Where this backbone's starting weights come from: (file or "hub" or None, human-readable source).
+
+    Order: an explicit file (`cnn.weights[backbone]`, or `cnn.pretrained` given as a path), then the local HF cache,
+    then the hub (only with `pretrained: auto`; `cache` never goes online), else random init.
+
+    Raises:
+        WeightsNotFoundError: an explicit weights file that does not exist.
+    """
+    explicit = weights_file or (pretrained if pretrained not in ("auto", "cache", "none") else None)
+    if explicit:
+        if not Path(explicit).exists():
+            raise WeightsNotFoundError(
+                f"Weights file {explicit} for backbone '{backbone.name}' does not exist. Give a .pth/.safetensors "
+                f"file (e.g. from `huggingface-cli download {backbone.hub_id}` on a connected machine) or set "
+                "cnn.pretrained to auto, cache or none.")
+        return str(explicit), f"local file {explicit}"
+    if pretrained == "none":
+        return None, "random init (cnn.pretrained: none)"
+    if pretrained not in ("auto", "cache"):
+        raise ConfigError(f"cnn.pretrained must be auto, cache, none or a weights file path. Got {pretrained!r}.")
+    cached = _cached_hub_file(backbone.hub_id)
+    if cached:
+        return cached, f"{backbone.hub_id} (local cache {cached})"
+    if pretrained == "auto" and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+        return "hub", f"{backbone.hub_id} (hub)"
+    return None, (f"random init: no {backbone.hub_id} weights in the local cache and the hub was not used; "
+                  f"fetch them with `huggingface-cli download {backbone.hub_id}` or set cnn.weights.{backbone.name}")
+
+
+def create_backbone(name: str, *, source: str | None, in_chans: int = 1) -> tuple[nn.Module, str | None]:
+    """A timm backbone without classifier (`num_classes=0`) for `in_chans` channels.
+
+    Returns (module, error) where error is the reason a hub download failed (then the module is randomly
+    initialised and the caller must record that).
+    """
+    import timm
+
+    bb = BACKBONES.get(name)
+    if source is None:
+        return timm.create_model(bb.name, pretrained=False, in_chans=in_chans, num_classes=0), None
+    arch = f"{bb.name}.{bb.pretrained_tag}"
+    try:
+        if source == "hub":
+            return timm.create_model(arch, pretrained=True, in_chans=in_chans, num_classes=0), None
+        return timm.create_model(arch, pretrained=True, in_chans=in_chans, num_classes=0,
+                                 pretrained_cfg_overlay={"file": source}), None
+    except (OSError, RuntimeError, ValueError) as e:
+        if source != "hub":
+            raise WeightsNotFoundError(f"Weights file {source} could not be loaded into {bb.name}: {e}") from e
+        return timm.create_model(bb.name, pretrained=False, in_chans=in_chans, num_classes=0), str(e)
+
+
+def norm_stats(module: nn.Module) -> tuple[float, float]:
+    """Single-channel mean/std from the backbone's timm pretrained config (average over RGB)."""
+    cfg = getattr(module, "pretrained_cfg", {}) or {}
+    return float(np.mean(cfg.get("mean", (0.5,)))), float(np.mean(cfg.get("std", (0.5,))))
+
+
+class MultiTaskNet(nn.Module):
+    """A backbone and one linear head per task; forward returns {task: (B, K) logits}."""
+
+    def __init__(self, backbone: nn.Module, tasks: dict[str, int]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict({t: nn.Linear(backbone.num_features, k) for t, k in tasks.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.backbone(x)
+        return {t: head(feats) for t, head in self.heads.items()}
+
+
+class TaskView(nn.Module):
+    """One task's logits of a MultiTaskNet, as a plain (B, 1, H, W) -> (B, K) classifier (for Grad-CAM)."""
+
+    def __init__(self, net: MultiTaskNet, task: str) -> None:
+        super().__init__()
+        self.net, self.task = net, task
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[self.task]
+
+
+def checkpoint_path(run_dir: Path, arm: str, group: str) -> Path:
+    """RUN_DIR/checkpoints/<arm>/<group>.pt, group = "multitask" or a task name."""
+    return Path(run_dir) / CHECKPOINTS_DIR / arm / f"{group}.pt"
+
+
+def save_checkpoint(path: Path, net: MultiTaskNet, *, backbone: str, preprocess: dict[str, Any],
+                    weights_source: str, extra: dict[str, Any] | None = None) -> Path:
+    """Weights plus everything needed to rebuild and feed the model (no config lookups at load time)."""
+    from kneeoa.io import atomic_path
+
+    payload = {"backbone": backbone, "tasks": {t: h.out_features for t, h in net.heads.items()},
+               "state_dict": net.state_dict(), "preprocess": preprocess, "weights_source": weights_source,
+               "extra": extra or {}}
+    with atomic_path(Path(path)) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: Path) -> tuple[MultiTaskNet, dict[str, Any]]:
+    """Rebuild a MultiTaskNet from `save_checkpoint`'s file; returns (net in eval mode, metadata)."""
+    import timm
+
+    path = Path(path)
+    if not path.exists():
+        raise WeightsNotFoundError(f"Checkpoint {path} does not exist. Train the arm first (`kneeoa run` with the "
+                                   "train stage).")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    pre = payload["preprocess"]
+    backbone = timm.create_model(payload["backbone"], pretrained=False, in_chans=pre["in_chans"], num_classes=0)
+    net = MultiTaskNet(backbone, payload["tasks"])
+    net.load_state_dict(payload["state_dict"])
+    return net.eval(), payload
+
+
+def preprocess_fn(pre: dict[str, Any]) -> Callable[[np.ndarray], torch.Tensor]:
+    """The checkpoint's preprocessing: float (H, W) in [0, 1] -> normalised (1, size, size) tensor."""
+    from kneeoa.data.images import resize
+
+    def apply(img: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(resize(np.asarray(img, dtype=np.float32), pre["image_size"]))
+        return ((x - pre["mean"]) / pre["std"]).unsqueeze(0)
+
+    return apply
+
+
+def load_classifier(run_dir: Path, arm: str, task: str
+                    ) -> tuple[nn.Module, nn.Module, Callable[[np.ndarray], torch.Tensor]]:
+    """A trained arm's classifier for one task: (model (B,1,H,W)->(B,K) logits, Grad-CAM target layer, preprocess).
+
+    Looks for the multi-task checkpoint first, then a per-task one.
+    """
+    ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR / arm
+    for group in ("multitask", task):
+        path = ckpt_dir / f"{group}.pt"
+        if path.exists():
+            net, payload = load_checkpoint(path)
+            if task not in payload["tasks"]:
+                continue
+            bb = BACKBONES.get(payload["backbone"])
+            return TaskView(net, task).eval(), bb.target_layer(net.backbone), preprocess_fn(payload["preprocess"])
+    raise WeightsNotFoundError(f"No checkpoint for arm '{arm}' and task '{task}' under {ckpt_dir}. Train it first.")

@@ -1,0 +1,193 @@
+"""The report's core sections: summary, arm status, the paper-style results table, data, confusion matrices,
+ROC curves and the exact config with package versions."""
+
+from __future__ import annotations
+
+import html
+import json
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kneeoa.arms import read_arms
+from kneeoa.config import Config, dump_config
+from kneeoa.predictions import list_predictions, prob_columns, read_predictions
+from kneeoa.report.figures import fig_to_img_tag, new_figure, table_html
+from kneeoa.tasks import get_task
+
+#: The paper's headline metric per task kind.
+HEADLINE = {"ordinal": "kappa_quadratic", "binary": "auc"}
+PACKAGES = ("kneeoa", "torch", "torchvision", "timm", "lightning", "open_clip_torch", "transformers", "xgboost-cpu",
+            "scikit-learn", "grad-cam", "pydicom", "numpy", "pandas")
+
+
+def fmt_value(value: float, lo: float = np.nan, hi: float = np.nan) -> str:
+    """'0.912 [0.884, 0.936]' (the CI part only when it exists)."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
+        return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{value:.3f}"
+
+
+def _metrics(run_dir: Path) -> pd.DataFrame:
+    from kneeoa.stages.evaluate import read_metrics
+
+    return read_metrics(run_dir)
+
+
+def summary_section(run_dir: Path, cfg: Config) -> str | None:
+    m = _metrics(run_dir)
+    test = m[m["split"] == "test"]
+    lines = [f"<p>Study <b>{html.escape(cfg.name)}</b>, data source <b>{html.escape(cfg.data.source)}</b>. "
+             "Headline metric: quadratic-weighted kappa for KLG, AUC for the binary tasks (test split).</p>"]
+    for task in cfg.tasks.names:
+        metric = HEADLINE[get_task(task).kind]
+        rows = test[(test["task"] == task) & (test["metric"] == metric)].dropna(subset=["value"])
+        if len(rows):
+            best = rows.loc[rows["value"].idxmax()]
+            lines.append(f"<li>{task}: best arm <b>{best['arm']}</b>, {metric} "
+                         f"{fmt_value(best['value'], best['ci_low'], best['ci_high'])}</li>")
+    return "<h2>Summary</h2>" + lines[0] + "<ul>" + "".join(lines[1:]) + "</ul>"
+
+
+def arms_section(run_dir: Path, cfg: Config) -> str | None:
+    arms = read_arms(run_dir)
+    if not arms:
+        return None
+    rows = [{"arm": a, "status": "ran" if r["status"] == "ran" else "NOT RUN",
+             "starting weights / reason": r["weights"] if r["status"] == "ran" else r["reason"]}
+            for a, r in sorted(arms.items())]
+    return ("<h2>Arms</h2><p>Where each arm's weights came from. An arm that did not run reports no numbers.</p>"
+            + table_html(pd.DataFrame(rows)))
+
+
+def results_table(m: pd.DataFrame, split: str, tasks: list[str]) -> pd.DataFrame:
+    """Arms x tasks, the headline metric of each task with its CI (the paper's table layout)."""
+    part = m[m["split"] == split]
+    out = {}
+    for task in tasks:
+        metric = HEADLINE[get_task(task).kind]
+        sel = part[(part["task"] == task) & (part["metric"] == metric)]
+        out[f"{task} ({metric})"] = {r["arm"]: fmt_value(r["value"], r["ci_low"], r["ci_high"])
+                                     for _, r in sel.iterrows()}
+    return pd.DataFrame(out).rename_axis("arm")
+
+
+def results_section(run_dir: Path, cfg: Config) -> str | None:
+    m = _metrics(run_dir)
+    m = m[m["metric"].isin(["accuracy", "balanced_accuracy", "f1_macro", "auc", "kappa_linear", "kappa_quadratic",
+                            "sensitivity", "specificity"])]
+    if m.empty:
+        return "<h2>Results</h2><p>No arm produced predictions.</p>"
+    tasks = [t for t in cfg.tasks.names if t in set(m["task"])]
+    parts = ["<h2>Results</h2>"]
+    for split in ("test", "val"):
+        parts.append(f"<h3>Headline metrics, {split} split</h3>" + table_html(results_table(m, split, tasks),
+                                                                               index=True))
+    for task in tasks:
+        sel = m[(m["task"] == task) & (m["split"] == "test")]
+        if sel.empty:
+            continue
+        wide = sel.assign(cell=[fmt_value(v, lo, hi) for v, lo, hi in zip(sel["value"], sel["ci_low"],
+                                                                          sel["ci_high"], strict=True)])
+        wide = wide.pivot(index="arm", columns="metric", values="cell")
+        parts.append(f"<h3>{task}: all metrics (test, n={int(sel['n'].iloc[0])})</h3>" + table_html(wide, index=True))
+    return "".join(parts)
+
+
+def data_section(run_dir: Path, cfg: Config) -> str | None:
+    from kneeoa.data.manifest import read_manifest
+    from kneeoa.stages.prepare import DATA_REPORT
+
+    man = read_manifest(run_dir)
+    parts = ["<h2>Data</h2>", f"<p>{len(man)} knee images of {man['patient_id'].nunique()} patients; "
+             f"{int(man['low_quality'].sum())} flagged low quality. Splits are by patient.</p>"]
+    for task in ["klg", *[t for t in cfg.tasks.names if t != "klg"]]:
+        if task in man and man[task].notna().any():
+            tab = pd.crosstab(man[task], man["split"], margins=True, margins_name="all")
+            parts.append(f"<h3>{task}: images per grade and split</h3>" + table_html(tab, index=True))
+        else:
+            parts.append(f"<p>{task}: no labels in this dataset (task not available).</p>")
+    rep_path = Path(run_dir) / DATA_REPORT
+    if rep_path.exists():
+        rep = json.loads(rep_path.read_text())
+        miss = pd.DataFrame([rep["label_missing_share"]]).T.rename(columns={0: "share missing"})
+        parts.append("<h3>Label missingness</h3>" + table_html(miss, index=True))
+        for key, title in (("quarantine", "Quarantined items"), ("unmatched", "Unmatched readings and images")):
+            items = pd.DataFrame(rep.get(key, []))
+            parts.append(f"<h3>{title}: {len(items)}</h3>" + (table_html(items.head(200)) if len(items) else ""))
+        if rep.get("notes"):
+            parts.append("<ul>" + "".join(f"<li>{html.escape(str(n))}</li>" for n in rep["notes"]) + "</ul>")
+    return "".join(parts)
+
+
+def _tables(run_dir: Path):
+    for path in list_predictions(run_dir):
+        arm, task, table = read_predictions(path)
+        yield arm, task, table[table["split"] == "test"]
+
+
+def confusion_section(run_dir: Path, cfg: Config) -> str | None:
+    from kneeoa.metrics import confusion
+
+    imgs = []
+    for arm, task, test in _tables(run_dir):
+        if test.empty or task == "knee_id":
+            continue
+        t = get_task(task)
+        cm = confusion(test["y_true"].to_numpy(), test[prob_columns(t.n_classes)].to_numpy())
+        fig = new_figure(3.2, 2.8)
+        ax = fig.add_subplot()
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                    color="white" if v > cm.max() / 2 else "black")
+        ax.set_xticks(range(t.n_classes), t.classes, fontsize=7)
+        ax.set_yticks(range(t.n_classes), t.classes, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{arm} / {task}", fontsize=9)
+        imgs.append(fig_to_img_tag(fig, alt=f"confusion {arm} {task}"))
+    return "<h2>Confusion matrices (test)</h2><div class='grid'>" + "".join(imgs) + "</div>" if imgs else None
+
+
+def roc_section(run_dir: Path, cfg: Config) -> str | None:
+    from sklearn.metrics import roc_curve
+
+    by_task: dict[str, list] = {}
+    for arm, task, test in _tables(run_dir):
+        if get_task(task).kind == "binary" and test["y_true"].nunique() == 2:
+            by_task.setdefault(task, []).append((arm, test))
+    imgs = []
+    for task, entries in by_task.items():
+        fig = new_figure(3.6, 3.4)
+        ax = fig.add_subplot()
+        for arm, test in entries:
+            fpr, tpr, _ = roc_curve(test["y_true"], test["prob_1"])
+            ax.plot(fpr, tpr, label=arm)
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.set_title(f"ROC, {task} (test)", fontsize=9)
+        ax.legend(fontsize=7)
+        imgs.append(fig_to_img_tag(fig, alt=f"roc {task}"))
+    return "<h2>ROC curves (test)</h2><div class='grid'>" + "".join(imgs) + "</div>" if imgs else None
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def config_section(run_dir: Path, cfg: Config) -> str | None:
+    versions = pd.DataFrame(package_versions().items(), columns=["package", "version"])
+    return ("<h2>Exact configuration</h2><pre>" + html.escape(dump_config(cfg)) + "</pre>"
+            "<h3>Package versions</h3>" + table_html(versions))

@@ -1,0 +1,54 @@
+import base64
+import re
+
+import numpy as np
+
+from kneeoa.arms import record_arm
+from kneeoa.config import Config
+from kneeoa.data.manifest import read_manifest
+from kneeoa.predictions import make_prediction_table, write_predictions
+from kneeoa.report.html import build_report
+from kneeoa.stages import evaluate
+from kneeoa.tasks import get_task
+
+
+def write_fake_predictions(run_dir, arm, noise, seed=0):
+    """Prediction tables for every task: the truth plus `noise` (0 = perfect)."""
+    man = read_manifest(run_dir)
+    rng = np.random.default_rng(seed)
+    for task in ("klg", "osteophytes", "jsn", "sclerosis"):
+        k = get_task(task).n_classes
+        y = man[task].to_numpy(dtype=int)
+        logits = np.eye(k)[y] * 3 + rng.normal(0, noise, (len(y), k))
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        write_predictions(make_prediction_table(man["image_id"], man["split"], y, probs), run_dir, arm, task)
+
+
+def test_report_is_self_contained_and_complete(tiny_run):
+    write_fake_predictions(tiny_run, "resnet18", 0.5)
+    write_fake_predictions(tiny_run, "convnext_small", 2.0, seed=1)
+    record_arm(tiny_run, "resnet18", status="ran", weights="random init: no weights in the local cache")
+    record_arm(tiny_run, "raddino_xgb", status="not_run", reason="no RAD-DINO weights: run `kneeoa models fetch`")
+    cfg = Config()
+    evaluate.run(tiny_run, cfg)
+    page = build_report(tiny_run, cfg).read_text()
+    assert "src=\"http" not in page and "<link" not in page  # nothing loaded from elsewhere
+    imgs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(imgs) >= 8 + 3  # 8 confusion matrices + 3 ROC figures
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in imgs)
+    assert "NOT RUN" in page and "no RAD-DINO weights" in page
+    assert "random init: no weights in the local cache" in page
+    assert "klg (kappa_quadratic)" in page and "jsn (auc)" in page
+    assert "Package versions" in page and "timm" in page and "split_fractions" in page
+    assert "images per grade and split" in page
+
+
+def test_a_failing_section_does_not_sink_the_report(tiny_run, monkeypatch):
+    from kneeoa.report import core
+
+    def broken(run_dir, cfg):
+        raise RuntimeError("boom in ROC")
+
+    monkeypatch.setattr(core, "roc_section", broken)
+    page = build_report(tiny_run, Config()).read_text()
+    assert "This section failed: boom in ROC" in page and "Exact configuration" in page

@@ -1,0 +1,80 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kneeoa.arms import read_arms
+from kneeoa.config import Config
+from kneeoa.errors import WeightsNotFoundError
+from kneeoa.models.cnn import BACKBONES, load_classifier, resolve_pretrained
+from kneeoa.predictions import list_predictions, read_predictions
+from kneeoa.stages import evaluate, train
+from kneeoa.stages.train import class_weights
+
+
+def _cfg(backbone, multitask=True):
+    cfg = Config()
+    cfg.cnn.backbones = [backbone]
+    cfg.cnn.image_size, cfg.cnn.epochs, cfg.cnn.batch_size = 32, 1, 8
+    cfg.cnn.multitask, cfg.cnn.pretrained = multitask, "cache"
+    return cfg
+
+
+@pytest.mark.parametrize("backbone", BACKBONES.names())
+def test_short_training_run_writes_checkpoint_predictions_and_record(tiny_run, backbone):
+    cfg = _cfg(backbone)
+    train.run(tiny_run, cfg)
+    tables = {p.name for p in list_predictions(tiny_run)}
+    assert tables == {f"{backbone}__{t}.parquet" for t in ("klg", "osteophytes", "jsn", "sclerosis")}
+    _, _, klg = read_predictions(tiny_run / "predictions" / f"{backbone}__klg.parquet")
+    assert set(klg["split"]) == {"train", "val", "test"} and len(klg) == 24
+    rec = read_arms(tiny_run)[backbone]
+    assert rec["status"] == "ran" and "random init" in rec["weights"]
+    model, layer, pre = load_classifier(tiny_run, backbone, "klg")
+    x = pre(np.random.default_rng(0).random((50, 40)).astype(np.float32))
+    assert x.shape == (1, 32, 32)
+    with torch.no_grad():
+        assert model(x[None]).shape == (1, 5)
+    assert isinstance(layer, torch.nn.Module)
+    evaluate.run(tiny_run, cfg)
+    m = pd.read_csv(tiny_run / "metrics.csv")
+    assert list(m.columns) == ["arm", "task", "split", "metric", "value", "ci_low", "ci_high", "n"]
+    assert set(m["split"]) == {"val", "test"}
+    assert {"kappa_quadratic", "auc"} <= set(m[m["task"] == "klg"]["metric"])
+
+
+def test_per_task_models(tiny_run):
+    cfg = _cfg("resnet18", multitask=False)
+    cfg.tasks.names = ["klg", "jsn"]
+    train.run(tiny_run, cfg)
+    assert sorted(p.name for p in (tiny_run / "checkpoints" / "resnet18").glob("*.pt")) == ["jsn.pt", "klg.pt"]
+    load_classifier(tiny_run, "resnet18", "jsn")
+    with pytest.raises(WeightsNotFoundError, match="No checkpoint for arm 'resnet18' and task 'sclerosis'"):
+        load_classifier(tiny_run, "resnet18", "sclerosis")
+
+
+def test_class_weights_balance_the_loss():
+    w = class_weights(np.array([0, 0, 0, 1, -1]), 3).numpy()
+    assert w[1] == pytest.approx(3 * w[0])
+    assert w[2] == pytest.approx(1.0)  # absent class
+
+
+def test_explicit_weights_file_must_exist(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="huggingface-cli download timm/resnet18.a1_in1k"):
+        resolve_pretrained(BACKBONES.get("resnet18"), "auto", str(tmp_path / "nope.safetensors"))
+
+
+def test_local_weights_file_is_used(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    src = timm.create_model("resnet18", pretrained=False, num_classes=1000)
+    path = tmp_path / "resnet18.safetensors"
+    save_file(src.state_dict(), str(path))
+    file, text = resolve_pretrained(BACKBONES.get("resnet18"), str(path), None)
+    from kneeoa.models.cnn import create_backbone
+
+    model, err = create_backbone("resnet18", source=file)
+    assert err is None and "local file" in text
+    # in_chans=1: timm sums the RGB stem filters of the loaded weights
+    assert torch.allclose(model.conv1.weight[:, 0], src.conv1.weight.sum(1), atol=1e-5)
