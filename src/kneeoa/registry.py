@@ -6,6 +6,7 @@ Unknown names fail with the valid names and the nearest match; registering a nam
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -52,6 +53,16 @@ class Registry(Generic[T]):
             hint = f" Did you mean '{near[0]}'?" if near else ""
             raise ConfigError(f"Unknown {self.kind} '{name}'. Valid: {valid}.{hint}")
         return self._entries[key]
+
+    def update(self, entries: dict[str, T]) -> None:
+        """Add several entries, in order."""
+        for name, entry in entries.items():
+            self.add(name, entry)
+
+    def load(self, name: str):
+        """Resolve a lazy entry, a "module:attribute" string, to the object it names (imported on first use)."""
+        module, _, attr = str(self.get(name)).partition(":")
+        return getattr(importlib.import_module(module), attr)
 
     def names(self) -> list[str]:
         return list(self._entries)

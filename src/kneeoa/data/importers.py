@@ -9,7 +9,6 @@ The registry maps a name to "module:function" and imports lazily.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,15 +36,13 @@ class ImportResult:
 
 
 IMPORTERS: Registry[str] = Registry("importer")
-for _name, _target in {
+IMPORTERS.update({
     "phantom": "kneeoa.data.phantom:import_phantom",
     "folders": "kneeoa.data.folders:import_folders",
     "oai": "kneeoa.data.oai:import_oai",
     "csv": "kneeoa.data.csv_table:import_csv",
-}.items():
-    IMPORTERS.add(_name, _target)
+})
 
 
 def get_importer(name: str) -> Callable[[Path | None, Path, object], ImportResult]:
-    module, _, func = IMPORTERS.get(name).partition(":")
-    return getattr(importlib.import_module(module), func)
+    return IMPORTERS.load(name)

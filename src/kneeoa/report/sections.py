@@ -7,14 +7,13 @@ the run has nothing for it. Adding a section is one entry here and one function 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 
 from kneeoa.registry import Registry
 
 SECTIONS: Registry[str] = Registry("report section")
-for _name, _target in {
+SECTIONS.update({
     "summary": "kneeoa.report.core:summary_section",
     "arms": "kneeoa.report.core:arms_section",
     "results": "kneeoa.report.core:results_section",
@@ -28,10 +27,8 @@ for _name, _target in {
     "confusion": "kneeoa.report.core:confusion_section",
     "roc": "kneeoa.report.core:roc_section",
     "config": "kneeoa.report.core:config_section",
-}.items():
-    SECTIONS.add(_name, _target)
+})
 
 
 def get_section(name: str) -> Callable[[Path, object], str | None]:
-    module, _, func = SECTIONS.get(name).partition(":")
-    return getattr(importlib.import_module(module), func)
+    return SECTIONS.load(name)

@@ -7,14 +7,13 @@ starts fast and a stage's heavy dependencies load only when it runs.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 
 from kneeoa.registry import Registry
 
 STAGES: Registry[str] = Registry("stage")
-for _name, _target in {
+STAGES.update({
     "prepare": "kneeoa.stages.prepare:run",
     "train": "kneeoa.stages.train:run",
     "embed": "kneeoa.stages.embed:run",
@@ -24,10 +23,8 @@ for _name, _target in {
     "stats": "kneeoa.stages.stats:run",
     "explain": "kneeoa.stages.explain:run",
     "report": "kneeoa.report.html:run",
-}.items():
-    STAGES.add(_name, _target)
+})
 
 
 def get_stage(name: str) -> Callable[[Path, object], None]:
-    module, _, func = STAGES.get(name).partition(":")
-    return getattr(importlib.import_module(module), func)
+    return STAGES.load(name)

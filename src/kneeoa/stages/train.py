@@ -25,6 +25,7 @@ from kneeoa.config import CnnCfg, Config, backbone_cfg
 from kneeoa.data.dataset import MISSING_LABEL, KneeDataset
 from kneeoa.data.manifest import read_manifest
 from kneeoa.errors import ConfigError
+from kneeoa.metrics import METRICS
 from kneeoa.models.cnn import (
     BACKBONES,
     MultiTaskNet,
@@ -100,7 +101,24 @@ def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg
             return self._loss(batch, "train")
 
         def validation_step(self, batch, _):
+            out = self(batch[0])
+            for t, logits in out.items():
+                self._val.setdefault(t, []).append((batch[1][t], logits.float().softmax(1)))
             return self._loss(batch, "val")
+
+        def on_validation_epoch_start(self) -> None:
+            self._val = {}
+
+        def on_validation_epoch_end(self) -> None:
+            # The task's headline metric on val, per epoch, in the log (quadratic kappa for KLG, AUC for binary).
+            for t, parts in self._val.items():
+                y = torch.cat([p[0] for p in parts]).cpu().numpy()
+                probs = torch.cat([p[1] for p in parts]).cpu().numpy()
+                keep = y != MISSING_LABEL
+                if keep.sum() and len(np.unique(y[keep])) > 1:
+                    name = "kappa_quadratic" if get_task(t).kind == "ordinal" else "auc"
+                    value = METRICS.get(name).fn(y[keep], probs[keep])
+                    self.log(f"val_{t}_{name}", value, prog_bar=t == "klg", sync_dist=True)
 
         def configure_optimizers(self):
             opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)

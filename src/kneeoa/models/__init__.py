@@ -1,0 +1,1 @@
+"""Model families: supervised CNN backbones (`cnn`) and frozen foundation-model encoders (`foundation`)."""

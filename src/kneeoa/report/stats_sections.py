@@ -1,0 +1,150 @@
+"""Report sections for the statistics and explanation stages: comparisons, ROC bands, calibration, Grad-CAM.
+
+Each reads the files its stage wrote (comparisons.csv, roc_bands.csv, reliability.csv, metrics.csv,
+figures/gradcam/) and returns None when they are absent, so a run without those stages simply omits the section.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kneeoa.config import Config
+from kneeoa.report.figures import fig_to_img_tag, new_figure, png_tag, table_html
+from kneeoa.stats import format_ci
+
+_CAM_METRICS = ("cam_energy_in_mask", "cam_energy_in_mask_random", "cam_pointing_game", "cam_pointing_game_random")
+
+
+def _read(run_dir: Path, name: str) -> pd.DataFrame | None:
+    path = Path(run_dir) / name
+    if not path.exists():
+        return None
+    df = pd.read_csv(path)
+    return df if len(df) else None
+
+
+def _p(p: float) -> str:
+    return "n/a" if not np.isfinite(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def forest_plot(comp: pd.DataFrame):
+    """Matplotlib figure: paired differences (arm A - arm B) with CIs, one line per comparison, by metric."""
+    labels = [f"{r.task} {r.metric}: {r.arm_a} - {r.arm_b}" for r in comp.itertuples()]
+    fig = new_figure(7.5, 0.28 * len(comp) + 1.0)
+    ax = fig.add_subplot(1, 1, 1)
+    y = np.arange(len(comp))[::-1]
+    colours = np.where(comp["p_holm"].to_numpy(dtype=float) < 0.05, "tab:red", "tab:blue")
+    ax.hlines(y, comp["ci_low"], comp["ci_high"], color=colours)
+    ax.scatter(comp["difference"], y, color=colours, zorder=3, s=14)
+    ax.axvline(0, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_xlabel("difference (arm A - arm B), 95% CI; red: Holm-adjusted p < 0.05")
+    return fig
+
+
+def comparisons_section(run_dir: Path, cfg: Config) -> str | None:
+    """Pairwise arm comparisons (DeLong / paired patient bootstrap, Holm-adjusted) as a table and forest plot."""
+    comp = _read(run_dir, "comparisons.csv")
+    if comp is None:
+        return None
+    table = pd.DataFrame({
+        "task": comp["task"], "metric": comp["metric"], "arm A": comp["arm_a"], "arm B": comp["arm_b"],
+        "A - B [95% CI]": [format_ci(d, lo, hi) for d, lo, hi in zip(comp["difference"], comp["ci_low"],
+                                                                      comp["ci_high"], strict=True)],
+        "p": [_p(p) for p in comp["p_value"]], "p (Holm)": [_p(p) for p in comp["p_holm"]],
+        "method": comp["method"], "images / patients": [f"{a} / {b}" for a, b in zip(comp["n_images"],
+                                                                                   comp["n_patients"], strict=True)]})
+    return ("<h2>Paired comparisons between arms</h2>"
+            f"<p>Differences on the {html.escape(str(comp['split'].iloc[0]))} images both arms scored. Binary AUCs: "
+            "DeLong's test with patient-clustered variance; other metrics: paired patient bootstrap "
+            f"({cfg.stats.n_boot} resamples). p-values Holm-adjusted over all {len(comp)} comparisons.</p>"
+            + table_html(table) + fig_to_img_tag(forest_plot(comp), alt="forest plot of paired differences"))
+
+
+def roc_ci_section(run_dir: Path, cfg: Config) -> str | None:
+    """ROC curves of binary tasks with pointwise patient-bootstrap bands, one panel per task."""
+    bands = _read(run_dir, "roc_bands.csv")
+    if bands is None:
+        return None
+    tasks = sorted(bands["task"].unique())
+    fig = new_figure(3.6 * len(tasks), 3.6)
+    for i, task in enumerate(tasks):
+        ax = fig.add_subplot(1, len(tasks), i + 1)
+        for arm, b in bands[bands["task"] == task].groupby("arm"):
+            (line,) = ax.plot(b["fpr"], b["tpr"], lw=1.2, label=arm)
+            ax.fill_between(b["fpr"], b["tpr_low"], b["tpr_high"], color=line.get_color(), alpha=0.2, lw=0)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.6, ls=":")
+        ax.set(title=task, xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return (f"<h2>ROC curves with {int(cfg.stats.confidence * 100)}% bands</h2><p>Pointwise percentile bands of "
+            f"sensitivity at fixed 1 - specificity, over {cfg.stats.n_boot} patient-level bootstrap resamples of the "
+            f"{html.escape(str(bands['split'].iloc[0]))} set.</p>"
+            + fig_to_img_tag(fig, alt="ROC curves with bootstrap bands"))
+
+
+def calibration_section(run_dir: Path, cfg: Config) -> str | None:
+    """Reliability diagrams per task on the comparison split, with ECE and Brier (lower is better) and CIs."""
+    rel = _read(run_dir, "reliability.csv")
+    metrics = _read(run_dir, "metrics.csv")
+    if rel is None or metrics is None:
+        return None
+    split = cfg.stats.compare_split
+    rel = rel[rel["split"] == split]
+    if rel.empty:
+        return None
+    tasks = sorted(rel["task"].unique())
+    fig = new_figure(3.4 * len(tasks), 3.4)
+    for i, task in enumerate(tasks):
+        ax = fig.add_subplot(1, len(tasks), i + 1)
+        for arm, r in rel[rel["task"] == task].groupby("arm"):
+            ax.plot(r["confidence"], r["observed"], marker="o", ms=3, lw=1, label=arm)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.6, ls=":")
+        ax.set(title=task, xlabel="predicted probability" if i == 0 else "", ylabel="observed frequency",
+               xlim=(0, 1), ylim=(0, 1))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    m = metrics[metrics["metric"].isin(["ece", "brier"]) & (metrics["split"] == split)]
+    wide = (m.assign(cell=[format_ci(v, lo, hi) for v, lo, hi in zip(m["value"], m["ci_low"], m["ci_high"],
+                                                                    strict=True)])
+            .pivot_table(index=["task", "arm"], columns="metric", values="cell", aggfunc="first").reset_index())
+    wide.columns.name = None
+    return ("<h2>Calibration</h2><p>Reliability diagrams on the "
+            f"{html.escape(split)} set ({cfg.stats.calibration_bins} equal-width bins; binary tasks: probability "
+            "of 'present'; KLG: top-label confidence). ECE and Brier score are losses (lower is better), with "
+            "patient-bootstrap CIs.</p>" + fig_to_img_tag(fig, alt="reliability diagrams") + table_html(wide))
+
+
+def gradcam_section(run_dir: Path, cfg: Config) -> str | None:
+    """Grad-CAM montages and the CAM-in-mask scores next to their random-map baselines."""
+    index_path = Path(run_dir) / "figures" / "gradcam" / "index.json"
+    if not index_path.exists():
+        return None
+    index = json.loads(index_path.read_text())
+    parts = ["<h2>Where the CNNs look (Grad-CAM)</h2>"]
+    metrics = _read(run_dir, "metrics.csv")
+    scores = None if metrics is None else metrics[metrics["metric"].isin(_CAM_METRICS)]
+    if scores is not None and len(scores):
+        wide = (scores.assign(cell=[format_ci(v, lo, hi) for v, lo, hi in zip(scores["value"], scores["ci_low"],
+                                                                             scores["ci_high"], strict=True)])
+                .pivot_table(index=["task", "arm"], columns="metric", values="cell", aggfunc="first")
+                .reindex(columns=[c for c in _CAM_METRICS if c in set(scores["metric"])]).reset_index())
+        wide.columns.name = None
+        n = scores.groupby(["task", "arm"])["n"].first().reset_index()
+        parts.append("<p>Scored on test images whose feature mask is non-empty (phantom): share of CAM energy in "
+                     "the feature's mask and pointing-game hit rate, each next to a random map of matched "
+                     "smoothness. KLG uses the union of the feature masks.</p>"
+                     + table_html(wide.merge(n, on=["task", "arm"]).rename(columns={"n": "images"})))
+    for m in index.get("montages", []):
+        path = Path(run_dir) / m["file"]
+        if path.exists():
+            parts.append(f"<h3>{html.escape(m['arm'])} - {html.escape(m['task'])}</h3>"
+                         + png_tag(path.read_bytes(), alt=f"Grad-CAM {m['arm']} {m['task']}", width=900))
+    for s in index.get("skipped", []):
+        parts.append(f"<p>Skipped {html.escape(s['arm'])} / {html.escape(s['task'])}: {html.escape(s['reason'])}</p>")
+    return "".join(parts) if len(parts) > 1 else None
