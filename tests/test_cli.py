@@ -27,3 +27,19 @@ def test_stage_commands_use_the_run_folder_config(tiny_run):
     res = runner.invoke(app, ["report", str(tiny_run)])
     assert res.exit_code == 0, res.output
     assert "from-run-folder" in (tiny_run / "report.html").read_text()
+
+
+def test_phantom_release_then_prepare_oai(tmp_path):
+    rel, run = tmp_path / "release", tmp_path / "run"
+    res = runner.invoke(app, ["phantom-release", str(rel), "--patients", "2", "--visits", "1", "--spacing-mm", "0.6",
+                              "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert (rel / "truth.csv").exists()
+    res = runner.invoke(app, ["prepare", "oai", str(rel), "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    from kneeoa.data.manifest import read_manifest
+
+    man = read_manifest(run)
+    assert set(man["source"]) == {"oai"} and len(man) >= 2
+    res = runner.invoke(app, ["phantom-release", str(tmp_path / "r2"), "--visits", "9"])
+    assert res.exit_code == 2 and "visits" in res.output

@@ -97,6 +97,29 @@ def phantom(out: RunDir, patients: Annotated[int, typer.Option(help="Number of p
     typer.echo(f"{len(df)} images of {df['patient_id'].nunique()} patients -> {out / 'manifest.parquet'}")
 
 
+@app.command("phantom-release")
+def phantom_release(
+    out: Annotated[Path, typer.Argument(help="Release folder to write (kXR_SQ_BU tables, <month>/contents.csv, "
+                                             "DICOM films, truth.csv).")],
+    patients: Annotated[int, typer.Option("--patients", "-n", help="Phantom patients.")] = 20,
+    visits: Annotated[int, typer.Option(help="Visits per patient, 1-7 (OAI 00, 01, 03, 05, 06, 08, 10).")] = 2,
+    seed: Annotated[int, typer.Option(help="Cohort seed.")] = 0,
+    low_quality_share: Annotated[float, typer.Option(help="Share of degraded knees.")] = 0.0,
+    spacing_mm: Annotated[list[float] | None, typer.Option(help="Pixel spacings to draw films from (repeat the "
+                                                           "option); default 0.14-0.2 mm.")] = None,
+    workers: Annotated[int, typer.Option(help="Processes rendering films.")] = 2,
+) -> None:
+    """Write an OAI-shaped release of phantom bilateral PA knee films (DICOM), for `kneeoa prepare oai OUT`."""
+    from kneeoa.data.phantom_films import write_phantom_release
+
+    kwargs = {"spacings_mm": tuple(spacing_mm)} if spacing_mm else {}
+    truth = _guard(write_phantom_release, out, patients=patients, visits=visits, seed=seed,
+                   low_quality_share=low_quality_share, workers=workers, **kwargs)
+    films = truth.loc[truth["has_film"], "film_path"].nunique()
+    typer.echo(f"{films} film(s), {int(truth['has_reading'].sum())} knee reading(s) -> {out}; truth: "
+               f"{Path(out) / 'truth.csv'}")
+
+
 def _prepare(source: str, path: Path, out: Path, config: Path | None) -> None:
     from kneeoa.stages.prepare import prepare
 

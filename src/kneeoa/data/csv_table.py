@@ -1,0 +1,163 @@
+"""The CSV importer: a hospital's own table of knee images (crops or films) and whatever labels it has.
+
+One table row is one knee: an image path, patient id, side and visit, plus any label columns (klg, the raw OARSI
+grades os_fm ... sc_tl, or task labels osteophytes / jsn / sclerosis) and optionally `split`, `low_quality`,
+`image_id` and `kind`. `data.csv_columns` maps manifest column -> table column where the names differ.
+
+What an image is decides what happens to it (`kind` column, else `data.csv_kind`):
+
+- "crop": an already-cropped knee (PNG, JPEG or DICOM), padded to a square and resized;
+- "single": a film with one knee, localised and cropped to `data.crop_mm`;
+- "bilateral": a PA film with both knees; rows for its R and L knee may point at the same file;
+- "auto" (default): PNG/JPEG are crops; a DICOM listed for both sides is bilateral, for one side single.
+
+Relative paths resolve against the CSV's folder. Rows that cannot be used (missing file, unknown side, a film that
+cannot be localised, a duplicate knee) go to quarantine, named by their line in the CSV.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from kneeoa.data.dicom import is_dicom
+from kneeoa.data.importers import ImportResult
+from kneeoa.data.localize import FILM_KINDS, FilmJob, run_film_jobs
+from kneeoa.errors import ConfigError, DataError
+from kneeoa.tasks import RAW_GRADE_COLUMNS, TASKS
+
+REQUIRED = ("image_path", "patient_id", "side")
+OPTIONAL = ("visit", "image_id", "kind", "split", "low_quality")
+LABELS = ("klg", *RAW_GRADE_COLUMNS, *(name for name, t in TASKS.items() if t.sources and t.reduce == "any"))
+SIDE_WORDS = {"r": "R", "right": "R", "1": "R", "l": "L", "left": "L", "2": "L"}
+
+
+def _read(source: Path, mapping: dict[str, str]) -> pd.DataFrame:
+    if not source.is_file():
+        raise DataError(f"CSV table {source} does not exist. Pass the path of the table listing the images.")
+    try:
+        table = pd.read_csv(source, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        raise DataError(f"{source} cannot be parsed as CSV ({e}).") from e
+    unknown = [k for k in mapping if k not in (*REQUIRED, *OPTIONAL, *LABELS)]
+    if unknown:
+        raise ConfigError(f"data.csv_columns maps unknown manifest column(s) {unknown}; valid: "
+                          f"{', '.join((*REQUIRED, *OPTIONAL, *LABELS))}.")
+    cols = {name: mapping.get(name, name) for name in (*REQUIRED, *OPTIONAL, *LABELS)}
+    missing = [f"{name} (column '{col}')" for name, col in cols.items() if name in REQUIRED and col not in table]
+    if missing:
+        raise DataError(f"{source} lacks {', '.join(missing)}. Rename the columns or map them in data.csv_columns, "
+                        f"e.g. csv_columns: {{image_path: file}}. Columns present: {list(table.columns)}.")
+    df = pd.DataFrame({name: table[col].str.strip() for name, col in cols.items() if col in table})
+    df["line"] = range(2, len(df) + 2)
+    return df
+
+
+def _resolve_kind(kind: str, path: Path, sides: set[str]) -> str:
+    if kind != "auto":
+        return kind
+    if not is_dicom(path):
+        return "crop"
+    return "bilateral" if sides == {"R", "L"} else "single"
+
+
+def import_csv(source: Path, run_dir: Path, cfg) -> ImportResult:
+    """Import the images listed in a CSV table into knee crops and manifest rows.
+
+    Args:
+        source: the CSV file; relative image paths resolve against its folder.
+        run_dir: run folder; crops go to RUN_DIR/crops/<image_id>.png.
+        cfg: study config (cfg.data.csv_columns, csv_kind, crop_mm, image_size, mirror_left, workers, localizer,
+            default_spacing_mm).
+
+    Returns:
+        ImportResult: manifest rows with source "csv", the table's label columns (as integers, blank = missing),
+        `split` / `low_quality` when the table has them, and `original_path`.
+
+    Raises:
+        DataError: the table is missing or lacks a required column.
+        ConfigError: data.csv_columns names an unknown column, or data.csv_kind is not a film kind.
+    """
+    source, run_dir, d = Path(source), Path(run_dir), cfg.data
+    if d.csv_kind not in (*FILM_KINDS, "auto"):
+        raise ConfigError(f"data.csv_kind must be one of {['auto', *FILM_KINDS]}. Got {d.csv_kind!r}.")
+    df = _read(source, d.csv_columns)
+    quarantine, notes = [], []
+
+    def reject(mask: pd.Series, reason) -> None:
+        for _, r in df[mask].iterrows():
+            quarantine.append({"item": f"{source.name} line {r['line']}", "reason": reason(r)})
+
+    df["side"] = df["side"].str.lower().map(SIDE_WORDS)
+    df["visit"] = pd.to_numeric(df.get("visit", pd.Series("0", index=df.index)), errors="coerce")
+    df["path"] = [Path(p) if Path(p).is_absolute() else source.parent / p for p in df["image_path"]]
+    df["kind"] = df.get("kind", pd.Series("", index=df.index)).str.lower().replace("", d.csv_kind)
+    checks = [
+        (df["side"].isna(), lambda r: "side must be R/L (or right/left, 1/2)"),
+        (df["visit"].isna() | (df["visit"] % 1 != 0), lambda r: "visit must be a whole number"),
+        (df["patient_id"] == "", lambda r: "patient_id is empty"),
+        (~df["kind"].isin((*FILM_KINDS, "auto")), lambda r: f"kind {r['kind']!r} is not one of {FILM_KINDS}"),
+        (~df["path"].map(Path.is_file), lambda r: f"image file {r['path']} does not exist"),
+    ]
+    ok = pd.Series(True, index=df.index)
+    for bad, reason in checks:
+        reject(ok & bad, reason)
+        ok &= ~bad
+    df = df[ok].copy()
+    df["visit"] = df["visit"].astype(int)
+    if "image_id" not in df or (df["image_id"] == "").any():
+        df["image_id"] = df["patient_id"] + "_" + df["side"] + "_V" + df["visit"].map("{:02d}".format)
+    dup = df.duplicated("image_id", keep="first")
+    first = df[~dup].set_index("image_id")["line"]
+    reject(dup, lambda r: f"image_id {r['image_id']} repeats line {first[r['image_id']]}")
+    df = df[~dup]
+
+    for col in (c for c in LABELS if c in df):
+        bad = (df[col] != "") & pd.to_numeric(df[col], errors="coerce").isna()
+        if bad.any():
+            notes.append(f"{source.name}: {int(bad.sum())} non-numeric value(s) in '{col}' (e.g. "
+                         f"{df.loc[bad, col].iloc[0]!r}) treated as missing labels.")
+
+    jobs, job_lines = [], []
+    for (path, kind), group in df.groupby(["path", "kind"], sort=False):
+        resolved = _resolve_kind(kind, path, set(group["side"]))
+        if resolved != "bilateral" and len(group) > 1:
+            reject(df.index.isin(group.index), lambda r, k=resolved, n=len(group): f"{r['path']} is a {k} image "
+                   f"listed for {n} knees; list it once or mark it kind=bilateral")
+            continue
+        jobs.append(FilmJob(path, dict(zip(group["side"], group["image_id"], strict=True)), resolved,
+                            run_dir / "crops", crop_mm=d.crop_mm, image_size=d.image_size,
+                            mirror_left=d.mirror_left, localizer=d.localizer,
+                            default_spacing_mm=d.default_spacing_mm, expect_knee=resolved != "crop"))
+        job_lines.append(group["line"].tolist())
+    crops = []
+    for outcome, lines in zip(run_film_jobs(jobs, workers=d.workers, desc="CSV images"), job_lines, strict=True):
+        if outcome.reason:
+            quarantine.append({"item": f"{source.name} line(s) {', '.join(map(str, lines))}",
+                               "reason": f"{outcome.job.path}: {outcome.reason}"})
+        crops += outcome.crops
+    manifest = _manifest(df, crops)
+    notes.append(f"{source}: {len(df) + len(quarantine)} row(s) -> {len(manifest)} knee crop(s), "
+                 f"{len(quarantine)} quarantined")
+    return ImportResult(manifest=manifest, quarantine=pd.DataFrame(quarantine, columns=["item", "reason"]),
+                        notes=notes)
+
+
+def _manifest(df: pd.DataFrame, crops: list[dict]) -> pd.DataFrame:
+    labels = [c for c in LABELS if c in df]
+    extra = [c for c in ("split",) if c in df]
+    base = ["image_id", "patient_id", "visit", "side", "image_path", "source", "low_quality", *labels, *extra,
+            "pixel_spacing_mm", "original_path"]
+    if not crops:
+        return pd.DataFrame(columns=base)
+    out = pd.DataFrame(crops)[["image_id", "pixel_spacing_mm"]].merge(df, on="image_id", how="left")
+    out["original_path"] = out["path"].astype(str)
+    out["image_path"] = "crops/" + out["image_id"] + ".png"
+    out["source"] = "csv"
+    low = out["low_quality"].str.lower() if "low_quality" in out else pd.Series("", index=out.index)
+    out["low_quality"] = low.isin(["1", "true", "yes"])
+    for col in labels:
+        out[col] = pd.to_numeric(out[col].replace("", pd.NA), errors="coerce").astype("Float64").round()
+        out[col] = out[col].astype("Int64")
+    return out[base].sort_values("image_id").reset_index(drop=True)

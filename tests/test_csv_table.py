@@ -1,0 +1,105 @@
+"""CSV importer: crops pass through, films are localised, every unusable row is quarantined by its line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kneeoa.config import Config
+from kneeoa.data.csv_table import import_csv
+from kneeoa.data.dicom import write_dicom
+from kneeoa.data.images import load_gray, save_gray16
+from kneeoa.data.manifest import validate_manifest
+from kneeoa.errors import ConfigError, DataError
+from synthetic_films import bilateral_film, single_film
+
+SP = 0.5
+
+
+def _cfg(**data) -> Config:
+    cfg = Config()
+    cfg.data.image_size, cfg.data.workers = 32, 1
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    return cfg
+
+
+@pytest.fixture
+def hospital(tmp_path):
+    root = tmp_path / "hospital"
+    save_gray16(np.tile(np.linspace(0, 1, 40), (30, 1)), root / "img" / "a_left.png")
+    write_dicom(bilateral_film(SP), root / "films" / "b.dcm", spacing_mm=SP, photometric="MONOCHROME1")
+    write_dicom(single_film(SP), root / "films" / "c.dcm", spacing_mm=SP, laterality="R")
+    rows = [
+        ("img/a_left.png", "A", "left", "0", "2", "1", "train"),
+        ("films/b.dcm", "B", "R", "1", "3", "", "val"),
+        ("films/b.dcm", "B", "L", "1", "0", "x", "val"),
+        ("films/c.dcm", "C", "right", "0", "", "0", "test"),
+        ("img/missing.png", "D", "R", "0", "1", "1", "train"),
+        ("img/a_left.png", "E", "middle", "0", "1", "1", "train"),
+        ("img/a_left.png", "A", "L", "0", "1", "1", "train"),
+    ]
+    table = pd.DataFrame(rows, columns=["file", "patient", "side", "visit", "KL", "os_fm", "split"])
+    path = root / "table.csv"
+    table.to_csv(path, index=False)
+    return path
+
+
+def test_import_mixed_table(hospital, tmp_path):
+    cfg = _cfg(csv_columns={"image_path": "file", "patient_id": "patient", "klg": "KL"})
+    result = import_csv(hospital, tmp_path / "run", cfg)
+    m = validate_manifest(result.manifest).set_index("image_id")
+    assert list(m.index) == ["A_L_V00", "B_L_V01", "B_R_V01", "C_R_V00"]
+    assert list(m["klg"].astype("float").fillna(-1)) == [2, 0, 3, -1]
+    assert m.loc["A_L_V00", "os_fm"] == 1 and pd.isna(m.loc["B_L_V01", "os_fm"]) and pd.isna(m.loc["B_R_V01", "os_fm"])
+    assert list(m["split"]) == ["train", "val", "val", "test"] and (m["source"] == "csv").all()
+    assert m.loc["B_R_V01", "pixel_spacing_mm"] == pytest.approx(140 / 32)
+    assert m.loc["B_R_V01", "original_path"] == str(hospital.parent / "films" / "b.dcm")
+    for p in m["image_path"]:
+        assert load_gray(tmp_path / "run" / p).shape == (32, 32)
+    reasons = dict(zip(result.quarantine["item"], result.quarantine["reason"], strict=True))
+    assert "does not exist" in reasons["table.csv line 6"]
+    assert "side must be R/L" in reasons["table.csv line 7"]
+    assert "repeats line 2" in reasons["table.csv line 8"]
+    assert any("non-numeric value(s) in 'os_fm'" in n for n in result.notes)
+
+
+def test_film_that_fails_localisation_names_its_lines(tmp_path):
+    root = tmp_path / "h"
+    write_dicom(np.full((200, 300), 0.5), root / "flat.dcm", spacing_mm=SP)
+    pd.DataFrame({"image_path": ["flat.dcm", "flat.dcm"], "patient_id": ["F", "F"], "side": ["R", "L"]}).to_csv(
+        root / "t.csv", index=False)
+    result = import_csv(root / "t.csv", tmp_path / "run", _cfg())
+    assert result.manifest.empty
+    assert result.quarantine["item"].iloc[0] == "t.csv line(s) 2, 3"
+    assert "flat.dcm" in result.quarantine["reason"].iloc[0]
+
+
+def test_single_film_listed_twice_is_refused(tmp_path):
+    root = tmp_path / "h"
+    write_dicom(single_film(SP), root / "s.dcm", spacing_mm=SP)
+    pd.DataFrame({"image_path": ["s.dcm", "s.dcm"], "patient_id": ["S", "S"], "side": ["R", "L"],
+                  "kind": ["single", "single"]}).to_csv(root / "t.csv", index=False)
+    result = import_csv(root / "t.csv", tmp_path / "run", _cfg())
+    assert result.manifest.empty and len(result.quarantine) == 2
+    assert "is a single image listed for 2 knees" in result.quarantine["reason"].iloc[0]
+
+
+def test_missing_required_column(tmp_path):
+    pd.DataFrame({"file": ["a.png"], "patient_id": ["A"], "side": ["R"]}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(DataError, match=r"lacks image_path \(column 'image_path'\).*csv_columns"):
+        import_csv(tmp_path / "t.csv", tmp_path / "run", _cfg())
+
+
+def test_unknown_mapping_and_kind(tmp_path):
+    pd.DataFrame({"image_path": ["a.png"], "patient_id": ["A"], "side": ["R"]}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ConfigError, match="unknown manifest column.*'grade'"):
+        import_csv(tmp_path / "t.csv", tmp_path / "run", _cfg(csv_columns={"grade": "KL"}))
+    with pytest.raises(ConfigError, match="data.csv_kind must be one of"):
+        import_csv(tmp_path / "t.csv", tmp_path / "run", _cfg(csv_kind="film"))
+
+
+def test_missing_table(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        import_csv(tmp_path / "nope.csv", tmp_path / "run", _cfg())
