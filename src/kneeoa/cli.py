@@ -163,14 +163,17 @@ def _stage_command(name: str, doc: str) -> None:
 for _name, _doc in {
     "train": "Train the CNN arms (cnn.backbones) and write their prediction tables.",
     "evaluate": "Compute metrics for every prediction table into metrics.csv / metrics.json.",
+    "stats": "Bootstrap CIs (by patient), calibration, paired arm comparisons -> metrics.csv, comparisons.csv.",
+    "explain": "Grad-CAM montages in figures/gradcam/ and CAM-in-mask scores (phantom) -> metrics.csv.",
     "report": "Write RUN_DIR/report.html.",
 }.items():
     _stage_command(_name, _doc)
 
 
-# --- statistics and explanations (kneeoa.stages.stats, kneeoa.stages.explain) ---------------------------------------
-for _name, _doc in {
-    "stats": "Bootstrap CIs (by patient), calibration, paired arm comparisons -> metrics.csv, comparisons.csv.",
-    "explain": "Grad-CAM montages in figures/gradcam/ and CAM-in-mask scores (phantom) -> metrics.csv.",
-}.items():
-    _stage_command(_name, _doc)
+# --- foundation models: weights, embeddings, heads, zero-shot (kneeoa.commands_models) ------------------------------
+from kneeoa.commands_models import boost_cmd, embed_cmd, models_app, zeroshot_cmd  # noqa: E402
+
+app.add_typer(models_app, name="models")
+app.command("embed")(embed_cmd)
+app.command("boost")(boost_cmd)
+app.command("zeroshot")(zeroshot_cmd)

@@ -1,0 +1,141 @@
+"""Command-line entry points for the foundation-model half: `kneeoa models list|fetch|verify`, `embed`, `boost`,
+`zeroshot`. Commands parse options and delegate; the main CLI (`kneeoa.cli`) registers them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kneeoa.config import Config
+
+models_app = typer.Typer(no_args_is_help=True, help="Foundation-model weights: what a study needs, fetch, verify.")
+console = Console()
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Study YAML; default: RUN_DIR/config.yaml.")]
+WeightsOpt = Annotated[Path | None, typer.Option("--weights", "-w", help="Snapshot folder in the hub layout.")]
+
+
+def _cli():
+    from kneeoa import cli  # imported late: kneeoa.cli registers these commands at import time
+
+    return cli
+
+
+def _config(run_dir: Path | None, config: Path | None) -> Config:
+    from kneeoa.config import load_config
+
+    if config:
+        return load_config(config)
+    return _cli()._run_cfg(run_dir) if run_dir else Config()
+
+
+@models_app.command("list")
+def models_list(weights_root: Annotated[Path | None, typer.Option(help="Folder with one snapshot per encoder.")] = None,
+                config: ConfigOpt = None) -> None:
+    """Show the encoders a study needs and where each would load from now (no download)."""
+    from kneeoa.models.foundation import features_for, get_encoder_spec, weights_for
+    from kneeoa.models.hub import locate_snapshot
+
+    cfg = _config(None, config).foundation
+    if weights_root:
+        cfg = dataclasses.replace(cfg, weights_root=str(weights_root))
+    table = Table("encoder", "hub id", "features", "loads from")
+    for name in cfg.encoders:
+        spec = get_encoder_spec(name)
+        snap, tried = locate_snapshot(spec.hub_id, spec.layout, weights_for(cfg, name))
+        where = (f"{snap.source}: {snap.path} (revision {snap.revision})" if snap else
+                 f"[red]not found[/] ({'; '.join(tried)}); fetch with `{spec.fetch_hint}`")
+        features = features_for(cfg, name)
+        table.add_row(spec.name, spec.hub_id, f"{features} ({spec.features[features]}-d)", where)
+    console.print(table)
+
+
+@models_app.command("fetch")
+def models_fetch(names: Annotated[list[str] | None, typer.Argument(help="Encoders (default: all registered).")] = None,
+                 dest: Annotated[Path, typer.Option(help="Folder to fill: DEST/<encoder>/ per encoder.")] = Path(
+                     "weights")) -> None:
+    """Download encoder snapshots into DEST/<encoder>/ (needs huggingface.co; run on a connected machine)."""
+    from kneeoa.models.foundation import fetch_encoder, list_encoders
+
+    for name in names or list_encoders():
+        path = _cli()._guard(fetch_encoder, name, dest / name)
+        console.print(f"{name}: {path}")
+    console.print(f"Use them with `--weights {dest}/<encoder>` or the config key foundation.weights_root: {dest}.")
+
+
+def verify_encoder(name: str, weights: Path | None) -> list[str]:
+    """Load every feature choice of an encoder from `weights` and compare the embedding size with the registry.
+
+    Returns:
+        One line per problem (empty when the snapshot is the published model).
+    """
+    from kneeoa.models.foundation import create_encoder, get_encoder_spec
+
+    spec = get_encoder_spec(name)
+    problems = []
+    for features, expected in spec.features.items():
+        enc = create_encoder(spec.name, weights, features=features, precision="fp32", device="cpu")
+        out = enc.encode(np.random.default_rng(0).random((2, 64, 64), dtype=np.float32))
+        if out.shape != (2, expected) or not np.isfinite(out).all():
+            problems.append(f"{spec.name} {features}: embedding shape {out.shape}, expected (2, {expected}) "
+                            f"(from {enc.snapshot.path}); these are not the published {spec.title} weights.")
+        else:
+            console.print(f"{spec.name} {features}: {expected}-d ok (revision {enc.revision}, "
+                          f"sha256 {enc.checksum[:16]}, {enc.snapshot.source})")
+    return problems
+
+
+@models_app.command("verify")
+def models_verify(name: Annotated[str, typer.Argument(help="Encoder: biomedclip or rad-dino.")],
+                  weights: WeightsOpt = None) -> None:
+    """Check that a snapshot has the files, loads offline and gives the published embedding sizes."""
+    problems = _cli()._guard(verify_encoder, name, weights)
+    for line in problems:
+        console.print(f"[bold red]error:[/] {line}")
+    if problems:
+        raise typer.Exit(1)
+
+
+def embed_cmd(run_dir: Annotated[Path, typer.Argument(help="Run folder.")],
+              encoder: Annotated[str | None, typer.Option(help="biomedclip or rad-dino (default: all in config).")]
+              = None, weights: WeightsOpt = None, config: ConfigOpt = None) -> None:
+    """Embed every manifest image with frozen foundation encoders into RUN_DIR/embeddings/ (resumable)."""
+    from kneeoa.stages import embed
+
+    cfg = _config(run_dir, config)
+    if encoder is None:
+        if weights is not None:
+            raise typer.BadParameter("--weights needs --encoder (which model the folder holds).")
+        _cli()._guard(embed.run, run_dir, cfg)
+    else:
+        _cli()._guard(embed.embed_one, run_dir, encoder, weights, cfg)
+
+
+def boost_cmd(run_dir: Annotated[Path, typer.Argument(help="Run folder.")],
+              encoder: Annotated[str | None, typer.Option(help="Only this encoder's arms.")] = None,
+              config: ConfigOpt = None) -> None:
+    """Fit XGBoost and linear-probe heads on the embeddings; write their prediction tables."""
+    from kneeoa.stages import boost
+
+    cfg = _config(run_dir, config)
+    if encoder is not None:
+        cfg.foundation.encoders = [encoder]
+    _cli()._guard(boost.run, run_dir, cfg)
+
+
+def zeroshot_cmd(run_dir: Annotated[Path, typer.Argument(help="Run folder.")], weights: WeightsOpt = None,
+                 config: ConfigOpt = None) -> None:
+    """BiomedCLIP zero-shot: anatomy QC (is it a knee?) and KL grading by prompts."""
+    from kneeoa.stages import zeroshot
+
+    cfg = _config(run_dir, config)
+    if weights is not None:
+        cfg.foundation.weights["biomedclip"] = str(weights)
+    _cli()._guard(zeroshot.run, run_dir, cfg)

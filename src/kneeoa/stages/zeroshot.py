@@ -1,0 +1,178 @@
+"""Stage `zeroshot`: BiomedCLIP without training, (a) as anatomy QC, (b) as a KL grader by prompts.
+
+(a) Each image is scored against the label set `zeroshot.labels` with the model card's template
+("this is a photo of {label}"); probabilities are softmax(logit_scale * cos(image, text)). An image is identified
+as a knee when the knee label (`zeroshot.knee_label`) is its top label, the rule behind the paper's 91.14%. The
+manifest gains `zs_knee_prob` and `zs_is_knee`; RUN_DIR/zeroshot_qc.json holds the share identified overall and by
+the `low_quality` flag (the paper's failure analysis) and the worst misses. The prediction table
+`biomedclip_zeroshot__knee_id` has y_true = 1 for every image and prob_1 = the knee label's probability.
+(b) KL grade: the five `zeroshot.klg_prompts` (KL0..KL4, in order) under the same template, as
+`biomedclip_zeroshot__klg`.
+
+Prompts are data (config); `prompts` and `zero_shot_probs` turn them into a classifier as pure functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from kneeoa.arms import record_arm
+from kneeoa.config import Config, ZeroShotCfg
+from kneeoa.data.images import load_gray
+from kneeoa.data.manifest import read_manifest, resolve_image_path, write_manifest
+from kneeoa.errors import ConfigError, WeightsNotFoundError
+from kneeoa.io import write_json
+from kneeoa.models.foundation import (
+    ClipEncoder,
+    create_encoder,
+    embedding_matrix,
+    embeddings_path,
+    get_encoder_spec,
+    weights_for,
+)
+from kneeoa.predictions import make_prediction_table, write_predictions
+from kneeoa.tasks import available_tasks, get_task
+
+_log = logging.getLogger(__name__)
+
+ARM = "biomedclip_zeroshot"
+ENCODER = "biomedclip"
+QC_FILE = "zeroshot_qc.json"
+#: Embedding provenance that must match for the embed stage's vectors to stand in for a fresh pass.
+_SAME_VECTORS = ("model_id", "checksum", "features", "precision", "preprocess")
+
+
+def prompts(labels: list[str], template: str) -> list[str]:
+    """One text prompt per label.
+
+    Example:
+        >>> prompts(["knee X-ray", "chest X-ray"], "this is a photo of {label}")
+        ['this is a photo of knee X-ray', 'this is a photo of chest X-ray']
+    """
+    if "{label}" not in template:
+        raise ConfigError(f"zeroshot.template must contain '{{label}}' where the label goes. Got {template!r}.")
+    return [template.format(label=label) for label in labels]
+
+
+def zero_shot_probs(image_features: np.ndarray, text_features: np.ndarray, logit_scale: float) -> np.ndarray:
+    """CLIP zero-shot class probabilities.
+
+    Args:
+        image_features: (N, D) projected image embeddings. text_features: (C, D) one per class prompt.
+        logit_scale: the model's learned temperature (exp of its logit_scale parameter).
+
+    Returns:
+        (N, C) float64, softmax(logit_scale * cos(image, text)); rows sum to 1.
+
+    Example:
+        >>> zero_shot_probs(np.array([[1.0, 0.0]]), np.array([[2.0, 0.0], [0.0, 1.0]]), 100.0).round(3).tolist()
+        [[1.0, 0.0]]
+    """
+    img = np.asarray(image_features, dtype=np.float64)
+    txt = np.asarray(text_features, dtype=np.float64)
+    img = img / np.linalg.norm(img, axis=1, keepdims=True)
+    txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    logits = logit_scale * img @ txt.T
+    logits -= logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _check(zc: ZeroShotCfg) -> None:
+    if zc.knee_label not in zc.labels:
+        raise ConfigError(f"zeroshot.knee_label {zc.knee_label!r} is not in zeroshot.labels {zc.labels}; add it.")
+    if len(zc.labels) < 2:
+        raise ConfigError(f"zeroshot.labels needs the knee label and at least one other. Got {zc.labels}.")
+    k = get_task("klg").n_classes
+    if len(zc.klg_prompts) != k:
+        raise ConfigError(f"zeroshot.klg_prompts needs one prompt per KL grade ({k}, KL0 first). "
+                          f"Got {len(zc.klg_prompts)}.")
+
+
+def _image_features(run_dir: Path, manifest: pd.DataFrame, enc: ClipEncoder, batch_size: int) -> np.ndarray:
+    """Projected image embeddings: the embed stage's table when the same model made it, else a fresh pass."""
+    path = embeddings_path(run_dir, ENCODER)
+    info = path.with_suffix(".json")
+    if path.exists() and info.exists():
+        made = json.loads(info.read_text())
+        ours = json.loads(json.dumps(enc.describe()))
+        if all(made.get(k) == ours[k] for k in _SAME_VECTORS if k != "features") and made["features"] == "projected":
+            table = pd.read_parquet(path).set_index("image_id")
+            if manifest["image_id"].isin(table.index).all():
+                _log.info("Zero-shot reuses %s", path)
+                return embedding_matrix(table.loc[manifest["image_id"]].reset_index())
+    out = []
+    for lo in tqdm(range(0, len(manifest), batch_size), desc="zeroshot", unit="batch"):
+        rows = manifest.iloc[lo:lo + batch_size]
+        out.append(enc.encode_projected([load_gray(resolve_image_path(run_dir, p)) for p in rows["image_path"]]))
+    return np.concatenate(out) if out else np.zeros((0, enc.dim), dtype=np.float32)
+
+
+def _share(mask: pd.Series) -> dict[str, Any]:
+    return {"n": int(len(mask)), "identified": int(mask.sum()),
+            "share": float(mask.mean()) if len(mask) else float("nan")}
+
+
+def _qc_summary(manifest: pd.DataFrame, probs: np.ndarray, zc: ZeroShotCfg, n_failures: int = 12) -> dict[str, Any]:
+    top = np.asarray(zc.labels)[probs.argmax(axis=1)]
+    is_knee = manifest["zs_is_knee"]
+    misses = manifest.assign(top_label=top)[~is_knee].sort_values("zs_knee_prob").head(n_failures)
+    return {
+        "rule": "top-1 label over zeroshot.labels is the knee label",
+        "template": zc.template, "labels": zc.labels, "knee_label": zc.knee_label,
+        "overall": _share(is_knee),
+        "share_knee_prob_over_half": float((manifest["zs_knee_prob"] > 0.5).mean()) if len(manifest) else None,
+        "by_low_quality": {str(flag).lower(): _share(is_knee[manifest["low_quality"] == flag])
+                           for flag in (False, True) if (manifest["low_quality"] == flag).any()},
+        "top_label_counts": pd.Series(top).value_counts().to_dict(),
+        "failures": misses[["image_id", "image_path", "top_label", "zs_knee_prob", "low_quality"]].to_dict("records"),
+    }
+
+
+def run(run_dir: Path, cfg: Config) -> None:
+    """Anatomy QC and KL grading by prompts with BiomedCLIP; without weights the arm is recorded as not run."""
+    run_dir, zc, fc = Path(run_dir), cfg.zeroshot, cfg.foundation
+    if not zc.enabled:
+        record_arm(run_dir, ARM, status="not_run", reason="zeroshot.enabled is false in the config.")
+        return
+    _check(zc)
+    try:
+        enc = create_encoder(ENCODER, weights_for(fc, ENCODER), features="projected", precision=fc.precision,
+                             device=fc.device)
+    except WeightsNotFoundError as e:
+        _log.warning("Skipping zero-shot: %s", e)
+        record_arm(run_dir, ARM, status="not_run", reason=str(e))
+        return
+    manifest = read_manifest(run_dir)
+    img = _image_features(run_dir, manifest, enc, fc.batch_size)
+    probs = zero_shot_probs(img, enc.encode_text(prompts(zc.labels, zc.template)), enc.logit_scale)
+    knee = probs[:, zc.labels.index(zc.knee_label)]
+    manifest["zs_knee_prob"] = knee
+    manifest["zs_is_knee"] = probs.argmax(axis=1) == zc.labels.index(zc.knee_label)
+    write_manifest(manifest, run_dir)
+    qc = {"model_id": enc.model_id, "revision": enc.revision, "checksum": enc.checksum,
+          **_qc_summary(manifest, probs, zc)}
+    write_json(qc, run_dir / QC_FILE)
+    write_predictions(make_prediction_table(manifest["image_id"], manifest["split"], np.ones(len(manifest)),
+                                            np.stack([1 - knee, knee], axis=1)), run_dir, ARM, "knee_id")
+    tasks = ["knee_id"]
+    if available_tasks(manifest, ["klg"]):
+        graded = manifest["klg"].notna().to_numpy()
+        klg_probs = zero_shot_probs(img[graded], enc.encode_text(prompts(zc.klg_prompts, zc.template)),
+                                    enc.logit_scale)
+        rows = manifest[graded]
+        write_predictions(make_prediction_table(rows["image_id"], rows["split"], rows["klg"].to_numpy(dtype=int),
+                                                klg_probs), run_dir, ARM, "klg")
+        tasks.append("klg")
+    record_arm(run_dir, ARM, status="ran",
+               weights=f"{enc.model_id} revision {enc.revision} sha256 {enc.checksum[:12]}",
+               details={"encoder": get_encoder_spec(ENCODER).name, "template": zc.template, "labels": zc.labels,
+                        "knee_label": zc.knee_label, "klg_prompts": zc.klg_prompts, "tasks": tasks,
+                        "share_identified_as_knee": qc["overall"]["share"]})

@@ -1,0 +1,125 @@
+"""Stage `zeroshot` (anatomy QC, KL grading by prompts) and the foundation report sections, end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kneeoa.arms import read_arms
+from kneeoa.config import Config, ZeroShotCfg
+from kneeoa.data.images import load_gray
+from kneeoa.data.manifest import read_manifest, write_manifest
+from kneeoa.errors import ConfigError
+from kneeoa.models.foundation import ClipEncoder, create_encoder
+from kneeoa.predictions import prediction_path, read_predictions
+from kneeoa.report.foundation_sections import embeddings_section, zeroshot_section
+from kneeoa.stages import zeroshot
+
+
+def _cfg(standin_snapshots) -> Config:
+    cfg = Config()
+    cfg.foundation.weights = {k: str(v) for k, v in standin_snapshots.items()}
+    cfg.foundation.precision, cfg.foundation.batch_size = "fp32", 8
+    return cfg
+
+
+def test_prompts_and_probabilities_are_pure_functions():
+    assert zeroshot.prompts(["a", "b"], "this is a photo of {label}") == ["this is a photo of a",
+                                                                          "this is a photo of b"]
+    img = np.array([[3.0, 0.0], [1.0, 1.0]])
+    txt = np.array([[1.0, 0.0], [0.0, 2.0]])
+    p = zeroshot.zero_shot_probs(img, txt, 10.0)
+    # row 0: cosines (1, 0) -> softmax(10, 0); row 1: cosines equal -> one half each
+    np.testing.assert_allclose(p[0], np.exp([10, 0]) / np.exp([10, 0]).sum())
+    np.testing.assert_allclose(p[1], [0.5, 0.5])
+    with pytest.raises(ConfigError, match=r"zeroshot.template must contain '\{label\}'"):
+        zeroshot.prompts(["a"], "a photo")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"knee_label": "knee radiograph"}, "knee_label 'knee radiograph' is not in zeroshot.labels"),
+    ({"klg_prompts": ["no OA", "severe OA"]}, r"one prompt per KL grade \(5, KL0 first\). Got 2"),
+    ({"labels": ["knee X-ray"]}, "needs the knee label and at least one other"),
+])
+def test_bad_prompt_config(tiny_run, change, message):
+    cfg = Config()
+    cfg.zeroshot = ZeroShotCfg(**change)
+    with pytest.raises(ConfigError, match=message):
+        zeroshot.run(tiny_run, cfg)
+
+
+def test_zeroshot_qc_and_klg(tiny_run, standin_snapshots):
+    manifest = read_manifest(tiny_run)
+    manifest.loc[manifest.index[:5], "low_quality"] = True
+    write_manifest(manifest, tiny_run)
+    cfg = _cfg(standin_snapshots)
+    zeroshot.run(tiny_run, cfg)
+
+    manifest = read_manifest(tiny_run)
+    enc = create_encoder("biomedclip", standin_snapshots["biomedclip"], precision="fp32")
+    images = np.stack([load_gray(tiny_run / p) for p in manifest["image_path"]])
+    text = enc.encode_text([f"this is a photo of {label}" for label in cfg.zeroshot.labels])
+    probs = zeroshot.zero_shot_probs(enc.encode_projected(images), text, enc.logit_scale)
+    np.testing.assert_allclose(manifest["zs_knee_prob"], probs[:, 0], rtol=1e-4, atol=1e-6)
+    assert (manifest["zs_is_knee"] == (probs.argmax(axis=1) == 0)).all()
+
+    qc = json.loads((tiny_run / "zeroshot_qc.json").read_text())
+    assert qc["overall"]["share"] == pytest.approx(manifest["zs_is_knee"].mean())
+    low = manifest["low_quality"]
+    assert qc["by_low_quality"]["true"]["n"] == 5
+    assert qc["by_low_quality"]["true"]["share"] == pytest.approx(manifest.loc[low, "zs_is_knee"].mean())
+    assert len(qc["failures"]) == min(12, int((~manifest["zs_is_knee"]).sum()))
+
+    _, _, knee = read_predictions(prediction_path(tiny_run, "biomedclip_zeroshot", "knee_id"))
+    assert (knee["y_true"] == 1).all()
+    np.testing.assert_allclose(knee["prob_1"], manifest["zs_knee_prob"])
+    _, _, klg = read_predictions(prediction_path(tiny_run, "biomedclip_zeroshot", "klg"))
+    assert list(klg["y_true"]) == list(manifest["klg"]) and klg.filter(like="prob_").shape[1] == 5
+    rec = read_arms(tiny_run)["biomedclip_zeroshot"]
+    assert rec["status"] == "ran" and rec["details"]["tasks"] == ["knee_id", "klg"]
+
+    section = zeroshot_section(tiny_run, cfg)
+    assert f"{100 * qc['overall']['share']:.2f}%" in section and "low_quality = true" in section
+    if qc["failures"]:
+        assert "data:image/png;base64" in section
+
+
+def test_zeroshot_reuses_projected_embeddings(tiny_run, standin_snapshots, monkeypatch):
+    from kneeoa.stages import embed
+
+    cfg = _cfg(standin_snapshots)
+    embed.embed_one(tiny_run, "biomedclip", None, cfg, progress=False)
+
+    def refuse(self, images):
+        raise AssertionError("image tower ran again")
+
+    monkeypatch.setattr(ClipEncoder, "encode_projected", refuse)
+    zeroshot.run(tiny_run, cfg)
+    assert read_arms(tiny_run)["biomedclip_zeroshot"]["status"] == "ran"
+    section = embeddings_section(tiny_run, cfg)
+    assert "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224" in section
+    assert "open_clip_config.json" in section
+
+
+def test_without_weights_the_arm_is_not_run_and_the_report_says_why(tiny_run, tmp_path):
+    cfg = Config()
+    cfg.foundation.weights = {"biomedclip": str(tmp_path / "absent"), "rad-dino": str(tmp_path / "absent")}
+    zeroshot.run(tiny_run, cfg)
+    rec = read_arms(tiny_run)["biomedclip_zeroshot"]
+    assert rec["status"] == "not_run" and "BiomedCLIP-PubMedBERT_256" in rec["reason"]
+    assert not prediction_path(tiny_run, "biomedclip_zeroshot", "knee_id").exists()
+    assert "did not run" in zeroshot_section(tiny_run, cfg)
+    from kneeoa.stages import embed
+
+    embed.run(tiny_run, cfg)
+    section = embeddings_section(tiny_run, cfg)
+    assert "raddino_xgb</b> did not run" in section and "huggingface-cli download" in section
+
+
+def test_disabled_zeroshot_is_recorded(tiny_run):
+    cfg = Config()
+    cfg.zeroshot.enabled = False
+    zeroshot.run(tiny_run, cfg)
+    assert read_arms(tiny_run)["biomedclip_zeroshot"]["reason"] == "zeroshot.enabled is false in the config."
