@@ -52,3 +52,13 @@ def test_a_failing_section_does_not_sink_the_report(tiny_run, monkeypatch):
     monkeypatch.setattr(core, "roc_section", broken)
     page = build_report(tiny_run, Config()).read_text()
     assert "This section failed: boom in ROC" in page and "Exact configuration" in page
+
+
+def test_outputs_get_ordinary_permissions(tiny_run):
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    mode = stat.S_IMODE((tiny_run / "manifest.parquet").stat().st_mode)
+    assert mode == 0o666 & ~mask
