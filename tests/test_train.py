@@ -5,7 +5,7 @@ import torch
 
 from kneeoa.arms import read_arms
 from kneeoa.config import Config
-from kneeoa.errors import WeightsNotFoundError
+from kneeoa.errors import ConfigError, WeightsNotFoundError
 from kneeoa.models.cnn import BACKBONES, load_classifier, resolve_pretrained
 from kneeoa.predictions import list_predictions, read_predictions
 from kneeoa.stages import evaluate, train
@@ -36,6 +36,12 @@ def test_short_training_run_writes_checkpoint_predictions_and_record(tiny_run, b
     with torch.no_grad():
         assert model(x[None]).shape == (1, 5)
     assert isinstance(layer, torch.nn.Module)
+    layers = BACKBONES.get(backbone).cam_layers
+    assert layer is layers["last"](model.net.backbone)  # the default
+    model2, finer, _ = load_classifier(tiny_run, backbone, "klg", cam_layer="penultimate")
+    assert finer is layers["penultimate"](model2.net.backbone)
+    with pytest.raises(ConfigError, match="explain.cam_layer must be one of last, penultimate. Got 'first'"):
+        load_classifier(tiny_run, backbone, "klg", cam_layer="first")
     evaluate.run(tiny_run, cfg)
     m = pd.read_csv(tiny_run / "metrics.csv")
     assert list(m.columns) == ["arm", "task", "split", "metric", "value", "ci_low", "ci_high", "n"]

@@ -129,6 +129,9 @@ class ExplainCfg:
     seed: int = 0
     pointing_tolerance: float = 0.03  # pointing-game tolerance as a share of the mask side (~7 px at 224 px)
     batch_size: int = 16  # images per Grad-CAM forward/backward pass
+    # Which block Grad-CAM hooks: "penultimate" (default) or "last". At the demo's 128 px input the last ResNet18
+    # stage is a 4x4 grid of 32 px cells, too coarse for millimetre-sized osteophytes; the stage before is 8x8.
+    cam_layer: str = "penultimate"
 
 
 @dataclass

@@ -39,13 +39,14 @@ class Backbone:
         name: arm name and timm architecture (`resnet18`, `convnext_small`).
         pretrained_tag: timm weight tag used when pretrained weights are wanted (hub id `timm/<name>.<tag>`).
         channels_last: whether channels_last memory format helps on CPU (it slows ConvNeXt by ~0.7x here).
-        target_layer: the layer Grad-CAM hooks, from the backbone module.
+        cam_layers: the layers Grad-CAM can hook, by name: "last" (the last block, the usual choice) and
+            "penultimate" (the last block of the stage before, twice the spatial resolution).
     """
 
     name: str
     pretrained_tag: str
     channels_last: bool
-    target_layer: Callable[[nn.Module], nn.Module]
+    cam_layers: dict[str, Callable[[nn.Module], nn.Module]]
 
     @property
     def hub_id(self) -> str:
@@ -53,8 +54,10 @@ class Backbone:
 
 
 BACKBONES: Registry[Backbone] = Registry("backbone")
-BACKBONES.add("resnet18", Backbone("resnet18", "a1_in1k", True, lambda m: m.layer4[-1]))
-BACKBONES.add("convnext_small", Backbone("convnext_small", "in12k_ft_in1k", False, lambda m: m.stages[-1]))
+BACKBONES.add("resnet18", Backbone("resnet18", "a1_in1k", True,
+                                    {"last": lambda m: m.layer4[-1], "penultimate": lambda m: m.layer3[-1]}))
+BACKBONES.add("convnext_small", Backbone("convnext_small", "in12k_ft_in1k", False,
+                                         {"last": lambda m: m.stages[-1], "penultimate": lambda m: m.stages[-2]}))
 
 
 def _cached_hub_file(hub_id: str) -> str | None:
@@ -196,11 +199,12 @@ def preprocess_fn(pre: dict[str, Any]) -> Callable[[np.ndarray], torch.Tensor]:
     return apply
 
 
-def load_classifier(run_dir: Path, arm: str, task: str
+def load_classifier(run_dir: Path, arm: str, task: str, *, cam_layer: str = "last"
                     ) -> tuple[nn.Module, nn.Module, Callable[[np.ndarray], torch.Tensor]]:
     """A trained arm's classifier for one task: (model (B,1,H,W)->(B,K) logits, Grad-CAM target layer, preprocess).
 
-    Looks for the multi-task checkpoint first, then a per-task one.
+    Looks for the multi-task checkpoint first, then a per-task one. `cam_layer` names an entry of the backbone's
+    `cam_layers` ("last" or "penultimate").
     """
     ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR / arm
     for group in ("multitask", task):
@@ -210,5 +214,8 @@ def load_classifier(run_dir: Path, arm: str, task: str
             if task not in payload["tasks"]:
                 continue
             bb = BACKBONES.get(payload["backbone"])
-            return TaskView(net, task).eval(), bb.target_layer(net.backbone), preprocess_fn(payload["preprocess"])
+            if cam_layer not in bb.cam_layers:
+                raise ConfigError(f"explain.cam_layer must be one of {', '.join(bb.cam_layers)}. Got {cam_layer!r}.")
+            layer = bb.cam_layers[cam_layer](net.backbone)
+            return TaskView(net, task).eval(), layer, preprocess_fn(payload["preprocess"])
     raise WeightsNotFoundError(f"No checkpoint for arm '{arm}' and task '{task}' under {ckpt_dir}. Train it first.")

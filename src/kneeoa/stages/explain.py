@@ -151,7 +151,7 @@ def run(run_dir: Path, cfg: Config) -> None:
             if not path.exists():
                 continue
             try:
-                model, layer, preprocess = load_classifier(run_dir, arm, task)
+                model, layer, preprocess = load_classifier(run_dir, arm, task, cam_layer=cfg.explain.cam_layer)
             except WeightsNotFoundError as e:
                 index["skipped"].append({"arm": arm, "task": task, "reason": str(e)})
                 continue
