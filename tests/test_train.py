@@ -84,3 +84,19 @@ def test_local_weights_file_is_used(tmp_path):
     assert err is None and "local file" in text
     # in_chans=1: timm sums the RGB stem filters of the loaded weights
     assert torch.allclose(model.conv1.weight[:, 0], src.conv1.weight.sum(1), atol=1e-5)
+
+
+def test_learning_rate_anneals_within_the_time_cap():
+    from kneeoa.stages.train import TrainingBudget
+
+    now = [0.0]
+    by_steps = TrainingBudget(100, None, clock=lambda: now[0])
+    assert by_steps.lr_factor(0) == pytest.approx(0.01)
+    assert by_steps.lr_factor(15) == pytest.approx(1.0)
+    assert by_steps.lr_factor(100) == pytest.approx(0.01)
+    capped = TrainingBudget(1000, 10.0, clock=lambda: now[0])
+    capped.lr_factor(0)
+    now[0] = 600.0  # the 10-minute cap is reached after only 50 of 1000 planned steps
+    assert capped.lr_factor(50) == pytest.approx(0.01)
+    now[0] = 300.0
+    assert 0.4 < capped.lr_factor(50) < 0.7  # halfway through the time budget: mid-decay

@@ -10,6 +10,7 @@ no code change; on CPU the default precision is bf16 autocast where the processo
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,33 @@ def _collate(batch):
     return torch.stack(xs), {t: torch.tensor([y[t] for y in ys]) for t in ys[0]}
 
 
+class TrainingBudget:
+    """Warm-up then cosine decay of the learning rate over the planned steps, or over `max_minutes` if that ends first.
+
+    Progress is the larger of steps done / steps planned and minutes spent / `max_minutes`, so a run stopped by its
+    time cap (Lightning's `max_time`) has still annealed its learning rate instead of stopping at its peak.
+    """
+
+    def __init__(self, total_steps: int, max_minutes: float | None, warmup: float = 0.15, floor: float = 0.01,
+                 clock=time.monotonic) -> None:
+        self.total_steps, self.max_seconds = max(1, total_steps), (max_minutes * 60 if max_minutes else None)
+        self.warmup, self.floor, self.clock, self.start = warmup, floor, clock, None
+
+    def progress(self, step: int) -> float:
+        if self.start is None:
+            self.start = self.clock()
+        p = step / self.total_steps
+        if self.max_seconds:
+            p = max(p, (self.clock() - self.start) / self.max_seconds)
+        return min(p, 1.0)
+
+    def lr_factor(self, step: int) -> float:
+        p = self.progress(step)
+        if p < self.warmup:
+            return max(self.floor, p / self.warmup)
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * (p - self.warmup) / (1 - self.warmup)))
+
+
 def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg, channels_last: bool,
                  steps_per_epoch: int):
     import lightning as L
@@ -122,8 +150,8 @@ def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg
 
         def configure_optimizers(self):
             opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=hp.epochs * steps_per_epoch,
-                                                        pct_start=0.15)
+            budget = TrainingBudget(hp.epochs * steps_per_epoch, hp.max_minutes)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, budget.lr_factor)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return KneeModule()
