@@ -15,21 +15,13 @@ from kneeoa.arms import read_arms
 from kneeoa.config import Config, dump_config
 from kneeoa.predictions import list_predictions, prob_columns, read_predictions
 from kneeoa.report.figures import fig_to_img_tag, new_figure, table_html
+from kneeoa.stats import format_ci
 from kneeoa.tasks import get_task
 
 #: The paper's headline metric per task kind.
 HEADLINE = {"ordinal": "kappa_quadratic", "binary": "auc"}
 PACKAGES = ("kneeoa", "torch", "torchvision", "timm", "lightning", "open_clip_torch", "transformers", "xgboost-cpu",
             "scikit-learn", "grad-cam", "pydicom", "numpy", "pandas")
-
-
-def fmt_value(value: float, lo: float = np.nan, hi: float = np.nan) -> str:
-    """'0.912 [0.884, 0.936]' (the CI part only when it exists)."""
-    if value is None or not np.isfinite(value):
-        return "n/a"
-    if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
-        return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
-    return f"{value:.3f}"
 
 
 def _metrics(run_dir: Path) -> pd.DataFrame:
@@ -49,7 +41,7 @@ def summary_section(run_dir: Path, cfg: Config) -> str | None:
         if len(rows):
             best = rows.loc[rows["value"].idxmax()]
             lines.append(f"<li>{task}: best arm <b>{best['arm']}</b>, {metric} "
-                         f"{fmt_value(best['value'], best['ci_low'], best['ci_high'])}</li>")
+                         f"{format_ci(best['value'], best['ci_low'], best['ci_high'])}</li>")
     return "<h2>Summary</h2>" + lines[0] + "<ul>" + "".join(lines[1:]) + "</ul>"
 
 
@@ -71,7 +63,7 @@ def results_table(m: pd.DataFrame, split: str, tasks: list[str]) -> pd.DataFrame
     for task in tasks:
         metric = HEADLINE[get_task(task).kind]
         sel = part[(part["task"] == task) & (part["metric"] == metric)]
-        out[f"{task} ({metric})"] = {r["arm"]: fmt_value(r["value"], r["ci_low"], r["ci_high"])
+        out[f"{task} ({metric})"] = {r["arm"]: format_ci(r["value"], r["ci_low"], r["ci_high"])
                                      for _, r in sel.iterrows()}
     return pd.DataFrame(out).rename_axis("arm")
 
@@ -91,7 +83,7 @@ def results_section(run_dir: Path, cfg: Config) -> str | None:
         sel = m[(m["task"] == task) & (m["split"] == "test")]
         if sel.empty:
             continue
-        wide = sel.assign(cell=[fmt_value(v, lo, hi) for v, lo, hi in zip(sel["value"], sel["ci_low"],
+        wide = sel.assign(cell=[format_ci(v, lo, hi) for v, lo, hi in zip(sel["value"], sel["ci_low"],
                                                                           sel["ci_high"], strict=True)])
         wide = wide.pivot(index="arm", columns="metric", values="cell")
         parts.append(f"<h3>{task}: all metrics (test, n={int(sel['n'].iloc[0])})</h3>" + table_html(wide, index=True))
@@ -155,7 +147,11 @@ def confusion_section(run_dir: Path, cfg: Config) -> str | None:
 
 
 def roc_section(run_dir: Path, cfg: Config) -> str | None:
+    """Plain ROC curves, for runs without the `stats` stage (whose section draws them with CI bands)."""
     from sklearn.metrics import roc_curve
+
+    if (Path(run_dir) / "roc_bands.csv").exists():
+        return None
 
     by_task: dict[str, list] = {}
     for arm, task, test in _tables(run_dir):

@@ -19,6 +19,12 @@ def new_figure(width: float = 5.0, height: float = 4.0):
     return fig
 
 
+def panels(n: int, size: float = 3.5):
+    """A figure of `n` square panels side by side; returns (figure, list of axes)."""
+    fig = new_figure(size * n, size)
+    return fig, [fig.add_subplot(1, n, i + 1) for i in range(n)]
+
+
 def png_tag(png: bytes, alt: str = "", width: int | None = None) -> str:
     style = f' style="max-width:{width}px"' if width else ""
     return (f'<img alt="{html.escape(alt)}"{style} '

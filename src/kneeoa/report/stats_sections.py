@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from kneeoa.config import Config
-from kneeoa.report.figures import fig_to_img_tag, new_figure, png_tag, table_html
+from kneeoa.report.figures import fig_to_img_tag, new_figure, panels, png_tag, table_html
 from kneeoa.stats import format_ci
 
 _CAM_METRICS = ("cam_energy_in_mask", "cam_energy_in_mask_random", "cam_pointing_game", "cam_pointing_game_random")
@@ -72,9 +72,8 @@ def roc_ci_section(run_dir: Path, cfg: Config) -> str | None:
     if bands is None:
         return None
     tasks = sorted(bands["task"].unique())
-    fig = new_figure(3.6 * len(tasks), 3.6)
-    for i, task in enumerate(tasks):
-        ax = fig.add_subplot(1, len(tasks), i + 1)
+    fig, axes = panels(len(tasks), 3.6)
+    for ax, task in zip(axes, tasks, strict=True):
         for arm, b in bands[bands["task"] == task].groupby("arm"):
             (line,) = ax.plot(b["fpr"], b["tpr"], lw=1.2, label=arm)
             ax.fill_between(b["fpr"], b["tpr_low"], b["tpr_high"], color=line.get_color(), alpha=0.2, lw=0)
@@ -99,9 +98,8 @@ def calibration_section(run_dir: Path, cfg: Config) -> str | None:
     if rel.empty:
         return None
     tasks = sorted(rel["task"].unique())
-    fig = new_figure(3.4 * len(tasks), 3.4)
-    for i, task in enumerate(tasks):
-        ax = fig.add_subplot(1, len(tasks), i + 1)
+    fig, axes = panels(len(tasks), 3.4)
+    for i, (ax, task) in enumerate(zip(axes, tasks, strict=True)):
         for arm, r in rel[rel["task"] == task].groupby("arm"):
             ax.plot(r["confidence"], r["observed"], marker="o", ms=3, lw=1, label=arm)
         ax.plot([0, 1], [0, 1], color="grey", lw=0.6, ls=":")
