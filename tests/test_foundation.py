@@ -152,6 +152,7 @@ def test_models_list_verify_and_fetch_cli(tmp_path, standin_snapshots):
     res = runner.invoke(models_app, ["list", "--weights-root", str(Path(standin_snapshots["rad-dino"]).parent)])
     assert res.exit_code == 0, res.output
     assert "local folder" in res.output and "microsoft/rad-dino" in res.output
+    assert "timm/resnet18.a1_in1k" in res.output and "random init" in res.output  # CNN backbones are listed too
     res = runner.invoke(models_app, ["verify", "rad-dino", "--weights", str(standin_snapshots["rad-dino"])])
     assert res.exit_code == 1 and "expected (2, 768)" in res.output  # a tiny stand-in is not the published model
     res = runner.invoke(models_app, ["fetch", "rad-dino", "--dest", str(tmp_path / "w")])

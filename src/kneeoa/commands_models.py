@@ -39,7 +39,7 @@ def _config(run_dir: Path | None, config: Path | None) -> Config:
 @models_app.command("list")
 def models_list(weights_root: Annotated[Path | None, typer.Option(help="Folder with one snapshot per encoder.")] = None,
                 config: ConfigOpt = None) -> None:
-    """Show the encoders a study needs and where each would load from now (no download)."""
+    """Show the weights a study needs (encoders, CNN backbones) and where each would load from now (no download)."""
     from kneeoa.models.foundation import features_for, get_encoder_spec, weights_for
     from kneeoa.models.hub import locate_snapshot
 
@@ -55,6 +55,17 @@ def models_list(weights_root: Annotated[Path | None, typer.Option(help="Folder w
         features = features_for(cfg, name)
         table.add_row(spec.name, spec.hub_id, f"{features} ({spec.features[features]}-d)", where)
     console.print(table)
+    from kneeoa.config import backbone_cfg
+    from kneeoa.models.cnn import BACKBONES, resolve_pretrained
+
+    cnn = _config(None, config).cnn
+    backbones = Table("CNN backbone", "hub id", "starting weights")
+    for name in cnn.backbones:
+        hp = backbone_cfg(cnn, name)
+        bb = BACKBONES.get(name)
+        _, where = _cli()._guard(resolve_pretrained, bb, hp.pretrained, hp.weights.get(name))
+        backbones.add_row(name, bb.hub_id, where)
+    console.print(backbones)
 
 
 @models_app.command("fetch")
