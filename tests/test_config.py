@@ -47,3 +47,10 @@ def test_invalid_yaml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
     assert yaml.safe_load(dump_config(Config()))["cnn"]["backbones"] == ["resnet18", "convnext_small"]
+
+
+def test_shipped_example_configs_load():
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"):
+        assert load_config(path).stages
