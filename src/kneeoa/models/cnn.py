@@ -13,7 +13,6 @@ Every checkpoint stores the preprocessing it needs (input size, channels, mean/s
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from kneeoa.errors import ConfigError, WeightsNotFoundError
+from kneeoa.models.hub import cached_file, hub_offline
 from kneeoa.registry import Registry
 
 _logger = logging.getLogger(__name__)
@@ -60,17 +60,6 @@ BACKBONES.add("convnext_small", Backbone("convnext_small", "in12k_ft_in1k", Fals
                                          {"last": lambda m: m.stages[-1], "penultimate": lambda m: m.stages[-2]}))
 
 
-def _cached_hub_file(hub_id: str) -> str | None:
-    """The weights file of `hub_id` in the local HF cache, or None (never touches the network)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    for fname in ("model.safetensors", "pytorch_model.bin"):
-        hit = try_to_load_from_cache(hub_id, fname)
-        if isinstance(hit, str) and os.path.exists(hit):
-            return hit
-    return None
-
-
 def resolve_pretrained(backbone: Backbone, pretrained: str, weights_file: str | None) -> tuple[str | None, str]:
     """Where this backbone's starting weights come from: (file or "hub" or None, human-readable source).
 
@@ -92,10 +81,11 @@ def resolve_pretrained(backbone: Backbone, pretrained: str, weights_file: str | 
         return None, "random init (cnn.pretrained: none)"
     if pretrained not in ("auto", "cache"):
         raise ConfigError(f"cnn.pretrained must be auto, cache, none or a weights file path. Got {pretrained!r}.")
-    cached = _cached_hub_file(backbone.hub_id)
+    cached = next(filter(None, (cached_file(backbone.hub_id, f) for f in ("model.safetensors", "pytorch_model.bin"))),
+                  None)
     if cached:
-        return cached, f"{backbone.hub_id} (local cache {cached})"
-    if pretrained == "auto" and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+        return str(cached), f"{backbone.hub_id} (local cache {cached})"
+    if pretrained == "auto" and not hub_offline():
         return "hub", f"{backbone.hub_id} (hub)"
     return None, (f"random init: no {backbone.hub_id} weights in the local cache and the hub was not used; "
                   f"fetch them with `huggingface-cli download {backbone.hub_id}` or set cnn.weights.{backbone.name}")
