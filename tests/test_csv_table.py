@@ -18,8 +18,10 @@ SP = 0.5
 
 
 def _cfg(**data) -> Config:
+    """Import settings for the synthetic block films of `synthetic_films`: schematic bright bands, not radiographs,
+    drawn for the classical `profile` localiser (the learned default is tested on real-knee and phantom films)."""
     cfg = Config()
-    cfg.data.image_size, cfg.data.workers = 32, 1
+    cfg.data.image_size, cfg.data.workers, cfg.data.localizer = 32, 1, "profile"
     for k, v in data.items():
         setattr(cfg.data, k, v)
     return cfg

@@ -15,7 +15,8 @@ def test_round_trip(tmp_path):
     assert path.name == "resnet18__klg.parquet" and list_predictions(tmp_path) == [path]
     arm, task, df = read_predictions(path)
     assert (arm, task) == ("resnet18", "klg")
-    assert list(df.columns) == ["image_id", "split", "y_true", "prob_0", "prob_1", "prob_2", "prob_3", "prob_4"]
+    assert list(df.columns) == ["image_id", "split", "y_true", *[f"prob_{k}" for k in range(5)], "y_pred"]
+    assert df["y_pred"].tolist() == [0] * 6  # argmax of equal probabilities
 
 
 def test_contract_violations(tmp_path):

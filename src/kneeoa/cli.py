@@ -177,3 +177,17 @@ app.add_typer(models_app, name="models")
 app.command("embed")(embed_cmd)
 app.command("boost")(boost_cmd)
 app.command("zeroshot")(zeroshot_cmd)
+
+# --- using a trained arm: model package, batch prediction, web viewer (kneeoa.commands_deploy) -----------------------
+from kneeoa.commands_deploy import export_cmd, predict_cmd, serve_cmd  # noqa: E402
+
+app.command("export")(export_cmd)
+app.command("predict")(predict_cmd)
+app.command("serve")(serve_cmd)
+
+# --- knee localisation: check crops on films, real-crop test bed, retraining (kneeoa.commands_localize) -------------
+from kneeoa.commands_localize import crop_films_cmd, localize_cmd, localize_train_cmd  # noqa: E402
+
+app.command("localize")(localize_cmd)
+app.command("crop-films")(crop_films_cmd)
+app.command("localize-train")(localize_train_cmd)

@@ -33,11 +33,13 @@ class DataCfg:
     image_size: int = 224  # crop size in pixels written to RUN_DIR/crops
     low_quality_share: float = 0.08  # phantom: share of deliberately low-quality images
     crop_mm: float = 140.0  # knee crop side in mm around the joint centre (films)
-    mirror_left: bool = False  # False keeps radiographic orientation; True mirrors left knees onto right
+    # True: every importer marks left knees `mirrored` in the manifest and every stage reads them flipped
+    # left-right, so all knees share the right-knee orientation (files on disk stay as acquired).
+    mirror_left: bool = True
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     csv_columns: dict[str, str] = field(default_factory=dict)  # csv importer: manifest column -> table column
     workers: int = 2  # processes for prepare (DICOM decoding, localisation)
-    localizer: str = "profile"  # knee localiser for films (kneeoa.data.localize.LOCALIZERS)
+    localizer: str = "heatmap"  # knee localiser for films (kneeoa.data.localize.LOCALIZERS): heatmap | profile
     default_spacing_mm: float | None = None  # films without pixel spacing: assume this (mm); None quarantines them
     csv_kind: str = "auto"  # csv importer without a `kind` column: auto | crop | single | bilateral
 
@@ -59,10 +61,18 @@ class CnnCfg:
     lr: float = 1e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.0
-    class_balance: str = "weighted_loss"  # none | weighted_loss (inverse-frequency class weights)
-    patience: int = 6  # early stopping on the val loss, in epochs
+    class_balance: str = "weighted_loss"  # none | weighted_loss (inverse-frequency class weights) | balanced_sampling
+    klg_head: str = "ce"  # output head for ordinal tasks (KLG): ce | corn | regression (kneeoa.models.heads)
+    klg_decode: str = "argmax"  # argmax | cutpoints (expected grade, cut-points tuned on val for quadratic kappa)
+    select_by: str = "metric"  # model selection / early stopping: metric (mean headline val metric) | loss (val loss)
+    patience: int = 6  # early stopping on the selection criterion, in epochs
     max_minutes: float | None = None  # wall-clock cap per model (Lightning max_time); None = no cap
     augment: bool = True
+    augment_policy: str = "standard"  # standard | strong (kneeoa.data.augment.POLICIES)
+    hflip: str = "auto"  # horizontal-flip augmentation: auto (only when the data are not mirrored) | true | false
+    ema: float | None = None  # decay of an exponential moving average of the weights (e.g. 0.998); None = off
+    tta: bool = False  # test-time augmentation: average the probabilities over small shifts and scales
+    ensemble_seeds: int = 1  # >1 trains that many seeds and adds the averaged arm `<backbone>_ens`
     pretrained: str = "auto"  # auto (hub/cache if reachable, else random init) | none | a weights file path
     weights: dict[str, str] = field(default_factory=dict)  # backbone -> local weights file (.pth/.safetensors)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # backbone -> any of the keys above

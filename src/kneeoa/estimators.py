@@ -2,18 +2,25 @@
 
 `XGBHead` wraps XGBoost's native API so that a task always gets all K probability columns (a KL grade absent from a
 small training split still gets its column), early-stops on a validation set passed to `fit`, and weights classes
-by inverse frequency. `clone`, `get_params` and pickling work as for any scikit-learn classifier.
+by inverse frequency. `clone`, `get_params` and pickling work as for any scikit-learn classifier. A fitted head is
+kept as one XGBoost JSON model file (`XGBHead.save` / `XGBHead.load`), at `head_path` in a run folder.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from kneeoa.errors import ConfigError
+from kneeoa.io import atomic_path
+
+#: Booster attribute holding what XGBoost's own file lacks to rebuild the head: parameters, classes_, trees kept.
+_STATE_ATTR = "kneeoa_xgb_head"
 
 
 def _xgboost():
@@ -73,6 +80,38 @@ class XGBHead(ClassifierMixin, BaseEstimator):
                               f"Got {self.class_weight!r}.")
         return balanced_weights(y, len(self.classes_)) if self.class_weight == "balanced" else None
 
+    def save(self, path: Path) -> Path:
+        """Write the fitted head to `path` as one XGBoost JSON model, atomically.
+
+        The booster's trees are stored exactly; `classes_`, `best_iteration_`, `best_score_` and the parameters ride
+        along as a booster attribute, so `XGBHead.load(path).predict_proba` equals this head's.
+        """
+        booster = self.booster_.copy()
+        booster.set_attr(**{_STATE_ATTR: json.dumps({
+            "params": self.get_params(), "classes": self.classes_.tolist(), "best_iteration": self.best_iteration_,
+            "best_score": self.best_score_})})
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(booster.save_raw(raw_format="json"))  # by bytes: save_model picks the format by suffix
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: Path) -> XGBHead:
+        """A fitted head from a file `save` wrote.
+
+        Raises:
+            ValueError: `path` is an XGBoost model without the head's state (not written by `XGBHead.save`).
+        """
+        booster = _xgboost().Booster(model_file=str(path))
+        state = booster.attr(_STATE_ATTR)
+        if state is None:
+            raise ValueError(f"{path} is an XGBoost model without the '{_STATE_ATTR}' attribute XGBHead.save writes; "
+                             "write it with XGBHead.save (`kneeoa boost RUN_DIR` does).")
+        state = json.loads(state)
+        head = cls(**state["params"])
+        head.classes_, head.booster_ = np.asarray(state["classes"]), booster
+        head.best_iteration_, head.best_score_ = int(state["best_iteration"]), float(state["best_score"])
+        return head
+
     def fit(self, X: np.ndarray, y: np.ndarray, *, eval_set: tuple[np.ndarray, np.ndarray] | None = None) -> XGBHead:
         """Fit on (X (n, D) float, y (n,) int in 0..K-1); early-stop on `eval_set` = (X_val, y_val) when given."""
         xgb = _xgboost()
@@ -113,3 +152,8 @@ class XGBHead(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+def head_path(run_dir: Path, arm: str, task: str) -> Path:
+    """Where the boost stage keeps an arm's fitted head for one task: RUN_DIR/heads/<arm>/<task>.json."""
+    return Path(run_dir) / "heads" / arm / f"{task}.json"

@@ -1,8 +1,9 @@
 """Point metrics per task family, registered with their properties.
 
-Every metric takes the prediction-table view of one arm x task x split: `y_true` (n,) int class indices and `probs`
-(n, K) float class probabilities, and returns one float (NaN where undefined, e.g. AUC with one class present).
-Hard predictions are the argmax of `probs`. Scores are higher-is-better (scikit-learn's `_score` meaning).
+Every metric takes the prediction-table view of one arm x task x split: `y_true` (n,) int class indices, `probs`
+(n, K) float class probabilities and optionally `pred` (n,) the arm's decoded classes (the table's `y_pred`), and
+returns one float (NaN where undefined, e.g. AUC with one class present). Hard predictions are `pred`, or the argmax
+of `probs` when it is not given. Scores are higher-is-better (scikit-learn's `_score` meaning).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from kneeoa.tasks import Task
 
 @dataclass(frozen=True)
 class Metric:
-    """A registered metric: `fn(y_true, probs) -> float` and the task kinds it applies to."""
+    """A registered metric: `fn(y_true, probs, pred=None) -> float` and the task kinds it applies to."""
 
     name: str
-    fn: Callable[[np.ndarray, np.ndarray], float]
+    fn: Callable[..., float]
     kinds: tuple[str, ...] = ("binary", "ordinal")
     higher_is_better: bool = True
     needs_probs: bool = False
@@ -39,8 +40,8 @@ def _metric(name: str, kinds: tuple[str, ...] = ("binary", "ordinal"), needs_pro
     return wrap
 
 
-def _pred(probs: np.ndarray) -> np.ndarray:
-    return np.asarray(probs).argmax(axis=1)
+def _pred(probs: np.ndarray, pred: np.ndarray | None = None) -> np.ndarray:
+    return np.asarray(probs).argmax(axis=1) if pred is None else np.asarray(pred)
 
 
 def _labels(probs: np.ndarray) -> np.ndarray:
@@ -48,39 +49,39 @@ def _labels(probs: np.ndarray) -> np.ndarray:
 
 
 @_metric("accuracy")
-def accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
-    return float(np.mean(np.asarray(y_true) == _pred(probs)))
+def accuracy(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
+    return float(np.mean(np.asarray(y_true) == _pred(probs, pred)))
 
 
 @_metric("balanced_accuracy")
-def balanced_accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
+def balanced_accuracy(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """Mean recall over the classes present in y_true."""
-    y, p = np.asarray(y_true), _pred(probs)
+    y, p = np.asarray(y_true), _pred(probs, pred)
     return float(np.mean([np.mean(p[y == c] == c) for c in np.unique(y)]))
 
 
 @_metric("f1_macro")
-def f1_macro(y_true: np.ndarray, probs: np.ndarray) -> float:
+def f1_macro(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """Unweighted mean F1 over all K classes (a class never predicted nor present scores 0)."""
-    return float(skm.f1_score(y_true, _pred(probs), labels=_labels(probs), average="macro", zero_division=0))
+    return float(skm.f1_score(y_true, _pred(probs, pred), labels=_labels(probs), average="macro", zero_division=0))
 
 
 @_metric("sensitivity", kinds=("binary",))
-def sensitivity(y_true: np.ndarray, probs: np.ndarray) -> float:
+def sensitivity(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """TP / (TP + FN) for class 1; NaN without positives."""
-    y, p = np.asarray(y_true), _pred(probs)
+    y, p = np.asarray(y_true), _pred(probs, pred)
     return float(np.mean(p[y == 1] == 1)) if (y == 1).any() else float("nan")
 
 
 @_metric("specificity", kinds=("binary",))
-def specificity(y_true: np.ndarray, probs: np.ndarray) -> float:
+def specificity(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """TN / (TN + FP); NaN without negatives."""
-    y, p = np.asarray(y_true), _pred(probs)
+    y, p = np.asarray(y_true), _pred(probs, pred)
     return float(np.mean(p[y == 0] == 0)) if (y == 0).any() else float("nan")
 
 
 @_metric("auc", needs_probs=True)
-def auc(y_true: np.ndarray, probs: np.ndarray) -> float:
+def auc(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """ROC AUC: binary on prob_1; multiclass one-vs-rest macro over the classes present. NaN with one class."""
     y, probs = np.asarray(y_true), np.asarray(probs, dtype="float64")
     present = np.unique(y)
@@ -92,14 +93,14 @@ def auc(y_true: np.ndarray, probs: np.ndarray) -> float:
 
 
 @_metric("kappa_linear", kinds=("ordinal",))
-def kappa_linear(y_true: np.ndarray, probs: np.ndarray) -> float:
-    return float(skm.cohen_kappa_score(y_true, _pred(probs), labels=_labels(probs), weights="linear"))
+def kappa_linear(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
+    return float(skm.cohen_kappa_score(y_true, _pred(probs, pred), labels=_labels(probs), weights="linear"))
 
 
 @_metric("kappa_quadratic", kinds=("ordinal",))
-def kappa_quadratic(y_true: np.ndarray, probs: np.ndarray) -> float:
+def kappa_quadratic(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """Quadratic-weighted Cohen's kappa, the paper's KLG metric."""
-    return float(skm.cohen_kappa_score(y_true, _pred(probs), labels=_labels(probs), weights="quadratic"))
+    return float(skm.cohen_kappa_score(y_true, _pred(probs, pred), labels=_labels(probs), weights="quadratic"))
 
 
 def metrics_for(task: Task) -> list[Metric]:
@@ -107,6 +108,6 @@ def metrics_for(task: Task) -> list[Metric]:
     return [m for _, m in METRICS.items() if task.kind in m.kinds]
 
 
-def confusion(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+def confusion(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> np.ndarray:
     """(K, K) int confusion matrix, rows = true class, columns = predicted class."""
-    return skm.confusion_matrix(y_true, _pred(probs), labels=_labels(probs))
+    return skm.confusion_matrix(y_true, _pred(probs, pred), labels=_labels(probs))

@@ -8,9 +8,11 @@ RUN_DIR/predictions/<arm>__<task>.parquet with columns:
 | split     | str     | train / val / test (as in the manifest)               |
 | y_true    | int64   | true class index                                      |
 | prob_0 .. prob_{K-1} | float64 | class probabilities, rows sum to 1          |
+| y_pred    | int64   | the arm's predicted class (its decoding: argmax, or val-tuned cut-points) |
 
-K is the task's number of classes (`kneeoa.tasks`). Arms with no result write nothing; the reason they did not
-run lives in RUN_DIR/arms/<arm>.json (see `kneeoa.arms`).
+K is the task's number of classes (`kneeoa.tasks`). A table written without `y_pred` (an older run) reads as the
+argmax of the probabilities. Every metric of hard predictions uses `y_pred`. Arms with no result write nothing;
+the reason they did not run lives in RUN_DIR/arms/<arm>.json (see `kneeoa.arms`).
 """
 
 from __future__ import annotations
@@ -35,13 +37,15 @@ def prediction_path(run_dir: Path, arm: str, task: str) -> Path:
     return Path(run_dir) / PREDICTIONS_DIR / f"{arm}__{task}.parquet"
 
 
-def make_prediction_table(image_id, split, y_true, probs: np.ndarray) -> pd.DataFrame:
-    """Assemble a prediction table from arrays. probs: (n_images, n_classes) float, rows sum to 1."""
+def make_prediction_table(image_id, split, y_true, probs: np.ndarray, y_pred=None) -> pd.DataFrame:
+    """Assemble a prediction table from arrays. probs: (n_images, n_classes) float, rows sum to 1; y_pred: the
+    decoded classes (default: argmax of probs)."""
     probs = np.asarray(probs, dtype="float64")
     df = pd.DataFrame({"image_id": np.asarray(image_id, dtype=str), "split": np.asarray(split, dtype=str),
                        "y_true": np.asarray(y_true, dtype="int64")})
     for k, col in enumerate(prob_columns(probs.shape[1])):
         df[col] = probs[:, k]
+    df["y_pred"] = np.asarray(probs.argmax(axis=1) if y_pred is None else y_pred, dtype="int64")
     return df
 
 
@@ -71,6 +75,15 @@ def validate_predictions(df: pd.DataFrame, task: str, origin: str = "prediction 
                             "(finite, >= 0, summing to 1).")
     out = df[cols].copy()
     out["y_true"] = y.astype("int64")
+    if "y_pred" not in df:
+        out["y_pred"] = p.argmax(axis=1)
+    else:
+        pred = pd.to_numeric(df["y_pred"], errors="coerce")
+        bad = pred.isna() | (pred < 0) | (pred >= n) | (pred % 1 != 0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ManifestError(f"{origin} row {i}: column 'y_pred' is {df['y_pred'].iloc[i]}; expected 0-{n - 1}.")
+        out["y_pred"] = pred.astype("int64").to_numpy()
     return out
 
 

@@ -30,8 +30,8 @@ from kneeoa.metrics import METRICS
 from kneeoa.registry import Registry
 
 #: fn(y_true (n,), probs (n, K), weights (B, n)) -> (B,) metric value under each weighting.
-WeightedFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-PointFn = Callable[[np.ndarray, np.ndarray], float]
+WeightedFn = Callable[..., np.ndarray]  # (y, probs, w, pred=None) -> (B,) values
+PointFn = Callable[..., float]  # (y, probs, pred=None) -> value
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def weighted_binary_auc(y: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.n
 
 
 @WEIGHTED.register("auc")
-def _w_auc(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _w_auc(y: np.ndarray, probs: np.ndarray, w: np.ndarray, pred: np.ndarray | None = None) -> np.ndarray:
     if probs.shape[1] == 2:
         return weighted_binary_auc(y == 1, probs[:, 1], w)
     per_class = [weighted_binary_auc(y == c, probs[:, c], w) for c in np.unique(y)]
@@ -135,29 +135,34 @@ def _w_auc(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 @WEIGHTED.register("accuracy")
-def _w_accuracy(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndarray:
-    return _div(w @ (probs.argmax(axis=1) == y), w.sum(axis=1))
+def _w_accuracy(y: np.ndarray, probs: np.ndarray, w: np.ndarray, pred: np.ndarray | None = None) -> np.ndarray:
+    return _div(w @ (_hard(probs, pred) == y), w.sum(axis=1))
 
 
-def _recalls(y: np.ndarray, probs: np.ndarray, w: np.ndarray, classes) -> np.ndarray:
-    pred = probs.argmax(axis=1)
+def _hard(probs: np.ndarray, pred: np.ndarray | None) -> np.ndarray:
+    """The decoded classes when given (the table's y_pred), else the argmax of the probabilities."""
+    return probs.argmax(axis=1) if pred is None else np.asarray(pred)
+
+
+def _recalls(y: np.ndarray, probs: np.ndarray, w: np.ndarray, classes, pred: np.ndarray | None = None) -> np.ndarray:
+    pred = _hard(probs, pred)
     return np.vstack([_div(w @ ((y == c) & (pred == c)), w @ (y == c)) for c in classes])
 
 
 @WEIGHTED.register("balanced_accuracy")
-def _w_balanced_accuracy(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _w_balanced_accuracy(y: np.ndarray, probs: np.ndarray, w: np.ndarray, pred: np.ndarray | None = None) -> np.ndarray:
     with np.errstate(invalid="ignore"):
-        return np.nanmean(_recalls(y, probs, w, np.unique(y)), axis=0)
+        return np.nanmean(_recalls(y, probs, w, np.unique(y), pred), axis=0)
 
 
 @WEIGHTED.register("sensitivity")
-def _w_sensitivity(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndarray:
-    return _recalls(y, probs, w, [1])[0]
+def _w_sensitivity(y: np.ndarray, probs: np.ndarray, w: np.ndarray, pred: np.ndarray | None = None) -> np.ndarray:
+    return _recalls(y, probs, w, [1], pred)[0]
 
 
 @WEIGHTED.register("specificity")
-def _w_specificity(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndarray:
-    return _recalls(y, probs, w, [0])[0]
+def _w_specificity(y: np.ndarray, probs: np.ndarray, w: np.ndarray, pred: np.ndarray | None = None) -> np.ndarray:
+    return _recalls(y, probs, w, [0], pred)[0]
 
 
 def weighted_confusion(y: np.ndarray, pred: np.ndarray, n_classes: int, w: np.ndarray) -> np.ndarray:
@@ -169,17 +174,17 @@ def weighted_confusion(y: np.ndarray, pred: np.ndarray, n_classes: int, w: np.nd
 
 
 @WEIGHTED.register("f1_macro")
-def _w_f1_macro(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndarray:
-    cm = weighted_confusion(y, probs.argmax(axis=1), probs.shape[1], w)
+def _w_f1_macro(y: np.ndarray, probs: np.ndarray, w: np.ndarray, pred: np.ndarray | None = None) -> np.ndarray:
+    cm = weighted_confusion(y, _hard(probs, pred), probs.shape[1], w)
     tp = np.diagonal(cm, axis1=1, axis2=2)
     den = 2 * tp + (cm.sum(axis=1) - tp) + (cm.sum(axis=2) - tp)
     return np.where(den > 0, _div(2 * tp, den), 0.0).mean(axis=1)
 
 
 def _w_kappa(weighting: str) -> WeightedFn:
-    def fn(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndarray:
+    def fn(y: np.ndarray, probs: np.ndarray, w: np.ndarray, pred: np.ndarray | None = None) -> np.ndarray:
         k = probs.shape[1]
-        cm = weighted_confusion(y, probs.argmax(axis=1), k, w)
+        cm = weighted_confusion(y, _hard(probs, pred), k, w)
         i, j = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
         cost = np.abs(i - j) if weighting == "linear" else (i - j) ** 2
         total = np.maximum(cm.sum(axis=(1, 2)), 1e-300)[:, None, None]
@@ -200,12 +205,13 @@ def resampled(point: PointFn) -> WeightedFn:
     tested against.
     """
 
-    def fn(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndarray:
+    def fn(y: np.ndarray, probs: np.ndarray, w: np.ndarray, pred: np.ndarray | None = None) -> np.ndarray:
         idx = np.arange(len(y))
         out = np.empty(len(w))
         for b, row in enumerate(np.rint(w).astype(np.int64)):
             take = np.repeat(idx, row)
-            out[b] = point(y[take], probs[take]) if take.size else np.nan
+            out[b] = (point(y[take], probs[take], **({} if pred is None else {"pred": np.asarray(pred)[take]}))
+                      if take.size else np.nan)
         return out
 
     return fn
@@ -230,8 +236,12 @@ class Interval:
     high: float
 
 
+def _with_pred(pred: np.ndarray | None) -> dict:
+    return {} if pred is None else {"pred": pred}
+
+
 def bootstrap_ci(y: np.ndarray, probs: np.ndarray, weights: np.ndarray, *, point: PointFn, weighted: WeightedFn,
-                 confidence: float = 0.95) -> Interval:
+                 confidence: float = 0.95, pred: np.ndarray | None = None) -> Interval:
     """Full-sample point estimate and patient-bootstrap percentile CI of one metric.
 
     Args:
@@ -241,6 +251,7 @@ def bootstrap_ci(y: np.ndarray, probs: np.ndarray, weights: np.ndarray, *, point
         point: the point metric (e.g. `kneeoa.metrics.METRICS.get("auc").fn`): gives `value`.
         weighted: its weighted form (e.g. `weighted_metric("auc")`): gives the interval.
         confidence: interval coverage.
+        pred: (n,) the arm's decoded classes (prediction table `y_pred`); None: argmax of `probs`.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -250,8 +261,8 @@ def bootstrap_ci(y: np.ndarray, probs: np.ndarray, weights: np.ndarray, *, point
         >>> ci.value
         1.0
     """
-    lo, hi = percentile_interval(weighted(y, probs, weights), confidence)
-    return Interval(float(point(y, probs)), lo, hi)
+    lo, hi = percentile_interval(weighted(y, probs, weights, **_with_pred(pred)), confidence)
+    return Interval(float(point(y, probs, **_with_pred(pred))), lo, hi)
 
 
 @dataclass(frozen=True)
@@ -266,7 +277,8 @@ class Comparison:
 
 
 def paired_bootstrap(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, weights: np.ndarray, *,
-                     point: PointFn, weighted: WeightedFn, confidence: float = 0.95) -> Comparison:
+                     point: PointFn, weighted: WeightedFn, confidence: float = 0.95,
+                     pred_a: np.ndarray | None = None, pred_b: np.ndarray | None = None) -> Comparison:
     """Paired patient-bootstrap comparison of one metric between two arms scored on the same images.
 
     The same resamples weight both arms. The interval is the percentile interval of the resampled differences; the
@@ -276,9 +288,10 @@ def paired_bootstrap(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, we
     Args:
         y: (n,) true classes; probs_a, probs_b: (n, K) probabilities of the two arms, rows aligned with `y`.
         weights: (B, n) resample weights.
+        pred_a, pred_b: the arms' decoded classes (prediction table `y_pred`); None: argmax of the probabilities.
     """
-    d = float(point(y, probs_a) - point(y, probs_b))
-    diffs = weighted(y, probs_a, weights) - weighted(y, probs_b, weights)
+    d = float(point(y, probs_a, **_with_pred(pred_a)) - point(y, probs_b, **_with_pred(pred_b)))
+    diffs = weighted(y, probs_a, weights, **_with_pred(pred_a)) - weighted(y, probs_b, weights, **_with_pred(pred_b))
     diffs = diffs[np.isfinite(diffs)]
     lo, hi = percentile_interval(diffs, confidence)
     if not np.isfinite(d) or diffs.size == 0:

@@ -27,6 +27,10 @@ SCLEROSIS_SITES = ("sc_fm", "sc_fl", "sc_tm", "sc_tl")  # XRSCFM, XRSCFL, XRSCTM
 RAW_GRADE_COLUMNS = OSTEOPHYTE_SITES + JSN_SITES + SCLEROSIS_SITES
 
 
+#: The paper's headline metric per task kind (model selection and the report's main table use it).
+HEADLINE_METRIC = {"ordinal": "kappa_quadratic", "binary": "auc"}
+
+
 @dataclass(frozen=True)
 class Task:
     """One prediction target.
@@ -50,6 +54,11 @@ class Task:
     @property
     def n_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def headline_metric(self) -> str:
+        """The paper's metric for this task: quadratic-weighted kappa for ordinal grades, ROC AUC for binary."""
+        return HEADLINE_METRIC[self.kind]
 
     def derive(self, df: pd.DataFrame, *, threshold: int | None = None) -> pd.Series | None:
         """Label column for this task from `df`'s source columns, or None when the sources are absent.

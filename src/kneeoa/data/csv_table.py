@@ -68,7 +68,7 @@ def import_csv(source: Path, run_dir: Path, cfg) -> ImportResult:
     Args:
         source: the CSV file; relative image paths resolve against its folder.
         run_dir: run folder; crops go to RUN_DIR/crops/<image_id>.png.
-        cfg: study config (cfg.data.csv_columns, csv_kind, crop_mm, image_size, mirror_left, workers, localizer,
+        cfg: study config (cfg.data.csv_columns, csv_kind, crop_mm, image_size, workers, localizer,
             default_spacing_mm).
 
     Returns:
@@ -128,7 +128,7 @@ def import_csv(source: Path, run_dir: Path, cfg) -> ImportResult:
             continue
         jobs.append(FilmJob(path, dict(zip(group["side"], group["image_id"], strict=True)), resolved,
                             run_dir / "crops", crop_mm=d.crop_mm, image_size=d.image_size,
-                            mirror_left=d.mirror_left, localizer=d.localizer,
+                            localizer=d.localizer,
                             default_spacing_mm=d.default_spacing_mm, expect_knee=resolved != "crop"))
         job_lines.append(group["line"].tolist())
     crops = []

@@ -1,68 +1,51 @@
-"""A torch Dataset over manifest rows: grayscale crops at model size with their multi-task labels.
+"""A torch Dataset over the decoded-image cache: uint8 crops at model size with their multi-task labels.
 
-Images are decoded and resized once and kept in memory as float16 when they fit (`cache_limit_gb`), so epochs cost
-only the model; otherwise they are read from disk on every access.
+Images come from `kneeoa.data.cache.image_cache` (decoded, mirrored where the manifest says so, resized, uint8), so
+a batch is one fancy-indexing read of a memory-mapped array (`__getitems__`). Conversion to float, augmentation and
+normalisation happen on the whole batch in the training module, not per image.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from kneeoa.data.images import load_gray, resize
-from kneeoa.data.manifest import resolve_image_path
+MISSING_LABEL = -1  # ignore index of the losses: a task without a label for this image
 
-MISSING_LABEL = -1  # ignore_index of the losses: a task without a label for this image
+
+def task_labels(rows: pd.DataFrame, tasks: list[str]) -> dict[str, np.ndarray]:
+    """{task: (n,) int64 labels} with MISSING_LABEL where the manifest has none (or lacks the task column)."""
+    return {t: rows[t].fillna(MISSING_LABEL).to_numpy(dtype="int64") if t in rows
+            else np.full(len(rows), MISSING_LABEL, dtype="int64") for t in tasks}
 
 
 class KneeDataset(Dataset):
-    """Crops of `rows` as normalised (1, S, S) tensors and a {task: int} label dict (-1 = missing).
+    """Cached crops of some manifest rows as (1, S, S) uint8 tensors and {task: label} (-1 = missing).
 
     Args:
-        rows: manifest rows (image_id, image_path and the task columns).
-        run_dir: the run folder image paths are relative to.
-        tasks: task names to return labels for.
-        image_size: model input size S.
-        mean, std: single-channel normalisation of the backbone.
-        augment: random affine, flip and contrast jitter (training only).
+        images: (N, S, S) uint8 array of the whole manifest (the cache).
+        index: positions in `images` of this dataset's rows, in order.
+        labels: {task: (len(index),) int64} labels of those rows.
     """
 
-    def __init__(self, rows: pd.DataFrame, run_dir: Path, tasks: list[str], *, image_size: int, mean: float,
-                 std: float, augment: bool = False, cache_limit_gb: float = 4.0, progress: bool = False) -> None:
-        self.rows = rows.reset_index(drop=True)
-        self.run_dir, self.tasks, self.size = Path(run_dir), tasks, image_size
-        self.mean, self.std, self.augment = mean, std, augment
-        self.labels = {t: self.rows[t].fillna(MISSING_LABEL).to_numpy(dtype="int64") if t in self.rows
-                       else np.full(len(self.rows), MISSING_LABEL, dtype="int64") for t in tasks}
-        self._cache: torch.Tensor | None = None
-        if len(self.rows) * image_size**2 * 2 / 1e9 <= cache_limit_gb:
-            from tqdm.auto import tqdm
-
-            paths = self.rows["image_path"]
-            self._cache = torch.stack([self._read(p) for p in tqdm(paths, desc="loading crops", disable=not progress,
-                                                                   leave=False)]).to(torch.float16)
-        if augment:
-            from torchvision.transforms import v2
-
-            self._aug = v2.Compose([v2.RandomHorizontalFlip(),
-                                    v2.RandomAffine(degrees=7, translate=(0.04, 0.04), scale=(0.92, 1.08))])
-
-    def _read(self, image_path: str) -> torch.Tensor:
-        img = resize(load_gray(resolve_image_path(self.run_dir, image_path)), self.size)
-        return torch.from_numpy(img).unsqueeze(0)
+    def __init__(self, images: np.ndarray, index: np.ndarray, labels: dict[str, np.ndarray]) -> None:
+        self.images, self.index, self.labels = images, np.asarray(index, dtype="int64"), labels
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.index)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, int]]:
-        x = self._cache[i].float() if self._cache is not None else self._read(self.rows.at[i, "image_path"])
-        if self.augment:
-            x = self._aug(x)
-            gain, bias = np.random.uniform(0.85, 1.15), np.random.uniform(-0.06, 0.06)
-            x = (x - 0.5) * gain + 0.5 + bias
-        x = (x - self.mean) / self.std
-        return x, {t: int(self.labels[t][i]) for t in self.tasks}
+    def __getitems__(self, items: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        items = np.asarray(items, dtype="int64")
+        x = torch.from_numpy(np.ascontiguousarray(self.images[self.index[items]])).unsqueeze(1)
+        return x, {t: torch.from_numpy(v[items]) for t, v in self.labels.items()}
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y = self.__getitems__([i])
+        return x[0], {t: v[0] for t, v in y.items()}
+
+
+def keep_batch(batch):
+    """collate_fn for `KneeDataset`: `__getitems__` already returns a collated batch."""
+    return batch

@@ -18,12 +18,18 @@ detect: check the markers of a sample of crops when importing a new archive.
 
 A film is never cropped wrong silently: one leg found, a weak joint gap, knees at an implausible distance or
 height difference, or bone of implausible width raise `LocalizationError` with the reason, and importers put the
-film in quarantine with it. `LOCALIZERS` holds localisers by name ("profile"), so a learned one is one entry.
+film in quarantine with it. `LOCALIZERS` holds localisers by name: "profile" (this classical one, excellent on
+phantom films but blind to many real joint spaces, which are narrower and fainter) and "heatmap" (the learned one in
+`kneeoa.data.localize_heatmap`, the default, measured on films composed from real knees). A localiser that finds
+some knees of a film but not others raises `KneesMissing`, so the knees it did find are still cropped and each
+missed one is reported with its own reason.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -51,14 +57,31 @@ class KneeLocation:
 
     Attributes:
         row_px, col_px: joint centre in the film's pixel coordinates (row down, column right).
-        score: joint-gap contrast, (flanking bone - gap) / (flanking bone - background), 0-1.
-        bone_width_mm: width of bone at the joint line.
+        score: the localiser's own measure: profile, joint-gap contrast (flanking bone - gap) / (flanking bone -
+            background), 0-1; heatmap, the peak heat.
+        bone_width_mm: width of bone at the joint line (NaN where the localiser does not measure it).
+        confidence: 0-1, how sure the localiser is that this is a knee joint centre; knees below the localiser's
+            threshold are never returned as found.
     """
 
     row_px: float
     col_px: float
     score: float
     bone_width_mm: float
+    confidence: float = float("nan")
+
+
+class KneesMissing(LocalizationError):
+    """Some knees of a film were found, others not: the found ones can still be cropped.
+
+    Attributes:
+        knees: image-left to image-right, a KneeLocation or None (not found).
+        reasons: same order, None for a found knee, else why it was not.
+    """
+
+    def __init__(self, knees: list[KneeLocation | None], reasons: list[str | None]) -> None:
+        self.knees, self.reasons = knees, reasons
+        super().__init__("; ".join(r for r in reasons if r))
 
 
 @dataclass(frozen=True)
@@ -79,10 +102,11 @@ class ProfileLimits:
 LIMITS = ProfileLimits()
 
 
-def _to_work(image: np.ndarray, spacing_mm: tuple[float, float]) -> tuple[np.ndarray, float, float]:
-    """Resample to WORK_MM pixels (box filter); returns the image and the row/column scale back to film pixels."""
+def to_work(image: np.ndarray, spacing_mm: tuple[float, float], work_mm: float = WORK_MM
+            ) -> tuple[np.ndarray, float, float]:
+    """Resample to `work_mm` pixels (box filter); returns the image and the row/column scale back to film pixels."""
     h, w = image.shape
-    out_h, out_w = max(1, round(h * spacing_mm[0] / WORK_MM)), max(1, round(w * spacing_mm[1] / WORK_MM))
+    out_h, out_w = max(1, round(h * spacing_mm[0] / work_mm)), max(1, round(w * spacing_mm[1] / work_mm))
     small = np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize((out_w, out_h), Image.BOX))
     return small, h / out_h, w / out_w
 
@@ -153,7 +177,7 @@ def _find_knee(work: np.ndarray, c_lo: int, c_hi: int, bg: float, lim: ProfileLi
     if score < lim.min_joint_score:
         raise LocalizationError(f"no knee joint line in the {where} (gap contrast {score:.2f} < "
                                 f"{lim.min_joint_score}; not a knee film, or too low contrast)")
-    return KneeLocation(float(row), col, score, width)
+    return KneeLocation(float(row), col, score, width, min(score, 1.0))
 
 
 def localize_profile(image: np.ndarray, spacing_mm: tuple[float, float], *, knees: int,
@@ -172,7 +196,7 @@ def localize_profile(image: np.ndarray, spacing_mm: tuple[float, float], *, knee
     Raises:
         LocalizationError: no plausible knee (the reason is the quarantine reason).
     """
-    work, sr, sc = _to_work(image, spacing_mm)
+    work, sr, sc = to_work(image, spacing_mm)
     bg = float(np.percentile(work, 5))
     w = work.shape[1]
     halves = {2: [(0, w // 2, "image-left half"), (w // 2, w, "image-right half")], 1: [(0, w, "film")]}
@@ -195,6 +219,16 @@ def localize_profile(image: np.ndarray, spacing_mm: tuple[float, float], *, knee
 Localizer = Callable[..., list[KneeLocation]]
 LOCALIZERS: Registry[Localizer] = Registry("localizer")
 LOCALIZERS.add("profile", localize_profile)
+
+
+def localize_heatmap(image: np.ndarray, spacing_mm: tuple[float, float], *, knees: int) -> list[KneeLocation]:
+    """The learned heat-map localiser (`kneeoa.data.localize_heatmap`), imported on first use (it needs torch)."""
+    from kneeoa.data.localize_heatmap import localize_heatmap as run
+
+    return run(image, spacing_mm, knees=knees)
+
+
+LOCALIZERS.add("heatmap", localize_heatmap)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,18 +300,44 @@ class FilmJob:
 
 @dataclass
 class FilmOutcome:
-    """Result of a FilmJob: one row per written crop, or the reason nothing was written."""
+    """Result of a FilmJob: one row per written crop, and the reason when not every listed knee was written.
+
+    `missed` maps each listed side that was not cropped to its reason (a knee the localiser did not find
+    confidently); when the whole file failed (unreadable, no spacing, implausible pair) it is empty and only
+    `reason` is set.
+    """
 
     job: FilmJob
     crops: list[dict] = field(default_factory=list)
     reason: str | None = None
+    missed: dict[str, str] = field(default_factory=dict)
+
+
+SIDE_WORDS = {"R": "right", "L": "left"}
+
+
+def locate_knees(image: np.ndarray, spacing_mm: tuple[float, float], *, localizer: str, sides: list[str]
+                 ) -> tuple[dict[str, KneeLocation], dict[str, str]]:
+    """Run a registered localiser for the knees `sides` (["R", "L"] bilateral, image-left first; one side single).
+
+    Returns:
+        (side -> found knee, side -> reason it was not found). A localiser error that concerns the whole film
+        (implausible pair, no leg at all) is raised, not split per knee.
+    """
+    try:
+        return dict(zip(sides, LOCALIZERS.get(localizer)(image, spacing_mm, knees=len(sides)), strict=True)), {}
+    except KneesMissing as e:
+        found = {s: k for s, k in zip(sides, e.knees, strict=True) if k is not None}
+        missed = {s: r for s, r in zip(sides, e.reasons, strict=True) if r is not None}
+        return found, missed
 
 
 #: BodyPartExamined values a knee film may carry (DICOM PS3.16 CID 4031 and common vendor spellings).
 KNEE_BODY_PARTS = {"KNEE", "LEG", "LOWER LIMB", "LOWER EXTREMITY", "LOWEXTREMITY", "EXTREMITY", "LOWER_LIMB"}
 
 
-def _load(job: FilmJob) -> tuple[np.ndarray, tuple[float, float] | None]:
+def load_film(job: FilmJob) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """The film of a job as float [0, 1] bright = bone, and its pixel spacing (None when the file has none)."""
     if job.dicom or (job.dicom is None and is_dicom(job.path)):
         dcm = read_dicom(job.path)
         if job.expect_knee and dcm.body_part and dcm.body_part not in KNEE_BODY_PARTS:
@@ -287,41 +347,58 @@ def _load(job: FilmJob) -> tuple[np.ndarray, tuple[float, float] | None]:
 
 
 def process_film(job: FilmJob) -> FilmOutcome:
-    """Read, localise, crop, orient and save the knees of one file; failures become the outcome's reason."""
+    """Read, localise, crop, orient and save the knees of one file; failures become the outcome's reason.
+
+    A knee the localiser did not find confidently is not cropped: it goes into `missed` with its reason, the
+    outcome's `reason` names it, and the film's other knee is still cropped.
+    """
     try:
-        image, spacing = _load(job)
+        image, spacing = load_film(job)
         if spacing is None and job.default_spacing_mm is not None:
             spacing = (job.default_spacing_mm, job.default_spacing_mm)
         if job.kind == "crop":
             (side, image_id), = job.image_ids.items()
-            crops = {side: (pad_square(image, job.image_size), None)}
+            crops, missed = {side: (pad_square(image, job.image_size), None)}, {}
             out_mm = spacing[0] * max(image.shape) / job.image_size if spacing else float("nan")
         else:
             if spacing is None:
                 raise LocalizationError("no pixel spacing (ImagerPixelSpacing / PixelSpacing) to localise in mm; "
                                         "set data.default_spacing_mm to assume one")
-            knees = LOCALIZERS.get(job.localizer)(image, spacing, knees=2 if job.kind == "bilateral" else 1)
             sides = ["R", "L"] if job.kind == "bilateral" else list(job.image_ids)
+            knees, missed = locate_knees(image, spacing, localizer=job.localizer, sides=sides)
             crops = {s: (crop_square_mm(image, spacing, (k.row_px, k.col_px), crop_mm=job.crop_mm,
-                                        size=job.image_size), k) for s, k in zip(sides, knees, strict=True)}
+                                        size=job.image_size), k) for s, k in knees.items()}
             out_mm = job.crop_mm / job.image_size
     except DataError as e:
         return FilmOutcome(job, reason=str(e))
-    outcome = FilmOutcome(job)
+    outcome = FilmOutcome(job, missed={s: r for s, r in missed.items() if s in job.image_ids})
+    if outcome.missed:
+        found = [s for s in job.image_ids if s in crops]
+        outcome.reason = "; ".join(f"{SIDE_WORDS[s]} knee not cropped: {r}" for s, r in outcome.missed.items())
+        outcome.reason += f" ({', '.join(SIDE_WORDS[s] for s in found)} knee cropped)" if found else ""
     for side, image_id in job.image_ids.items():
+        if side not in crops:
+            continue
         crop, knee = crops[side]
         path = save_gray16(orient(crop, side, mirror_left=job.mirror_left), Path(job.crops_dir) / f"{image_id}.png")
         outcome.crops.append({
             "image_id": image_id, "side": side, "crop_file": str(path), "pixel_spacing_mm": out_mm,
             "joint_row_px": knee.row_px if knee else np.nan, "joint_col_px": knee.col_px if knee else np.nan,
-            "joint_score": knee.score if knee else np.nan})
+            "joint_score": knee.score if knee else np.nan, "joint_confidence": knee.confidence if knee else np.nan})
     return outcome
+
+
+def _one_thread_per_worker() -> None:
+    """Film work is parallel across processes; a learned localiser's math library must not also take every core."""
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def run_film_jobs(jobs: Iterable[FilmJob], *, workers: int, desc: str = "films") -> list[FilmOutcome]:
     """Process films on `workers` processes (file-level work: decoding and localisation), with a progress bar.
 
-    Outcomes come back in job order. `workers` <= 1 runs in this process.
+    Outcomes come back in job order. `workers` <= 1 runs in this process; more start worker processes (one
+    math-library thread each), spawned rather than forked once this process has run the heatmap network, so such a
+    script needs an `if __name__ == "__main__":` guard.
     """
     from tqdm.auto import tqdm
 
@@ -334,7 +411,12 @@ def run_film_jobs(jobs: Iterable[FilmJob], *, workers: int, desc: str = "films")
                 out.append(process_film(job))
                 bar.update()
             return out
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # A worker forked after this process ran the heatmap network (torch's OpenMP pool is live) can hang: spawn
+        # then; else fork, which starts fast.
+        heatmap = sys.modules.get("kneeoa.data.localize_heatmap")
+        ran_torch = heatmap is not None and heatmap.load_net.cache_info().currsize > 0
+        context = multiprocessing.get_context("spawn" if ran_torch else None)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_thread_per_worker) as pool:
             out = []
             for outcome in pool.map(process_film, jobs, chunksize=max(1, len(jobs) // (workers * 8))):
                 out.append(outcome)

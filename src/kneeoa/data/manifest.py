@@ -17,6 +17,7 @@ Columns (required unless marked optional):
 | osteophytes,... | Int64   | optional: task labels derived from the raw grades by `kneeoa.tasks`              |
 | mask_path       | str     | optional: npz of feature masks (phantom), relative to the run folder             |
 | pixel_spacing_mm| float   | optional: crop pixel spacing                                                      |
+| mirrored        | bool    | optional: read the image flipped left-right (left knee -> right-knee orientation) |
 
 Any other column is kept as it is. `validate_manifest` is called on every write and every read.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from kneeoa.errors import LeakageError, ManifestError
@@ -101,6 +103,8 @@ def validate_manifest(df: pd.DataFrame, origin: str = "manifest") -> pd.DataFram
     if df["low_quality"].isna().any() or not set(df["low_quality"].unique()) <= {True, False}:
         raise ManifestError(f"{origin}: column 'low_quality' must be true/false on every row.")
     df["low_quality"] = df["low_quality"].astype(bool)
+    if "mirrored" in df:
+        df["mirrored"] = df["mirrored"].fillna(False).astype(bool)
     if "klg" in df:
         _check_range(df, "klg", 0, 4, origin, "KL grades")
         df["klg"] = pd.to_numeric(df["klg"]).astype("Int64")
@@ -134,3 +138,16 @@ def read_manifest(run_dir: Path) -> pd.DataFrame:
 def resolve_image_path(run_dir: Path, image_path: str) -> Path:
     p = Path(image_path)
     return p if p.is_absolute() else Path(run_dir) / p
+
+
+def mark_mirrored(df: pd.DataFrame, mirror_left: bool) -> pd.DataFrame:
+    """Set the `mirrored` column: left knees when `mirror_left`, else none (files on disk are never changed)."""
+    return df.assign(mirrored=(df["side"] == "L") & bool(mirror_left))
+
+
+def load_knee(run_dir: Path, row) -> np.ndarray:
+    """A manifest row's image as every stage sees it: float (H, W) in [0, 1], flipped when the row is `mirrored`."""
+    from kneeoa.data.images import load_gray
+
+    img = load_gray(resolve_image_path(run_dir, row["image_path"]))
+    return np.ascontiguousarray(img[:, ::-1]) if bool(row.get("mirrored", False)) else img

@@ -215,7 +215,7 @@ def import_oai(source: Path, run_dir: Path, cfg) -> ImportResult:
     Args:
         source: folder holding the kXR_SQ_BU tables and the per-visit image folders (searched recursively).
         run_dir: run folder; crops go to RUN_DIR/crops/<image_id>.png.
-        cfg: study config (uses cfg.data: crop_mm, image_size, mirror_left, workers, localizer,
+        cfg: study config (uses cfg.data: crop_mm, image_size, workers, localizer,
             default_spacing_mm).
 
     Returns:
@@ -245,7 +245,7 @@ def import_oai(source: Path, run_dir: Path, cfg) -> ImportResult:
                                   "detail": f"{film.film_path}: no kXR_SQ_BU reading for this knee"})
         if ids:
             jobs.append(FilmJob(Path(film.film_path), ids, "bilateral", run_dir / "crops", crop_mm=d.crop_mm,
-                                image_size=d.image_size, mirror_left=d.mirror_left, localizer=d.localizer,
+                                image_size=d.image_size, localizer=d.localizer,
                                 default_spacing_mm=d.default_spacing_mm, dicom=True))
     filmed = set(zip(films["patient_id"], films["visit"], strict=True))
     for r in readings.table.itertuples(index=False):

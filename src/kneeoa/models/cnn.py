@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from kneeoa.errors import ConfigError, WeightsNotFoundError
+from kneeoa.models.heads import HEADS
 from kneeoa.models.hub import cached_file, hub_offline
 from kneeoa.registry import Registry
 
@@ -31,26 +32,52 @@ _logger = logging.getLogger(__name__)
 CHECKPOINTS_DIR = "checkpoints"
 
 
+def _timm_model(name: str, source: str | None, tag: str | None, in_chans: int) -> nn.Module:
+    """A headless timm model: random init (source None), hub weights ("hub") or weights from a local file."""
+    import timm
+
+    if source is None:
+        return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=0)
+    overlay = {} if source == "hub" else {"pretrained_cfg_overlay": {"file": source}}
+    return timm.create_model(f"{name}.{tag}", pretrained=True, in_chans=in_chans, num_classes=0, **overlay)
+
+
+def _twobranch(name: str, source: str | None, tag: str | None, in_chans: int) -> nn.Module:
+    """The two-branch knee CNN; `source` is a local state-dict file (kneeoa has no hub weights for it)."""
+    from kneeoa.models.twobranch import TwoBranchNet
+
+    net = TwoBranchNet(in_chans=in_chans)
+    if source is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(source) if str(source).endswith(".safetensors") else torch.load(source, map_location="cpu")
+        net.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state, strict=False)
+    return net
+
+
 @dataclass(frozen=True)
 class Backbone:
     """A registered CNN backbone.
 
     Attributes:
-        name: arm name and timm architecture (`resnet18`, `convnext_small`).
-        pretrained_tag: timm weight tag used when pretrained weights are wanted (hub id `timm/<name>.<tag>`).
+        name: arm name (`resnet18`, `convnext_small`, `twobranch`); the timm architecture for timm backbones.
+        pretrained_tag: timm weight tag used when pretrained weights are wanted (hub id `timm/<name>.<tag>`);
+            None for a backbone with no published weights (only a local file can initialise it).
         channels_last: whether channels_last memory format helps on CPU (it slows ConvNeXt by ~0.7x here).
         cam_layers: the layers Grad-CAM can hook, by name: "last" (the last block, the usual choice) and
             "penultimate" (the last block of the stage before, twice the spatial resolution).
+        build: (name, weights source or None, pretrained tag, in_chans) -> headless module with `num_features`.
     """
 
     name: str
-    pretrained_tag: str
+    pretrained_tag: str | None
     channels_last: bool
     cam_layers: dict[str, Callable[[nn.Module], nn.Module]]
+    build: Callable[[str, str | None, str | None, int], nn.Module] = _timm_model
 
     @property
-    def hub_id(self) -> str:
-        return f"timm/{self.name}.{self.pretrained_tag}"
+    def hub_id(self) -> str | None:
+        return f"timm/{self.name}.{self.pretrained_tag}" if self.pretrained_tag else None
 
 
 BACKBONES: Registry[Backbone] = Registry("backbone")
@@ -58,6 +85,9 @@ BACKBONES.add("resnet18", Backbone("resnet18", "a1_in1k", True,
                                     {"last": lambda m: m.layer4[-1], "penultimate": lambda m: m.layer3[-1]}))
 BACKBONES.add("convnext_small", Backbone("convnext_small", "in12k_ft_in1k", False,
                                          {"last": lambda m: m.stages[-1], "penultimate": lambda m: m.stages[-2]}))
+# Both CAM names hook the fold of the two branches' last maps: the only layer in image layout.
+BACKBONES.add("twobranch", Backbone("twobranch", None, True,
+                                    {"last": lambda m: m.fold, "penultimate": lambda m: m.fold}, build=_twobranch))
 
 
 def resolve_pretrained(backbone: Backbone, pretrained: str, weights_file: str | None) -> tuple[str | None, str]:
@@ -81,6 +111,8 @@ def resolve_pretrained(backbone: Backbone, pretrained: str, weights_file: str | 
         return None, "random init (cnn.pretrained: none)"
     if pretrained not in ("auto", "cache"):
         raise ConfigError(f"cnn.pretrained must be auto, cache, none or a weights file path. Got {pretrained!r}.")
+    if backbone.hub_id is None:
+        return None, f"random init: {backbone.name} has no published weights (give a local file to start from one)"
     cached = next(filter(None, (cached_file(backbone.hub_id, f) for f in ("model.safetensors", "pytorch_model.bin"))),
                   None)
     if cached:
@@ -92,26 +124,18 @@ def resolve_pretrained(backbone: Backbone, pretrained: str, weights_file: str | 
 
 
 def create_backbone(name: str, *, source: str | None, in_chans: int = 1) -> tuple[nn.Module, str | None]:
-    """A timm backbone without classifier (`num_classes=0`) for `in_chans` channels.
+    """A headless backbone (`num_classes=0`) for `in_chans` channels.
 
     Returns (module, error) where error is the reason a hub download failed (then the module is randomly
     initialised and the caller must record that).
     """
-    import timm
-
     bb = BACKBONES.get(name)
-    if source is None:
-        return timm.create_model(bb.name, pretrained=False, in_chans=in_chans, num_classes=0), None
-    arch = f"{bb.name}.{bb.pretrained_tag}"
     try:
-        if source == "hub":
-            return timm.create_model(arch, pretrained=True, in_chans=in_chans, num_classes=0), None
-        return timm.create_model(arch, pretrained=True, in_chans=in_chans, num_classes=0,
-                                 pretrained_cfg_overlay={"file": source}), None
+        return bb.build(bb.name, source, bb.pretrained_tag, in_chans), None
     except (OSError, RuntimeError, ValueError) as e:
         if source != "hub":
             raise WeightsNotFoundError(f"Weights file {source} could not be loaded into {bb.name}: {e}") from e
-        return timm.create_model(bb.name, pretrained=False, in_chans=in_chans, num_classes=0), str(e)
+        return bb.build(bb.name, None, bb.pretrained_tag, in_chans), str(e)
 
 
 def norm_stats(module: nn.Module) -> tuple[float, float]:
@@ -121,27 +145,47 @@ def norm_stats(module: nn.Module) -> tuple[float, float]:
 
 
 class MultiTaskNet(nn.Module):
-    """A backbone and one linear head per task; forward returns {task: (B, K) logits}."""
+    """A backbone and one linear head per task; forward returns {task: (B, n_outputs) raw outputs}.
 
-    def __init__(self, backbone: nn.Module, tasks: dict[str, int]) -> None:
+    Args:
+        backbone: headless module with `num_features`.
+        tasks: task -> number of classes K.
+        heads: task -> output head name (`kneeoa.models.heads.HEADS`; default "ce" for every task).
+    """
+
+    def __init__(self, backbone: nn.Module, tasks: dict[str, int], heads: dict[str, str] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
-        self.heads = nn.ModuleDict({t: nn.Linear(backbone.num_features, k) for t, k in tasks.items()})
+        self.n_classes = dict(tasks)
+        self.head_names = {t: (heads or {}).get(t, "ce") for t in tasks}
+        self.heads = nn.ModuleDict({t: nn.Linear(backbone.num_features, HEADS.get(self.head_names[t]).n_outputs(k))
+                                    for t, k in tasks.items()})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone(x)
         return {t: head(feats) for t, head in self.heads.items()}
 
+    def probs(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Class probabilities (B, K) per task from `forward`'s raw outputs, through each task's head."""
+        return {t: HEADS.get(self.head_names[t]).probs(v, self.n_classes[t]) for t, v in outputs.items()}
+
 
 class TaskView(nn.Module):
-    """One task's logits of a MultiTaskNet, as a plain (B, 1, H, W) -> (B, K) classifier (for Grad-CAM)."""
+    """One task's class scores of a MultiTaskNet as a plain (B, 1, H, W) -> (B, K) classifier (for Grad-CAM).
+
+    Cross-entropy heads give their logits; ordinal heads give log class probabilities (their outputs are not one
+    score per class).
+    """
 
     def __init__(self, net: MultiTaskNet, task: str) -> None:
         super().__init__()
         self.net, self.task = net, task
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)[self.task]
+        out = self.net(x)[self.task]
+        if self.net.head_names[self.task] == "ce":
+            return out
+        return torch.log(self.net.probs({self.task: out})[self.task].clamp(min=1e-8))
 
 
 def checkpoint_path(run_dir: Path, arm: str, group: str) -> Path:
@@ -150,40 +194,47 @@ def checkpoint_path(run_dir: Path, arm: str, group: str) -> Path:
 
 
 def save_checkpoint(path: Path, net: MultiTaskNet, *, backbone: str, preprocess: dict[str, Any],
-                    weights_source: str, extra: dict[str, Any] | None = None) -> Path:
+                    weights_source: str, decoding: dict[str, dict] | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
     """Weights plus everything needed to rebuild and feed the model (no config lookups at load time)."""
     from kneeoa.io import atomic_path
 
-    payload = {"backbone": backbone, "tasks": {t: h.out_features for t, h in net.heads.items()},
+    payload = {"backbone": backbone, "tasks": dict(net.n_classes), "heads": dict(net.head_names),
                "state_dict": net.state_dict(), "preprocess": preprocess, "weights_source": weights_source,
-               "extra": extra or {}}
+               "decoding": decoding or {t: {"method": "argmax"} for t in net.n_classes}, "extra": extra or {}}
     with atomic_path(Path(path)) as tmp:
         torch.save(payload, tmp)
     return Path(path)
 
 
+def net_from_payload(payload: dict[str, Any]) -> MultiTaskNet:
+    """Rebuild the network a checkpoint payload describes and load its weights (eval mode)."""
+    bb = BACKBONES.get(payload["backbone"])
+    backbone = bb.build(bb.name, None, bb.pretrained_tag, payload["preprocess"]["in_chans"])
+    net = MultiTaskNet(backbone, payload["tasks"], payload.get("heads"))
+    net.load_state_dict(payload["state_dict"])
+    return net.eval()
+
+
 def load_checkpoint(path: Path) -> tuple[MultiTaskNet, dict[str, Any]]:
     """Rebuild a MultiTaskNet from `save_checkpoint`'s file; returns (net in eval mode, metadata)."""
-    import timm
-
     path = Path(path)
     if not path.exists():
         raise WeightsNotFoundError(f"Checkpoint {path} does not exist. Train the arm first (`kneeoa run` with the "
                                    "train stage).")
     payload = torch.load(path, map_location="cpu", weights_only=False)
-    pre = payload["preprocess"]
-    backbone = timm.create_model(payload["backbone"], pretrained=False, in_chans=pre["in_chans"], num_classes=0)
-    net = MultiTaskNet(backbone, payload["tasks"])
-    net.load_state_dict(payload["state_dict"])
-    return net.eval(), payload
+    return net_from_payload(payload), payload
 
 
 def preprocess_fn(pre: dict[str, Any]) -> Callable[[np.ndarray], torch.Tensor]:
-    """The checkpoint's preprocessing: float (H, W) in [0, 1] -> normalised (1, size, size) tensor."""
-    from kneeoa.data.images import resize
+    """The checkpoint's preprocessing: float (H, W) in [0, 1] -> normalised (1, size, size) tensor.
+
+    The image is quantised to uint8 at the model size first, exactly as the training cache stores it.
+    """
+    from kneeoa.data.cache import to_uint8
 
     def apply(img: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(resize(np.asarray(img, dtype=np.float32), pre["image_size"]))
+        x = torch.from_numpy(to_uint8(img, pre["image_size"])).float() / 255.0
         return ((x - pre["mean"]) / pre["std"]).unsqueeze(0)
 
     return apply
@@ -191,21 +242,18 @@ def preprocess_fn(pre: dict[str, Any]) -> Callable[[np.ndarray], torch.Tensor]:
 
 def load_classifier(run_dir: Path, arm: str, task: str, *, cam_layer: str = "last"
                     ) -> tuple[nn.Module, nn.Module, Callable[[np.ndarray], torch.Tensor]]:
-    """A trained arm's classifier for one task: (model (B,1,H,W)->(B,K) logits, Grad-CAM target layer, preprocess).
+    """A trained arm's classifier for one task: (model (B,1,H,W)->(B,K) scores, Grad-CAM target layer, preprocess).
 
-    Looks for the multi-task checkpoint first, then a per-task one. `cam_layer` names an entry of the backbone's
-    `cam_layers` ("last" or "penultimate").
+    `cam_layer` names an entry of the backbone's `cam_layers` ("last" or "penultimate"). For an ensemble arm the
+    first member is explained.
     """
-    ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR / arm
-    for group in ("multitask", task):
-        path = ckpt_dir / f"{group}.pt"
-        if path.exists():
-            net, payload = load_checkpoint(path)
-            if task not in payload["tasks"]:
-                continue
-            bb = BACKBONES.get(payload["backbone"])
-            if cam_layer not in bb.cam_layers:
-                raise ConfigError(f"explain.cam_layer must be one of {', '.join(bb.cam_layers)}. Got {cam_layer!r}.")
-            layer = bb.cam_layers[cam_layer](net.backbone)
-            return TaskView(net, task).eval(), layer, preprocess_fn(payload["preprocess"])
-    raise WeightsNotFoundError(f"No checkpoint for arm '{arm}' and task '{task}' under {ckpt_dir}. Train it first.")
+    from kneeoa.models.infer import CnnPredictor
+
+    predictor = CnnPredictor.from_run(run_dir, arm)
+    if task not in predictor.tasks:
+        raise WeightsNotFoundError(f"No checkpoint for arm '{arm}' and task '{task}' under "
+                                   f"{Path(run_dir) / CHECKPOINTS_DIR / arm}. Train it first.")
+    layers = BACKBONES.get(predictor.payloads[0]["backbone"]).cam_layers
+    if cam_layer not in layers:
+        raise ConfigError(f"explain.cam_layer must be one of {', '.join(layers)}. Got {cam_layer!r}.")
+    return predictor.cam_model(task, cam_layer)

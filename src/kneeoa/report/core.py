@@ -18,8 +18,6 @@ from kneeoa.report.figures import fig_to_img_tag, new_figure, table_html
 from kneeoa.stats import format_ci
 from kneeoa.tasks import get_task
 
-#: The paper's headline metric per task kind.
-HEADLINE = {"ordinal": "kappa_quadratic", "binary": "auc"}
 PACKAGES = ("kneeoa", "torch", "torchvision", "timm", "lightning", "open_clip_torch", "transformers", "xgboost-cpu",
             "scikit-learn", "grad-cam", "pydicom", "numpy", "pandas")
 
@@ -36,7 +34,7 @@ def summary_section(run_dir: Path, cfg: Config) -> str | None:
     lines = [f"<p>Study <b>{html.escape(cfg.name)}</b>, data source <b>{html.escape(cfg.data.source)}</b>. "
              "Headline metric: quadratic-weighted kappa for KLG, AUC for the binary tasks (test split).</p>"]
     for task in cfg.tasks.names:
-        metric = HEADLINE[get_task(task).kind]
+        metric = get_task(task).headline_metric
         rows = test[(test["task"] == task) & (test["metric"] == metric)].dropna(subset=["value"])
         if len(rows):
             best = rows.loc[rows["value"].idxmax()]
@@ -61,7 +59,7 @@ def results_table(m: pd.DataFrame, split: str, tasks: list[str]) -> pd.DataFrame
     part = m[m["split"] == split]
     out = {}
     for task in tasks:
-        metric = HEADLINE[get_task(task).kind]
+        metric = get_task(task).headline_metric
         sel = part[(part["task"] == task) & (part["metric"] == metric)]
         out[f"{task} ({metric})"] = {r["arm"]: format_ci(r["value"], r["ci_low"], r["ci_high"])
                                      for _, r in sel.iterrows()}
@@ -130,7 +128,7 @@ def confusion_section(run_dir: Path, cfg: Config) -> str | None:
         if test.empty or task == "knee_id":
             continue
         t = get_task(task)
-        cm = confusion(test["y_true"].to_numpy(), test[prob_columns(t.n_classes)].to_numpy())
+        cm = confusion(test["y_true"].to_numpy(), test[prob_columns(t.n_classes)].to_numpy(), test["y_pred"].to_numpy())
         fig = new_figure(3.2, 2.8)
         ax = fig.add_subplot()
         ax.imshow(cm, cmap="Blues")

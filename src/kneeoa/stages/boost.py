@@ -8,7 +8,8 @@ Two heads per encoder:
 - `<prefix>_linear`: a linear probe, standardised features + class-weighted logistic regression, C chosen from
   `foundation.linear_c_grid` by the same val log-loss.
 Test images are only predicted, never used for a choice. Predictions are written for every split; the arm record
-holds the weights' model id, revision and checksum and the chosen hyperparameters per task.
+holds the weights' model id, revision and checksum and the chosen hyperparameters per task. Each fitted XGBoost head
+is kept at RUN_DIR/heads/<prefix>_xgb/<task>.json (`kneeoa.estimators.head_path`), for `kneeoa export`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from kneeoa.arms import read_arms, record_arm
 from kneeoa.config import Config, FoundationCfg
 from kneeoa.data.manifest import read_manifest
 from kneeoa.errors import ConfigError, ManifestError
-from kneeoa.estimators import XGBHead, balanced_weights
+from kneeoa.estimators import XGBHead, balanced_weights, head_path
 from kneeoa.models.foundation import embedding_matrix, encoder_arms, get_encoder_spec, read_embeddings
 from kneeoa.predictions import make_prediction_table, write_predictions
 from kneeoa.registry import Registry
@@ -116,18 +117,19 @@ def _aligned(manifest: pd.DataFrame, table: pd.DataFrame, encoder: str, run_dir:
 
 
 def _fit_task(head: str, X: np.ndarray, manifest: pd.DataFrame, task: str,
-              cfg: Config) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+              cfg: Config) -> tuple[Any, pd.DataFrame | None, dict[str, Any]]:
+    """(fitted model, prediction table, chosen settings), or (None, None, why it was skipped)."""
     labelled = manifest[task].notna().to_numpy()
     sub, Xs = manifest[labelled], X[labelled]
     y = sub[task].to_numpy(dtype=int)
     tr, va = (sub["split"] == "train").to_numpy(), (sub["split"] == "val").to_numpy()
     if len(np.unique(y[tr])) < 2 or not va.any():
-        return None, {"skipped": f"needs two classes in train and labelled val images; train has classes "
-                                 f"{sorted(np.unique(y[tr]).tolist())}, val has {int(va.sum())} image(s)"}
+        return None, None, {"skipped": f"needs two classes in train and labelled val images; train has classes "
+                                       f"{sorted(np.unique(y[tr]).tolist())}, val has {int(va.sum())} image(s)"}
     k = get_task(task).n_classes
     model, chosen = HEADS.get(head)(Xs[tr], y[tr], Xs[va], y[va], k, cfg)
     probs = _full_proba(model, Xs, k)
-    return make_prediction_table(sub["image_id"], sub["split"], y, probs), chosen
+    return model, make_prediction_table(sub["image_id"], sub["split"], y, probs), chosen
 
 
 def run(run_dir: Path, cfg: Config) -> None:
@@ -155,8 +157,10 @@ def run(run_dir: Path, cfg: Config) -> None:
             head = arm.removeprefix(f"{spec.arm_prefix}_")
             chosen = {}
             for task in tasks:
-                table_, chosen[task] = _fit_task(head, X, manifest, task, cfg)
+                model, table_, chosen[task] = _fit_task(head, X, manifest, task, cfg)
                 if table_ is not None:
+                    if isinstance(model, XGBHead):  # kept for `kneeoa export`; linear probes are not packaged
+                        model.save(head_path(run_dir, arm, task))
                     write_predictions(table_, run_dir, arm, task)
                 _log.info("%s %s: %s", arm, task, chosen[task])
             record_arm(run_dir, arm, status="ran", weights=weights,

@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from kneeoa.arms import record_arm
 from kneeoa.config import Config
-from kneeoa.data.images import load_gray
-from kneeoa.data.manifest import read_manifest, resolve_image_path
+from kneeoa.data.manifest import load_knee, read_manifest
 from kneeoa.errors import WeightsNotFoundError
 from kneeoa.io import write_json, write_parquet
 from kneeoa.models.foundation import (
@@ -114,7 +113,7 @@ def embed_one(run_dir: Path, encoder: str, weights: str | Path | None, cfg: Conf
               disable=not progress) as bar:
         for lo in range(0, len(todo), fc.batch_size):
             rows = manifest.loc[todo[lo:lo + fc.batch_size]]
-            images = [load_gray(resolve_image_path(run_dir, p)) for p in rows["image_path"]]
+            images = [load_knee(run_dir, r) for r in rows.to_dict("records")]
             vectors = enc.encode(images)
             shard = pd.DataFrame(vectors, columns=cols).astype("float32")
             shard.insert(0, "image_id", rows["image_id"].to_numpy())

@@ -43,11 +43,11 @@ def evaluate_table(arm: str, task: str, table: pd.DataFrame) -> tuple[list[dict]
         part = table[table["split"] == split]
         if part.empty:
             continue
-        y, probs = part["y_true"].to_numpy(), part[prob_columns(k)].to_numpy()
+        y, probs, pred = part["y_true"].to_numpy(), part[prob_columns(k)].to_numpy(), part["y_pred"].to_numpy()
         for m in metrics_for(get_task(task)):
-            rows.append({"arm": arm, "task": task, "split": split, "metric": m.name, "value": m.fn(y, probs),
+            rows.append({"arm": arm, "task": task, "split": split, "metric": m.name, "value": m.fn(y, probs, pred),
                          "ci_low": np.nan, "ci_high": np.nan, "n": len(part)})
-        confusions[split] = confusion(y, probs).tolist()
+        confusions[split] = confusion(y, probs, pred).tolist()
     return rows, confusions
 
 

@@ -26,7 +26,7 @@ import torch
 from kneeoa import cam, stats
 from kneeoa.config import Config
 from kneeoa.data.images import load_gray
-from kneeoa.data.manifest import read_manifest, resolve_image_path
+from kneeoa.data.manifest import load_knee, read_manifest, resolve_image_path
 from kneeoa.errors import DataError, WeightsNotFoundError
 from kneeoa.io import atomic_path, write_json
 from kneeoa.predictions import prediction_path, read_predictions
@@ -43,17 +43,25 @@ def _rng(seed: int, *key: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32("|".join(key).encode())])
 
 
-def _cams(model, layer, preprocess, run_dir: Path, image_paths, classes, batch_size: int) -> list[np.ndarray]:
+def _cams(model, layer, preprocess, run_dir: Path, rows: pd.DataFrame, classes, batch_size: int) -> list[np.ndarray]:
+    """Grad-CAM maps of manifest `rows` in the orientation the model saw them (mirrored rows flipped back).
+
+    Maps are returned in the files' own orientation, so they overlay the crops and the phantom masks as stored.
+    """
     out: list[np.ndarray] = []
-    for start in range(0, len(image_paths), batch_size):
-        batch = [preprocess(load_gray(resolve_image_path(run_dir, p))) for p in image_paths[start:start + batch_size]]
-        out.extend(cam.gradcam(model, layer, torch.stack(batch), list(classes[start:start + batch_size])))
+    records = rows.to_dict("records")
+    for start in range(0, len(records), batch_size):
+        part = records[start:start + batch_size]
+        batch = [preprocess(load_knee(run_dir, r)) for r in part]
+        maps = cam.gradcam(model, layer, torch.stack(batch), list(classes[start:start + batch_size]))
+        out.extend(np.ascontiguousarray(m[:, ::-1]) if r.get("mirrored") else m for m, r in zip(maps, part,
+                                                                                                  strict=True))
     return out
 
 
 def select_examples(preds: pd.DataFrame, per_grade: int, rng: np.random.Generator) -> pd.DataFrame:
     """Up to `per_grade` correct and `per_grade` wrong test images per true class, with a `correct` column."""
-    preds = preds.assign(pred=preds[[c for c in preds if c.startswith("prob_")]].to_numpy().argmax(axis=1))
+    preds = preds.assign(pred=preds["y_pred"])
     preds["correct"] = preds["pred"] == preds["y_true"]
     picks = []
     for (_, _), group in preds.groupby(["y_true", "correct"], sort=True):
@@ -120,7 +128,7 @@ def _score_rows(run_dir: Path, arm: str, task: str, model, layer, preprocess, te
     if rows.empty:
         return [], float("nan")
     target = np.ones(len(rows), int) if get_task(task).n_classes == 2 else rows["y_true"].to_numpy()
-    maps = _cams(model, layer, preprocess, run_dir, list(rows["image_path"]), target, cfg.explain.batch_size)
+    maps = _cams(model, layer, preprocess, run_dir, rows, target, cfg.explain.batch_size)
     tol = max(1, round(cfg.explain.pointing_tolerance * min(masks[0].shape)))
     scores = cam.score_maps(maps, masks, tolerance=tol, rng=rng)
     codes, n_pat = stats.patient_codes(rows["patient_id"])
@@ -156,11 +164,12 @@ def run(run_dir: Path, cfg: Config) -> None:
                 index["skipped"].append({"arm": arm, "task": task, "reason": str(e)})
                 continue
             _, _, preds = read_predictions(path)
-            preds = preds[preds["split"] == "test"].merge(test[["image_id", "image_path"]], on="image_id")
+            cols = ["image_id", "image_path", *(["mirrored"] if "mirrored" in test else [])]
+            preds = preds[preds["split"] == "test"].merge(test[cols], on="image_id")
             chosen = select_examples(preds, cfg.explain.per_grade, _rng(cfg.explain.seed, "montage", arm, task))
             if len(chosen):
                 images = [load_gray(resolve_image_path(run_dir, p)) for p in chosen["image_path"]]
-                maps = _cams(model, layer, preprocess, run_dir, list(chosen["image_path"]),
+                maps = _cams(model, layer, preprocess, run_dir, chosen,
                              chosen["pred"].to_numpy(), cfg.explain.batch_size)
                 fig = montage(images, maps, chosen, class_names=get_task(task).classes,
                               per_grade=cfg.explain.per_grade, title=f"{arm} - {task}: Grad-CAM of the predicted class")

@@ -12,7 +12,7 @@ import pandas as pd
 
 from kneeoa.config import Config
 from kneeoa.data.importers import ImportResult, get_importer
-from kneeoa.data.manifest import validate_manifest, write_manifest
+from kneeoa.data.manifest import mark_mirrored, validate_manifest, write_manifest
 from kneeoa.data.splits import assign_splits
 from kneeoa.io import write_json, write_parquet
 from kneeoa.tasks import TASKS, add_task_labels
@@ -49,6 +49,7 @@ def prepare(run_dir: Path, cfg: Config, source: str | None = None, path: str | P
     if "split" not in df or df["split"].isna().all():
         df["split"] = assign_splits(df, fractions=tuple(cfg.data.split_fractions), seed=cfg.seed)
     df = add_task_labels(df, cfg.tasks.thresholds)
+    df = mark_mirrored(df, cfg.data.mirror_left)
     df = validate_manifest(df, origin=f"{source} import of {path or 'generated data'}")
     write_manifest(df, run_dir)
     report = data_report(df, result, cfg.tasks.names)

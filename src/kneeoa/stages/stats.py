@@ -113,7 +113,7 @@ def _intervals(metrics: pd.DataFrame, tables, patient_of: pd.Series, cfg: Config
             for i in metrics.index[rows & metrics["metric"].isin(METRICS.names())]:
                 name = metrics.at[i, "metric"]
                 ci = stats.bootstrap_ci(y, probs, w, point=METRICS.get(name).fn, weighted=stats.weighted_metric(name),
-                                        confidence=cfg.stats.confidence)
+                                        confidence=cfg.stats.confidence, pred=part["y_pred"].to_numpy())
                 metrics.loc[i, ["ci_low", "ci_high"]] = [ci.low, ci.high]
             for name, (point, weighted) in calib.items():
                 ci = stats.bootstrap_ci(y, probs, w, point=point, weighted=weighted, confidence=cfg.stats.confidence)
@@ -159,7 +159,8 @@ def compare_arms(tables, patient_of: pd.Series, cfg: Config) -> pd.DataFrame:
                 else:
                     res = stats.paired_bootstrap(y, pa, pb, w, point=METRICS.get(metric).fn,
                                                  weighted=stats.weighted_metric(metric),
-                                                 confidence=cfg.stats.confidence)
+                                                 confidence=cfg.stats.confidence, pred_a=a["y_pred"].to_numpy(),
+                                                 pred_b=b["y_pred"].to_numpy())
                 rows.append({"arm_a": arm_a, "arm_b": arm_b, "task": task, "metric": metric,
                              "difference": res.difference, "ci_low": res.low, "ci_high": res.high,
                              "p_value": res.p_value, "method": res.method, "n_images": len(y), "n_patients": n_pat,

@@ -1,10 +1,16 @@
 """Train the supervised CNN arms with Lightning and write their prediction tables.
 
 For every backbone in `cnn.backbones`: build the model (pretrained weights if found, else random init, recorded),
-train on the train split with class-weighted cross-entropy (ignoring missing labels), early-stop on the val loss,
-keep the best epoch, then predict every split into RUN_DIR/predictions/<backbone>__<task>.parquet.
-`accelerator`, `devices`, `strategy` and `num_nodes` go to Lightning unchanged, so multi-GPU, DDP and SLURM runs need
-no code change; on CPU the default precision is bf16 autocast where the processor supports it.
+train on the train split (each task's head and loss from `kneeoa.models.heads`; class-weighted loss or
+class-balanced sampling), select the epoch by the tasks' headline val metric (or the val loss), optionally with an
+EMA of the weights, then tune the KLG decoding on val (cut-points on the expected grade, when asked), store it in
+the checkpoint and predict every split into RUN_DIR/predictions/<arm>__<task>.parquet through
+`kneeoa.models.infer` -- the same code that grades new images later. With `cnn.ensemble_seeds` > 1 the backbone is
+trained once per seed and the averaged arm `<backbone>_ens` is added (the first seed is the arm `<backbone>`).
+The test split is read only to write its predictions, after every choice is fixed.
+
+Images come from the decoded uint8 cache (`kneeoa.data.cache`); augmentation runs on whole batches
+(`kneeoa.data.augment`). `accelerator`, `devices`, `strategy` and `num_nodes` go to Lightning unchanged.
 """
 
 from __future__ import annotations
@@ -18,24 +24,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from kneeoa.arms import record_arm
 from kneeoa.config import CnnCfg, Config, backbone_cfg
-from kneeoa.data.dataset import MISSING_LABEL, KneeDataset
+from kneeoa.data.augment import POLICIES, augment_batch
+from kneeoa.data.cache import image_cache
+from kneeoa.data.dataset import MISSING_LABEL, KneeDataset, keep_batch, task_labels
 from kneeoa.data.manifest import read_manifest
 from kneeoa.errors import ConfigError
 from kneeoa.metrics import METRICS
 from kneeoa.models.cnn import (
     BACKBONES,
+    CHECKPOINTS_DIR,
     MultiTaskNet,
-    checkpoint_path,
     create_backbone,
+    net_from_payload,
     norm_stats,
     resolve_pretrained,
-    save_checkpoint,
 )
+from kneeoa.models.heads import HEADS, decode, tune_cutpoints
+from kneeoa.models.infer import CnnPredictor, normalise
 from kneeoa.predictions import make_prediction_table, write_predictions
 from kneeoa.tasks import available_tasks, get_task
 
@@ -61,11 +70,6 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     if on_gpu:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
-
-
-def _collate(batch):
-    xs, ys = zip(*batch, strict=True)
-    return torch.stack(xs), {t: torch.tensor([y[t] for y in ys]) for t in ys[0]}
 
 
 class TrainingBudget:
@@ -95,61 +99,101 @@ class TrainingBudget:
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * (p - self.warmup) / (1 - self.warmup)))
 
 
-def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg, channels_last: bool,
-                 steps_per_epoch: int):
+def val_score(task: str, y: np.ndarray, probs: np.ndarray, decoding_method: str) -> float:
+    """The task's headline val metric under the arm's decoding (cut-points tuned on these very labels, as at the end).
+
+    NaN when fewer than two classes are labelled.
+    """
+    keep = y != MISSING_LABEL
+    y, probs = y[keep], probs[keep]
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    t = get_task(task)
+    pred = None
+    if t.kind == "ordinal" and decoding_method == "cutpoints":
+        pred = decode(probs, {"method": "cutpoints", "cuts": tune_cutpoints(y, probs)})
+    return float(METRICS.get(t.headline_metric).fn(y, probs, pred=pred))
+
+
+def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg, *, channels_last: bool,
+                 steps_per_epoch: int, mean: float, std: float, hflip: bool, seed: int):
     import lightning as L
 
     class KneeModule(L.LightningModule):
-        """Sum of per-task cross-entropies; AdamW with a cosine schedule over the planned epochs."""
+        """Sum of the tasks' head losses; AdamW, warm-up + cosine over the planned steps or the time cap."""
 
         def __init__(self) -> None:
             super().__init__()
             self.net = net
-            self.losses = nn.ModuleDict({t: nn.CrossEntropyLoss(weight=w, ignore_index=MISSING_LABEL,
-                                                                label_smoothing=hp.label_smoothing)
-                                         for t, w in weights.items()})
+            self.class_weights = weights
+            self.policy = POLICIES.get(hp.augment_policy)
+            self.gen = torch.Generator().manual_seed(seed)
+            self.noise: torch.Tensor | None = None  # noise fields for augmentation, drawn once
+            self.ema = None
+            if hp.ema:
+                from timm.utils import ModelEmaV3
 
-        def forward(self, x):
+                self.ema = ModelEmaV3(net, decay=hp.ema)
+
+        @property
+        def scored(self) -> MultiTaskNet:
+            """The weights validation and the checkpoint use: the EMA when on."""
+            return self.ema.module if self.ema is not None else self.net
+
+        def on_after_batch_transfer(self, batch, dataloader_idx: int):
+            x, y = batch
+            if self.trainer.training and hp.augment:
+                if self.noise is None:
+                    self.noise = torch.randn((2 * len(x), *x.shape[1:]), generator=self.gen)
+                x = augment_batch(x, self.policy, hflip=hflip, generator=self.gen, noise_bank=self.noise)
+                x = x.sub_(mean).div_(std)
+            else:
+                x = normalise(x, mean, std)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            return self.net(x)
+            return x, y
 
-        def _loss(self, batch, stage: str):
-            x, y = batch
-            out = self(x)
+        def _loss(self, out, y) -> torch.Tensor:
             total = 0.0
-            for t, loss_fn in self.losses.items():
+            for t, w in self.class_weights.items():
                 if (y[t] != MISSING_LABEL).any():
-                    total = total + loss_fn(out[t].float(), y[t])
-            self.log(f"{stage}_loss", total, prog_bar=True, on_epoch=True, on_step=False, batch_size=len(x),
-                     sync_dist=True)
+                    total = total + HEADS.get(self.net.head_names[t]).loss(out[t].float(), y[t], w,
+                                                                           hp.label_smoothing)
             return total
 
         def training_step(self, batch, _):
-            return self._loss(batch, "train")
+            loss = self._loss(self.net(batch[0]), batch[1])
+            self.log("train_loss", loss, prog_bar=True, on_epoch=True, on_step=False, batch_size=len(batch[0]))
+            return loss
 
-        def validation_step(self, batch, _):
-            out = self(batch[0])
-            for t, logits in out.items():
-                self._val.setdefault(t, []).append((batch[1][t], logits.float().softmax(1)))
-            return self._loss(batch, "val")
+        def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+            if self.ema is not None:
+                self.ema.update(self.net)
 
         def on_validation_epoch_start(self) -> None:
-            self._val = {}
+            self._val: dict[str, list] = {}
+
+        def validation_step(self, batch, _):
+            x, y = batch
+            out = self.scored(x)
+            self.log("val_loss", self._loss(out, y), prog_bar=True, on_epoch=True, on_step=False,
+                     batch_size=len(x), sync_dist=True)
+            for t, p in self.scored.probs(out).items():
+                self._val.setdefault(t, []).append((y[t], p.float()))
 
         def on_validation_epoch_end(self) -> None:
-            # The task's headline metric on val, per epoch, in the log (quadratic kappa for KLG, AUC for binary).
+            scores = []
             for t, parts in self._val.items():
                 y = torch.cat([p[0] for p in parts]).cpu().numpy()
                 probs = torch.cat([p[1] for p in parts]).cpu().numpy()
-                keep = y != MISSING_LABEL
-                if keep.sum() and len(np.unique(y[keep])) > 1:
-                    name = "kappa_quadratic" if get_task(t).kind == "ordinal" else "auc"
-                    value = METRICS.get(name).fn(y[keep], probs[keep])
-                    self.log(f"val_{t}_{name}", value, prog_bar=t == "klg", sync_dist=True)
+                value = val_score(t, y, probs, hp.klg_decode)
+                if np.isfinite(value):
+                    self.log(f"val_{t}_{get_task(t).headline_metric}", value, prog_bar=t == "klg", sync_dist=True)
+                    scores.append(value)
+            self.log("val_score", float(np.mean(scores)) if scores else 0.0, sync_dist=True)
 
         def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+            opt = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
             budget = TrainingBudget(hp.epochs * steps_per_epoch, hp.max_minutes)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, budget.lr_factor)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -157,67 +201,78 @@ def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg
     return KneeModule()
 
 
-@torch.no_grad()
-def predict_probs(net: MultiTaskNet, loader: DataLoader, *, channels_last: bool, bf16: bool) -> dict[str, np.ndarray]:
-    """Softmax probabilities per task for every image of `loader`, in order."""
-    net.eval()
-    out: dict[str, list[np.ndarray]] = {}
-    for x, _ in loader:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = net(x)
-        for t, v in logits.items():
-            out.setdefault(t, []).append(torch.softmax(v.float(), dim=1).numpy())
-    return {t: np.concatenate(v) for t, v in out.items()}
+def _uses_hflip(hp: CnnCfg, manifest: pd.DataFrame) -> bool:
+    if hp.hflip == "auto":
+        return not ("mirrored" in manifest and manifest["mirrored"].any())
+    if hp.hflip not in ("true", "false"):
+        raise ConfigError(f"cnn.hflip must be auto, true or false. Got {hp.hflip!r}.")
+    return hp.hflip == "true"
 
 
-def train_backbone(run_dir: Path, manifest: pd.DataFrame, backbone: str, tasks: list[str], hp: CnnCfg,
-                   seed: int, group: str) -> dict[str, Any]:
-    """Train one model (all `tasks` on one backbone) and write its checkpoint and prediction tables."""
+def _train_sampler(labels: dict[str, np.ndarray], hp: CnnCfg, seed: int):
+    """Shuffling, or class-balanced sampling (with replacement) on the first task's labels."""
+    gen = torch.Generator().manual_seed(seed)
+    if hp.class_balance != "balanced_sampling":
+        return RandomSampler(range(len(next(iter(labels.values())))), generator=gen)
+    y = next(iter(labels.values()))
+    counts = np.bincount(y[y != MISSING_LABEL], minlength=1).astype("float64")
+    w = np.where(y == MISSING_LABEL, 0.0, 1.0 / np.maximum(counts[np.clip(y, 0, None)], 1))
+    return WeightedRandomSampler(torch.as_tensor(w), num_samples=len(y), replacement=True, generator=gen)
+
+
+def train_member(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, backbone: str, tasks: list[str],
+                 hp: CnnCfg, seed: int, group: str) -> dict[str, Any]:
+    """Train one network (all `tasks` on one backbone, one seed); returns its checkpoint payload (not yet decoded)."""
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
+    if hp.class_balance not in ("none", "weighted_loss", "balanced_sampling"):
+        raise ConfigError("cnn.class_balance must be none, weighted_loss or balanced_sampling. "
+                          f"Got {hp.class_balance!r}.")
+    if hp.select_by not in ("metric", "loss"):
+        raise ConfigError(f"cnn.select_by must be metric or loss. Got {hp.select_by!r}.")
     bb = BACKBONES.get(backbone)
     L.seed_everything(seed, workers=True, verbose=False)
     source, source_text = resolve_pretrained(bb, hp.pretrained, hp.weights.get(backbone))
     module, hub_error = create_backbone(backbone, source=source)
     if hub_error:
         source_text = f"random init: loading {bb.hub_id} from the hub failed ({hub_error.splitlines()[0][:200]})"
-    _logger.info("%s: starting weights: %s", backbone, source_text)
+    _logger.info("%s (seed %d): starting weights: %s", backbone, seed, source_text)
     mean, std = norm_stats(module)
     channels_last = bb.channels_last if hp.channels_last == "auto" else hp.channels_last in ("true", "True", True)
     precision = resolve_precision(hp.precision, hp.accelerator)
-    train_rows = manifest[manifest["split"] == "train"]
-    if hp.max_train_images and len(train_rows) > hp.max_train_images:
-        train_rows = train_rows.sample(hp.max_train_images, random_state=seed)
-    val_rows = manifest[manifest["split"] == "val"]
-    if train_rows.empty or val_rows.empty:
-        raise ConfigError(f"Training {backbone} needs train and val images; the manifest has {len(train_rows)} train "
-                          f"and {len(val_rows)} val rows. Check data.split_fractions.")
-    common = dict(run_dir=run_dir, tasks=tasks, image_size=hp.image_size, mean=mean, std=std)
-    train_ds = KneeDataset(train_rows, augment=hp.augment, progress=True, **common)
-    val_ds = KneeDataset(val_rows, **common)
-    loader = dict(batch_size=hp.batch_size, num_workers=hp.num_workers, collate_fn=_collate,
-                  persistent_workers=hp.num_workers > 0)
-    train_dl = DataLoader(train_ds, shuffle=True, drop_last=len(train_ds) > hp.batch_size, **loader)
-    val_dl = DataLoader(val_ds, **loader)
+    split = manifest["split"].to_numpy()
+    train_idx = np.flatnonzero(split == "train")
+    if hp.max_train_images and len(train_idx) > hp.max_train_images:
+        train_idx = np.sort(np.random.default_rng(seed).choice(train_idx, hp.max_train_images, replace=False))
+    val_idx = np.flatnonzero(split == "val")
+    if not len(train_idx) or not len(val_idx):
+        raise ConfigError(f"Training {backbone} needs train and val images; the manifest has {len(train_idx)} train "
+                          f"and {len(val_idx)} val rows. Check data.split_fractions.")
+    train_ds = KneeDataset(images, train_idx, task_labels(manifest.iloc[train_idx], tasks))
+    val_ds = KneeDataset(images, val_idx, task_labels(manifest.iloc[val_idx], tasks))
+    train_dl = DataLoader(train_ds, batch_size=hp.batch_size, sampler=_train_sampler(train_ds.labels, hp, seed),
+                          drop_last=len(train_ds) > hp.batch_size, collate_fn=keep_batch, num_workers=hp.num_workers)
+    val_dl = DataLoader(val_ds, batch_size=hp.batch_size, collate_fn=keep_batch, num_workers=hp.num_workers)
     weights = {t: (class_weights(train_ds.labels[t], get_task(t).n_classes) if hp.class_balance == "weighted_loss"
                    else torch.ones(get_task(t).n_classes)) for t in tasks}
-    net = MultiTaskNet(module, {t: get_task(t).n_classes for t in tasks})
+    heads = {t: (hp.klg_head if get_task(t).kind == "ordinal" else "ce") for t in tasks}
+    net = MultiTaskNet(module, {t: get_task(t).n_classes for t in tasks}, heads)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    lm = _make_module(net, weights, hp, channels_last, max(1, len(train_dl)))
-    ckpt_dir = Path(run_dir) / "checkpoints" / backbone / "lightning" / group
-    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
+    lm = _make_module(net, weights, hp, channels_last=channels_last, steps_per_epoch=max(1, len(train_dl)),
+                      mean=mean, std=std, hflip=_uses_hflip(hp, manifest), seed=seed)
+    monitor, mode = ("val_score", "max") if hp.select_by == "metric" else ("val_loss", "min")
+    ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR / backbone / "lightning" / f"{group}-seed{seed}"
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
                            enable_version_counter=False)
     trainer = L.Trainer(
         max_epochs=hp.epochs, accelerator=hp.accelerator, devices=hp.devices, strategy=hp.strategy,
         num_nodes=hp.num_nodes, precision=precision, deterministic=False, enable_model_summary=False,
         max_time={"minutes": hp.max_minutes} if hp.max_minutes else None,
-        callbacks=[EarlyStopping(monitor="val_loss", patience=hp.patience, mode="min"), best],
-        logger=CSVLogger(Path(run_dir) / "logs", name=f"{backbone}-{group}"), log_every_n_steps=10,
+        callbacks=[EarlyStopping(monitor=monitor, patience=hp.patience, mode=mode), best],
+        logger=CSVLogger(Path(run_dir) / "logs", name=f"{backbone}-{group}-seed{seed}"), log_every_n_steps=10,
         default_root_dir=run_dir)
     t0 = time.time()
     trainer.fit(lm, train_dl, val_dl)
@@ -225,27 +280,56 @@ def train_backbone(run_dir: Path, manifest: pd.DataFrame, backbone: str, tasks: 
     if not trainer.is_global_zero:
         return {}
     if best.best_model_path:
-        state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
-        lm.load_state_dict(state)
-    net = lm.net.cpu().eval()
-    preprocess = {"image_size": hp.image_size, "in_chans": 1, "mean": mean, "std": std}
-    save_checkpoint(checkpoint_path(run_dir, backbone, group), net, backbone=backbone, preprocess=preprocess,
-                    weights_source=source_text, extra={"epochs_run": trainer.current_epoch, "minutes": minutes})
-    all_ds = KneeDataset(manifest, **common)
-    probs = predict_probs(net, DataLoader(all_ds, batch_size=hp.batch_size, collate_fn=_collate),
-                          channels_last=channels_last, bf16=precision.startswith("bf16"))
-    for t in tasks:
+        lm.load_state_dict(torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"])
+    net = lm.scored.cpu().eval().to(memory_format=torch.contiguous_format)
+    return {"backbone": backbone, "tasks": dict(net.n_classes), "heads": dict(net.head_names),
+            "state_dict": {k: v.contiguous() for k, v in net.state_dict().items()},
+            "preprocess": {"image_size": hp.image_size, "in_chans": 1, "mean": mean, "std": std,
+                           "mirror_left": bool(manifest.get("mirrored", pd.Series(False)).any()), "tta": hp.tta},
+            "weights_source": source_text,
+            "extra": {"seed": seed, "epochs_run": int(trainer.current_epoch), "minutes": round(minutes, 2),
+                      "best_epoch_score": float(best.best_model_score) if best.best_model_score is not None
+                      else None, "selected_by": monitor, "precision": precision, "channels_last": channels_last}}
+
+
+def finish_arm(run_dir: Path, arm: str, groups: dict[str, list[dict[str, Any]]], manifest: pd.DataFrame,
+               images: np.ndarray, hp: CnnCfg) -> dict[str, Any]:
+    """Predict every image with an arm's members, fix its decoding on val, save its checkpoints and tables.
+
+    Cut-points (when `cnn.klg_decode: cutpoints`) are tuned on the val rows only and stored in the checkpoint
+    before any test prediction is decoded.
+    """
+    from kneeoa.io import atomic_path
+
+    predictor = CnnPredictor([[(net_from_payload(p), p) for p in members] for members in groups.values()])
+    probs = predictor.predict_uint8(images, batch_size=hp.batch_size, progress=True)
+    val = (manifest["split"] == "val").to_numpy()
+    decoding = {}
+    for t, pr in probs.items():
+        y = manifest[t].to_numpy(dtype="float64", na_value=np.nan)
+        keep = val & np.isfinite(y)
+        if get_task(t).kind == "ordinal" and hp.klg_decode == "cutpoints" and keep.any():
+            decoding[t] = {"method": "cutpoints", "cuts": tune_cutpoints(y[keep].astype(int), pr[keep])}
+        elif hp.klg_decode not in ("argmax", "cutpoints"):
+            raise ConfigError(f"cnn.klg_decode must be argmax or cutpoints. Got {hp.klg_decode!r}.")
+        else:
+            decoding[t] = {"method": "argmax"}
+    folder = Path(run_dir) / CHECKPOINTS_DIR / arm
+    for group, members in groups.items():
+        for p in members:
+            p["decoding"] = {t: decoding[t] for t in p["tasks"]}
+        with atomic_path(folder / f"{group}.pt") as tmp:
+            torch.save(members[0] if len(members) == 1 else {"members": members}, tmp)
+    for t, pr in probs.items():
         has = manifest[t].notna().to_numpy()
         table = make_prediction_table(manifest["image_id"][has], manifest["split"][has],
-                                      manifest[t][has].astype(int), probs[t][has])
-        write_predictions(table, run_dir, backbone, t)
-    return {"epochs_run": int(trainer.current_epoch), "best_val_loss": float(best.best_model_score or np.nan),
-            "minutes": round(minutes, 2), "precision": precision, "channels_last": channels_last,
-            "weights_source": source_text}
+                                      manifest[t][has].astype(int), pr[has], y_pred=decode(pr[has], decoding[t]))
+        write_predictions(table, run_dir, arm, t)
+    return decoding
 
 
 def run(run_dir: Path, cfg: Config) -> None:
-    """Train every configured backbone (stage `train`)."""
+    """Train every configured backbone (stage `train`), one seed or an ensemble of seeds."""
     manifest = read_manifest(run_dir)
     tasks = available_tasks(manifest, cfg.tasks.names)
     for name in cfg.tasks.names:
@@ -254,8 +338,22 @@ def run(run_dir: Path, cfg: Config) -> None:
     for backbone in cfg.cnn.backbones:
         BACKBONES.get(backbone)
         hp = backbone_cfg(cfg.cnn, backbone)
-        groups = {"multitask": tasks} if hp.multitask else {t: [t] for t in tasks}
-        details = {g: train_backbone(run_dir, manifest, backbone, ts, hp, cfg.seed, g) for g, ts in groups.items()}
-        first = next(iter(details.values()), {})
-        if first:
-            record_arm(run_dir, backbone, status="ran", weights=first["weights_source"], details=details)
+        HEADS.get(hp.klg_head)
+        POLICIES.get(hp.augment_policy)
+        images = image_cache(run_dir, manifest, hp.image_size)
+        task_groups = {"multitask": tasks} if hp.multitask else {t: [t] for t in tasks}
+        seeds = [cfg.seed + k for k in range(max(1, hp.ensemble_seeds))]
+        members = {g: [train_member(run_dir, manifest, images, backbone, ts, hp, s, g) for s in seeds]
+                   for g, ts in task_groups.items()}
+        if not all(all(m) for m in members.values()):
+            continue  # not the global-zero process of a distributed run: rank 0 writes the results
+        arms = {backbone: {g: m[:1] for g, m in members.items()}}
+        if len(seeds) > 1:
+            arms[f"{backbone}_ens"] = members
+        first = next(iter(members.values()))[0]
+        for arm, groups in arms.items():
+            decoding = finish_arm(run_dir, arm, groups, manifest, images, hp)
+            details = {g: [m["extra"] for m in ms] for g, ms in groups.items()}
+            record_arm(run_dir, arm, status="ran", weights=first["weights_source"],
+                       details={"members": details, "decoding": decoding, "head": hp.klg_head, "tta": hp.tta,
+                                "ema": hp.ema, "class_balance": hp.class_balance, "image_size": hp.image_size})

@@ -25,8 +25,7 @@ from tqdm.auto import tqdm
 
 from kneeoa.arms import record_arm
 from kneeoa.config import Config, ZeroShotCfg
-from kneeoa.data.images import load_gray
-from kneeoa.data.manifest import read_manifest, resolve_image_path, write_manifest
+from kneeoa.data.manifest import load_knee, read_manifest, write_manifest
 from kneeoa.errors import ConfigError, WeightsNotFoundError
 from kneeoa.io import write_json
 from kneeoa.models.foundation import (
@@ -111,7 +110,7 @@ def _image_features(run_dir: Path, manifest: pd.DataFrame, enc: ClipEncoder, bat
     out = []
     for lo in tqdm(range(0, len(manifest), batch_size), desc="zeroshot", unit="batch"):
         rows = manifest.iloc[lo:lo + batch_size]
-        out.append(enc.encode_projected([load_gray(resolve_image_path(run_dir, p)) for p in rows["image_path"]]))
+        out.append(enc.encode_projected([load_knee(run_dir, r) for r in rows.to_dict("records")]))
     return np.concatenate(out) if out else np.zeros((0, enc.dim), dtype=np.float32)
 
 

@@ -1,0 +1,231 @@
+"""The model package: one trained arm as a self-contained folder that `predict` and `serve` load.
+
+```
+MODEL_DIR/
+  model.json          format, kind, arm, tasks and class names, decoding, localiser settings, kneeoa version, source
+  weights/            the kind's weights (CNN: one safetensors + JSON per ensemble member; embed+XGBoost: one
+                      booster JSON per task and the encoder reference)
+  metrics.csv         the run's val and test metrics of this arm, with confidence intervals
+  data_summary.json   the run's data report (counts, splits, quarantine)
+  README.md           the model card
+```
+
+A package kind (`MODEL_KINDS`) says how to recognise its arms in a run folder, how to write their weights and how to
+load them back as a `KneeModel`; a new kind of arm is one entry. The run folder is read only by `export_arm`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from kneeoa.config import Config, load_config
+from kneeoa.errors import ConfigError, KneeoaError
+from kneeoa.io import write_json, write_text
+from kneeoa.registry import Registry
+from kneeoa.tasks import get_task
+
+_logger = logging.getLogger(__name__)
+
+FORMAT = "kneeoa-model/1"
+MODEL_JSON = "model.json"
+WEIGHTS_DIR = "weights"
+
+
+class PackageError(KneeoaError):
+    """A model package is incomplete or does not reproduce its run (the message names the file and the fix)."""
+
+
+class KneeModel(Protocol):
+    """What `predict` and `serve` need from a loaded package, whatever its kind.
+
+    `crops` are float32 (H, W) knee crops in [0, 1] in radiographic orientation; `sides` are "R" / "L" per crop
+    (a model that was trained on mirrored left knees mirrors them itself).
+    """
+
+    info: dict[str, Any]
+
+    def predict_proba(self, crops: list[np.ndarray], sides: list[str]) -> dict[str, np.ndarray]:
+        """{task: (n, K) float probabilities}."""
+
+    def decode(self, task: str, probs: np.ndarray) -> np.ndarray:
+        """(n,) int classes from (n, K) probabilities, by the arm's own decoding (argmax or tuned cut-points)."""
+
+    def cam(self, crop: np.ndarray, side: str, task: str, cls: int) -> np.ndarray | None:
+        """(H, W) Grad-CAM map in [0, 1] over `crop` for class `cls`, or None when the kind has none."""
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """One kind of packaged arm.
+
+    Attributes:
+        name: value of model.json's "kind".
+        owns: (run_dir, arm, arm_record) -> whether this kind packages the arm.
+        export: (run_dir, arm, cfg, weights_dir) -> the kind's entries of model.json ("tasks" with per-task
+            "decoding", "preprocess", anything the loader needs); writes the weights into weights_dir.
+        load: (model_dir, info, **options) -> KneeModel; options are load-time settings a kind may use
+            (`encoder_weights`: where an embedding arm's encoder snapshot is on this machine).
+    """
+
+    name: str
+    owns: Callable[[Path, str, dict[str, Any]], bool]
+    export: Callable[[Path, str, Config, Path], dict[str, Any]]
+    load: Callable[..., KneeModel]
+
+
+MODEL_KINDS: Registry[str] = Registry("model kind")
+MODEL_KINDS.update({"cnn": "kneeoa.deploy.cnn_model:KIND", "embed_xgb": "kneeoa.deploy.boost_model:KIND"})
+
+
+def kneeoa_version() -> str:
+    try:
+        return version("kneeoa")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        from kneeoa import __version__
+
+        return __version__
+
+
+def _arm_record(run_dir: Path, arm: str) -> dict[str, Any]:
+    path = run_dir / "arms" / f"{arm}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in (run_dir / "arms").glob("*.json"))
+        raise ConfigError(f"{run_dir} has no arm '{arm}' ({path} is missing). Arms of this run: "
+                          f"{', '.join(known) or '(none)'}.")
+    rec = json.loads(path.read_text())
+    if rec.get("status") != "ran":
+        raise ConfigError(f"Arm '{arm}' of {run_dir} did not run ({rec.get('reason', 'no reason recorded')}); "
+                          "there is nothing to export.")
+    return rec
+
+
+def _kind_for(run_dir: Path, arm: str, record: dict[str, Any]) -> ModelKind:
+    for name in MODEL_KINDS:
+        kind = MODEL_KINDS.load(name)
+        if kind.owns(run_dir, arm, record):
+            return kind
+    raise ConfigError(f"Arm '{arm}' of {run_dir} is not a kind that can be packaged; exportable kinds: "
+                      f"{', '.join(MODEL_KINDS.names())} (CNN arms with checkpoints, and <encoder>_xgb arms).")
+
+
+def _arm_metrics(run_dir: Path, arm: str) -> pd.DataFrame:
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return pd.DataFrame()
+    m = pd.read_csv(path)
+    return m[(m["arm"] == arm) & m["split"].isin(["val", "test"])].reset_index(drop=True)
+
+
+def _data_summary(run_dir: Path, tasks: list[str]) -> dict[str, Any]:
+    """Images and patients per split and label counts per task, from the manifest, beside the run's data report."""
+    from kneeoa.data.manifest import read_manifest
+
+    m = read_manifest(run_dir)
+    report = run_dir / "data_report.json"
+    return {"images_per_split": m["split"].value_counts().sort_index().to_dict(),
+            "patients_per_split": m.groupby("split")["patient_id"].nunique().to_dict(),
+            "labels_per_class": {t: {int(k): int(v) for k, v in m[t].value_counts().sort_index().items()}
+                                 for t in tasks if t in m},
+            "data_report": json.loads(report.read_text()) if report.exists() else None}
+
+
+def _localizer(cfg: Config) -> dict[str, Any]:
+    d = cfg.data
+    return {"name": d.localizer, "crop_mm": d.crop_mm, "crop_px": d.image_size,
+            "default_spacing_mm": d.default_spacing_mm}
+
+
+def export_arm(run_dir: Path, arm: str, out: Path, *, overwrite: bool = False) -> Path:
+    """Write one trained arm of a run folder as a model package at `out`.
+
+    Args:
+        run_dir: a run folder whose arm ran (RUN_DIR/arms/<arm>.json says "ran").
+        arm: the arm's name (`resnet18`, `raddino_xgb`, ...).
+        out: the package folder to create; it is built beside `out` and moved into place when complete.
+        overwrite: replace an existing package at `out`.
+
+    Returns:
+        `out`.
+
+    Raises:
+        ConfigError: unknown arm, an arm that did not run or cannot be packaged, `out` exists without `overwrite`.
+    """
+    from kneeoa.deploy.model_card import model_card
+
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists. Choose another --out or pass --overwrite.")
+    record = _arm_record(run_dir, arm)
+    kind = _kind_for(run_dir, arm, record)
+    cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else Config()
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / WEIGHTS_DIR).mkdir(parents=True)
+    try:
+        entries = kind.export(run_dir, arm, cfg, tmp / WEIGHTS_DIR)
+        info = {"format": FORMAT, "kind": kind.name, "arm": arm, "kneeoa_version": kneeoa_version(),
+                "localizer": _localizer(cfg),
+                "source": {"run_dir": str(run_dir.resolve()), "study": cfg.name, "seed": cfg.seed,
+                           "weights": record.get("weights", "")},
+                **entries}
+        write_json(info, tmp / MODEL_JSON)
+        metrics = _arm_metrics(run_dir, arm)
+        metrics.to_csv(tmp / "metrics.csv", index=False)
+        summary = _data_summary(run_dir, list(info["tasks"]))
+        write_json(summary, tmp / "data_summary.json")
+        write_text(model_card(info, metrics, summary), tmp / "README.md")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _logger.info("exported %s (%s) -> %s", arm, kind.name, out)
+    return out
+
+
+def task_entry(task: str, decoding: dict[str, Any]) -> dict[str, Any]:
+    """model.json's description of one task: class names and how probabilities become a class."""
+    t = get_task(task)
+    return {"kind": t.kind, "classes": list(t.classes), "decoding": decoding}
+
+
+def read_info(model_dir: Path) -> dict[str, Any]:
+    """model.json of a package, checked for its format.
+
+    Raises:
+        ConfigError: no model.json (not a package) or a format this kneeoa does not read.
+    """
+    path = Path(model_dir) / MODEL_JSON
+    if not path.exists():
+        raise ConfigError(f"{model_dir} is not a kneeoa model package ({MODEL_JSON} is missing). Make one with "
+                          "`kneeoa export RUN_DIR --arm ARM --out MODEL_DIR`.")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}). Export the package again.") from e
+    if info.get("format") != FORMAT:
+        raise ConfigError(f"{path} has format {info.get('format')!r}; this kneeoa reads {FORMAT!r}. Export the "
+                          f"package again with kneeoa {kneeoa_version()}.")
+    return info
+
+
+def load_model(model_dir: Path, *, encoder_weights: Path | None = None) -> KneeModel:
+    """Load a model package for inference (weights, preprocessing, decoding); nothing from the run folder.
+
+    Args:
+        model_dir: the package folder `export_arm` wrote.
+        encoder_weights: embedding arms only: the encoder snapshot folder on this machine (default: where the run
+            loaded it from).
+    """
+    info = read_info(model_dir)
+    return MODEL_KINDS.load(info["kind"]).load(Path(model_dir), info, encoder_weights=encoder_weights)

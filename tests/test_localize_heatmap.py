@@ -1,0 +1,155 @@
+"""The learned heat-map localiser, per-knee quarantine, `kneeoa localize`, scoring and retraining."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from kneeoa.cli import app
+from kneeoa.data.crop_films import VARIETY, write_crop_films
+from kneeoa.data.dicom import write_dicom
+from kneeoa.data.localize import (
+    LIMITS,
+    LOCALIZERS,
+    FilmJob,
+    KneesMissing,
+    LocalizationError,
+    process_film,
+)
+from kneeoa.data.localize_check import score_film_set
+from kneeoa.data.localize_heatmap import WEIGHTS, load_net, localize_heatmap
+from kneeoa.data.phantom import simulate_cohort
+from kneeoa.data.phantom_films import chest_film, render_film
+from kneeoa.errors import DataError
+from test_crop_films import FAST, phantom_crop_tree
+
+SP = 0.5
+
+
+@pytest.fixture(scope="module")
+def phantom_film():
+    right, left = simulate_cohort(patients=1, visits=1, seed=5, low_quality_share=0.0)[:2]
+    film, centres, px = render_film(right, left, spacing_mm=SP, rng=np.random.default_rng(5))
+    return film, centres, px
+
+
+def test_packaged_weights_are_small_and_load():
+    assert WEIGHTS.exists() and WEIGHTS.stat().st_size < 1_000_000
+    assert not load_net().training
+
+
+def test_phantom_knees_within_five_mm(phantom_film):
+    film, centres, px = phantom_film
+    knees = localize_heatmap(film, (px, px), knees=2)
+    for k, (r, c) in zip(knees, (centres["R"], centres["L"]), strict=True):
+        assert np.hypot(k.row_px - r, k.col_px - c) * px < 5.0
+        assert 0.5 <= k.confidence <= 1.0 and k.score == k.confidence
+
+
+def test_chest_film_has_no_knees():
+    with pytest.raises(KneesMissing, match="no knee in the image-left half .*no knee in the image-right half") as e:
+        localize_heatmap(chest_film(SP, np.random.default_rng(0)), (SP, SP), knees=2)
+    assert e.value.knees == [None, None]
+
+
+def test_one_knee_missing_keeps_the_other(phantom_film, tmp_path):
+    film, centres, px = phantom_film
+    half = film.copy()
+    half[:, film.shape[1] // 2:] = np.percentile(film, 2)
+    with pytest.raises(KneesMissing) as e:
+        localize_heatmap(half, (px, px), knees=2)
+    assert e.value.knees[0] is not None and e.value.knees[1] is None
+    assert e.value.reasons[0] is None and "image-right half" in e.value.reasons[1]
+    path = write_dicom(half, tmp_path / "half.dcm", spacing_mm=px)
+    out = process_film(FilmJob(path, {"R": "a_R", "L": "a_L"}, "bilateral", tmp_path / "crops", localizer="heatmap"))
+    assert [c["side"] for c in out.crops] == ["R"] and set(out.missed) == {"L"}
+    assert out.reason.startswith("left knee not cropped: no knee in the image-right half")
+    assert out.reason.endswith("(right knee cropped)") and 0.5 <= out.crops[0]["joint_confidence"] <= 1
+
+
+def test_implausible_pairs_and_bad_arguments_are_refused(phantom_film, tmp_path):
+    film, _, px = phantom_film
+    with pytest.raises(LocalizationError, match="apart; plausible is 10-20 mm"):
+        localize_heatmap(film, (px, px), knees=2, limits=replace(LIMITS, knee_distance_mm=(10.0, 20.0)))
+    with pytest.raises(LocalizationError, match="differ by .* mm in height"):
+        localize_heatmap(film, (px, px), knees=2, limits=replace(LIMITS, max_height_diff_mm=-1.0))
+    with pytest.raises(LocalizationError, match="cannot look for 3 knees"):
+        localize_heatmap(film, (px, px), knees=3)
+    with pytest.raises(LocalizationError, match="weights .*nope.safetensors are missing.*localize-train"):
+        localize_heatmap(film, (px, px), knees=2, weights=tmp_path / "nope.safetensors")
+
+
+def test_registry_lists_both_localizers():
+    assert {"profile", "heatmap"} <= set(LOCALIZERS.names())
+
+
+def test_localize_command_writes_crops_overviews_and_csv(phantom_film, tmp_path):
+    film, _, px = phantom_film
+    good = write_dicom(film, tmp_path / "good.dcm", spacing_mm=px, photometric="MONOCHROME1", encoding="rle")
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"not a dicom")
+    res = CliRunner().invoke(app, ["localize", str(good), str(bad), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(tmp_path / "out" / "localize.csv")
+    assert list(table.columns) == ["film", "side", "centre_x", "centre_y", "confidence", "status", "reason"]
+    ok = table[table["film"] == str(good)]
+    assert list(ok["side"]) == ["R", "L"] and (ok["status"] == "ok").all() and ok["centre_x"].is_monotonic_increasing
+    refused = table[table["film"] == str(bad)]
+    assert (refused["status"] == "quarantined").all() and refused["reason"].str.contains("bad.dcm").all()
+    assert (tmp_path / "out" / "crops" / "good_R.png").exists() and (tmp_path / "out" / "crops" / "good_L.png").exists()
+    assert Image.open(tmp_path / "out" / "overview" / "good.png").size[0] == 800
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--kind", "single"], "needs --side R or L"),
+    (["--kind", "triple"], "kind must be 'bilateral' or 'single'"),
+    (["--localizer", "profil"], "Unknown localizer 'profil'"),
+])
+def test_localize_command_bad_options(tmp_path, args, message):
+    film = tmp_path / "f.png"
+    Image.fromarray(np.zeros((50, 50), np.uint8)).save(film)
+    res = CliRunner().invoke(app, ["localize", str(film), "--out", str(tmp_path / "o"), *args])
+    assert res.exit_code == 2 and message in res.output
+
+
+def test_localize_command_refuses_duplicate_stems(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    res = CliRunner().invoke(app, ["localize", str(tmp_path / "a" / "f.dcm"), str(tmp_path / "b" / "f.dcm"),
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "share a file name stem" in res.output
+
+
+def test_score_film_set_never_calls_a_missing_knee_ok(tmp_path):
+    crops = phantom_crop_tree(tmp_path / "kl", patients=4)
+    write_crop_films(crops, tmp_path / "set", split="train", seed=1,
+                     variety=replace(FAST, missing_share=0.5, implant_share=0.0, single_share=0.0))
+    scored = score_film_set(tmp_path / "set", tmp_path / "crops")
+    assert set(scored["verdict"]) <= {"ok", "wrong", "quarantined", "refused"}
+    assert not ((scored["content"] != "knee") & (scored["verdict"] == "ok")).any()
+    assert (scored.loc[~scored["found"], "reason"].str.len() > 0).all()
+
+
+def test_retraining_writes_loadable_weights(tmp_path):
+    from kneeoa.data.localize_train import train_localizer
+
+    out = tmp_path / "w.safetensors"
+    result = train_localizer(phantom_crop_tree(tmp_path / "kl", patients=4), out=out, films=8, epochs=1, held_out=0.25)
+    assert out.stat().st_size < 1_000_000 and np.isfinite(result["loss"])
+    assert not load_net(out).training
+
+
+def test_retraining_needs_enough_patients(tmp_path):
+    from kneeoa.data.localize_train import train_localizer
+
+    with pytest.raises(DataError, match="too few train patients"):
+        train_localizer(phantom_crop_tree(tmp_path / "kl", patients=1), out=tmp_path / "w", films=4, epochs=1,
+                        held_out=0.1)
+
+
+def test_variety_defaults_match_the_issue():
+    assert VARIETY.spacing_mm == (0.14, 0.35) and VARIETY.rotation_deg == 10.0

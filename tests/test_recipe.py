@@ -1,0 +1,170 @@
+"""The real-data KL recipe on tiny runs: ordinal heads, tuned cut-points, mirroring, sampling, EMA, TTA, ensembles."""
+
+import numpy as np
+import pytest
+import torch
+
+from kneeoa.arms import read_arms
+from kneeoa.config import Config
+from kneeoa.data.cache import image_cache
+from kneeoa.data.manifest import load_knee, read_manifest, write_manifest
+from kneeoa.errors import ConfigError
+from kneeoa.models.infer import CnnPredictor, read_members
+from kneeoa.predictions import read_predictions
+from kneeoa.stages import train
+
+
+def _cfg(**cnn):
+    cfg = Config()
+    cfg.tasks.names = ["klg", "jsn"]
+    cfg.cnn.backbones = ["twobranch"]
+    cfg.cnn.image_size, cfg.cnn.epochs, cfg.cnn.batch_size, cfg.cnn.pretrained = 32, 2, 8, "none"
+    for k, v in cnn.items():
+        setattr(cfg.cnn, k, v)
+    return cfg
+
+
+def _mirror(run_dir):
+    m = read_manifest(run_dir)
+    m["mirrored"] = m["side"] == "L"
+    write_manifest(m, run_dir)
+    return m
+
+
+def test_corn_head_with_cutpoints_stores_the_decoding_and_predict_reproduces_the_tables(tiny_run):
+    manifest = _mirror(tiny_run)
+    train.run(tiny_run, _cfg(klg_head="corn", klg_decode="cutpoints", ema=0.9, class_balance="balanced_sampling"))
+    (payload,) = read_members(tiny_run / "checkpoints" / "twobranch" / "multitask.pt")
+    assert payload["heads"] == {"klg": "corn", "jsn": "ce"}
+    assert payload["decoding"]["klg"]["method"] == "cutpoints" and len(payload["decoding"]["klg"]["cuts"]) == 4
+    assert payload["decoding"]["jsn"] == {"method": "argmax"}
+    assert payload["preprocess"]["mirror_left"] is True
+    _, _, table = read_predictions(tiny_run / "predictions" / "twobranch__klg.parquet")
+    predictor = CnnPredictor.from_run(tiny_run, "twobranch")
+    rows = manifest.set_index("image_id").loc[table["image_id"]].reset_index()
+    images = [load_knee(tiny_run, r) for r in rows.to_dict("records")]
+    probs = predictor.predict_proba(images)["klg"]
+    assert np.abs(probs - table[[f"prob_{k}" for k in range(5)]].to_numpy()).max() < 1e-5
+    assert (predictor.decode("klg", probs) == table["y_pred"].to_numpy()).all()
+    rec = read_arms(tiny_run)["twobranch"]
+    assert rec["details"]["head"] == "corn" and rec["details"]["decoding"]["klg"]["method"] == "cutpoints"
+
+
+def test_cutpoints_and_checkpoint_are_fixed_before_test_is_read(tiny_run):
+    """Scrambling the test labels changes nothing the run chose: same cut-points, same test predictions."""
+    m = read_manifest(tiny_run)
+    cfg = _cfg(klg_head="regression", klg_decode="cutpoints", epochs=1)
+    cfg.tasks.names = ["klg"]
+    train.run(tiny_run, cfg)
+    first = read_members(tiny_run / "checkpoints" / "twobranch" / "multitask.pt")[0]
+    _, _, before = read_predictions(tiny_run / "predictions" / "twobranch__klg.parquet")
+    test = m["split"] == "test"
+    m.loc[test, "klg"] = (4 - m.loc[test, "klg"]).astype("Int64")
+    write_manifest(m, tiny_run)
+    train.run(tiny_run, cfg)
+    second = read_members(tiny_run / "checkpoints" / "twobranch" / "multitask.pt")[0]
+    _, _, after = read_predictions(tiny_run / "predictions" / "twobranch__klg.parquet")
+    assert first["decoding"] == second["decoding"]
+    for k, v in first["state_dict"].items():
+        assert torch.equal(v, second["state_dict"][k]), k
+    b, a = before[before["split"] == "test"], after[after["split"] == "test"]
+    assert (b["y_pred"].to_numpy() == a["y_pred"].to_numpy()).all()
+    assert (b["y_true"].to_numpy() != a["y_true"].to_numpy()).any()  # the labels really changed
+
+
+def test_ensemble_arm_averages_its_seeds_and_tta_changes_the_probabilities(tiny_run):
+    cfg = _cfg(ensemble_seeds=2, tta=True, epochs=1)
+    cfg.tasks.names = ["klg"]
+    train.run(tiny_run, cfg)
+    arms = read_arms(tiny_run)
+    assert {"twobranch", "twobranch_ens"} <= set(arms)
+    members = read_members(tiny_run / "checkpoints" / "twobranch_ens" / "multitask.pt")
+    assert [m["extra"]["seed"] for m in members] == [0, 1]
+    manifest = read_manifest(tiny_run)
+    images = image_cache(tiny_run, manifest, 32)
+    single = [CnnPredictor.from_payloads([m]).predict_uint8(images)["klg"] for m in members]
+    _, _, ens = read_predictions(tiny_run / "predictions" / "twobranch_ens__klg.parquet")
+    assert np.abs(ens[[f"prob_{k}" for k in range(5)]].to_numpy() - (single[0] + single[1]) / 2).max() < 1e-6
+    no_tta = CnnPredictor.from_payloads([{**members[0], "preprocess": {**members[0]["preprocess"], "tta": False}}])
+    assert np.abs(no_tta.predict_uint8(images)["klg"] - single[0]).max() > 1e-4
+
+
+def test_selection_by_loss_or_metric_and_bad_choices_are_named(tiny_run):
+    cfg = _cfg(select_by="loss", epochs=1)
+    cfg.tasks.names = ["klg"]
+    train.run(tiny_run, cfg)
+    (payload,) = read_members(tiny_run / "checkpoints" / "twobranch" / "multitask.pt")
+    assert payload["extra"]["selected_by"] == "val_loss"
+    for key, value, match in [("select_by", "kappa", "cnn.select_by must be metric or loss"),
+                              ("class_balance", "oversample", "cnn.class_balance must be none, weighted_loss"),
+                              ("klg_head", "ordinal", "Unknown output head 'ordinal'"),
+                              ("augment_policy", "heavy", "Unknown augmentation policy 'heavy'"),
+                              ("hflip", "maybe", "cnn.hflip must be auto, true or false")]:
+        with pytest.raises(ConfigError, match=match):
+            train.run(tiny_run, _cfg(**{key: value}, epochs=1))
+
+
+def test_cache_is_built_once_mirrors_left_knees_and_rebuilds_when_the_manifest_changes(tiny_run):
+    m = read_manifest(tiny_run)
+    plain = np.array(image_cache(tiny_run, m, 16, progress=False))
+    assert plain.dtype == np.uint8 and plain.shape == (len(m), 16, 16)
+    files = sorted((tiny_run / "cache").glob("*.u8"))
+    assert len(files) == 1 and not list((tiny_run / "cache").glob("*.tmp"))
+    image_cache(tiny_run, m, 16, progress=False)
+    assert sorted((tiny_run / "cache").glob("*.u8")) == files  # reused, not rebuilt
+    mirrored = np.array(image_cache(tiny_run, _mirror(tiny_run), 16, progress=False))
+    left = (m["side"] == "L").to_numpy()
+    assert np.array_equal(mirrored[left], plain[left][:, :, ::-1])
+    assert np.array_equal(mirrored[~left], plain[~left])
+
+
+def test_prepare_marks_left_knees_mirrored_and_stages_read_them_flipped(tmp_path):
+    from PIL import Image
+
+    from kneeoa.stages.prepare import prepare
+
+    root = tmp_path / "kl" / "train"
+    for grade, name in [(0, "9000001L"), (1, "9000001R"), (2, "9000002L"), (3, "9000002R")]:
+        (root / str(grade)).mkdir(parents=True)
+        img = np.zeros((20, 20), np.uint8)
+        img[:, :5] = 255  # bright stripe on the image-left
+        Image.fromarray(img).save(root / str(grade) / f"{name}.png")
+    (tmp_path / "kl" / "val" / "0").mkdir(parents=True)
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "kl" / "val" / "0" / "9000003R.png")
+    cfg = Config()
+    run = tmp_path / "run"
+    m = prepare(run, cfg, source="folders", path=tmp_path / "kl")
+    assert m.set_index("side")["mirrored"].groupby(level=0).all().to_dict() == {"L": True, "R": False}
+    row = m[m["side"] == "L"].iloc[0]
+    assert load_knee(run, row)[:, -5:].min() == 1.0 and load_knee(run, row)[:, :5].max() == 0.0
+    cfg.data.mirror_left = False
+    m2 = prepare(tmp_path / "run2", cfg, source="folders", path=tmp_path / "kl")
+    assert not m2["mirrored"].any()
+
+
+def test_augmentation_keeps_range_and_is_reproducible():
+    from kneeoa.data.augment import POLICIES, Policy, augment_batch, tta_views
+
+    x = torch.randint(0, 256, (6, 1, 24, 24), dtype=torch.uint8)
+    a = augment_batch(x, POLICIES.get("strong"), hflip=True, generator=torch.Generator().manual_seed(1))
+    b = augment_batch(x, POLICIES.get("strong"), hflip=True, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (6, 1, 24, 24) and a.min() >= 0 and a.max() <= 1 and torch.equal(a, b)
+    identity = Policy(degrees=0, scale=(1, 1), translate=0, gamma=(1, 1), contrast=(1, 1), brightness=0)
+    same = augment_batch(x, identity, hflip=False)
+    assert torch.allclose(same, x.float() / 255, atol=2e-3)
+    views = tta_views(x.float() / 255)
+    assert len(views) == 7 and torch.equal(views[0], x.float() / 255)
+
+
+def test_y_pred_drives_hard_metrics():
+    from kneeoa.metrics import METRICS
+    from kneeoa.predictions import make_prediction_table, validate_predictions
+
+    probs = np.array([[0.6, 0.4], [0.6, 0.4], [0.3, 0.7]])
+    t = make_prediction_table(["a", "b", "c"], ["val"] * 3, [0, 1, 1], probs, y_pred=[0, 1, 1])
+    assert METRICS.get("accuracy").fn(t["y_true"], probs, t["y_pred"]) == 1.0
+    assert METRICS.get("accuracy").fn(t["y_true"], probs) == pytest.approx(2 / 3)
+    old = validate_predictions(t.drop(columns="y_pred"), "jsn")
+    assert old["y_pred"].tolist() == [0, 0, 1]  # a table without y_pred reads as argmax
+    with pytest.raises(Exception, match="column 'y_pred' is 7"):
+        validate_predictions(t.assign(y_pred=[0, 7, 1]), "jsn")
