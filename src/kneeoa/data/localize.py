@@ -397,8 +397,8 @@ def run_film_jobs(jobs: Iterable[FilmJob], *, workers: int, desc: str = "films")
     """Process films on `workers` processes (file-level work: decoding and localisation), with a progress bar.
 
     Outcomes come back in job order. `workers` <= 1 runs in this process; more start worker processes (one
-    math-library thread each), spawned rather than forked once this process has run the heatmap network, so such a
-    script needs an `if __name__ == "__main__":` guard.
+    math-library thread each), spawned rather than forked once this process has loaded torch, so such a script
+    needs an `if __name__ == "__main__":` guard.
     """
     from tqdm.auto import tqdm
 
@@ -411,11 +411,9 @@ def run_film_jobs(jobs: Iterable[FilmJob], *, workers: int, desc: str = "films")
                 out.append(process_film(job))
                 bar.update()
             return out
-        # A worker forked after this process ran the heatmap network (torch's OpenMP pool is live) can hang: spawn
-        # then; else fork, which starts fast.
-        heatmap = sys.modules.get("kneeoa.data.localize_heatmap")
-        ran_torch = heatmap is not None and heatmap.load_net.cache_info().currsize > 0
-        context = multiprocessing.get_context("spawn" if ran_torch else None)
+        # A worker forked from a process that has used torch (its OpenMP pool may be live) can hang in its first
+        # parallel region: spawn whenever torch is loaded here; else fork, which starts fast.
+        context = multiprocessing.get_context("spawn" if "torch" in sys.modules else None)
         with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_thread_per_worker) as pool:
             out = []
             for outcome in pool.map(process_film, jobs, chunksize=max(1, len(jobs) // (workers * 8))):

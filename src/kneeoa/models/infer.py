@@ -37,11 +37,14 @@ def normalise(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 @torch.no_grad()
 def member_probs(net: MultiTaskNet, images: np.ndarray, pre: dict[str, Any], *, batch_size: int = 64,
                  progress: bool = False) -> dict[str, np.ndarray]:
-    """Class probabilities per task for uint8 images (n, S, S) through one network (mean over TTA views if set)."""
+    """Class probabilities per task for uint8 images (n, S, S) through one network (mean over TTA views if set).
+
+    `pre` is the checkpoint's preprocessing, plus its `backbone` name (for the memory format it was trained in).
+    """
     from tqdm.auto import tqdm
 
     net.eval()
-    channels_last = BACKBONES.get(pre.get("backbone", "resnet18")).channels_last if "backbone" in pre else False
+    channels_last = "backbone" in pre and BACKBONES.get(pre["backbone"]).channels_last
     out: dict[str, list[np.ndarray]] = {}
     for start in tqdm(range(0, len(images), batch_size), desc="predicting", disable=not progress, leave=False):
         x = normalise(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).unsqueeze(1),
