@@ -193,18 +193,28 @@ def checkpoint_path(run_dir: Path, arm: str, group: str) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR / arm / f"{group}.pt"
 
 
-def save_checkpoint(path: Path, net: MultiTaskNet, *, backbone: str, preprocess: dict[str, Any],
-                    weights_source: str, decoding: dict[str, dict] | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
-    """Weights plus everything needed to rebuild and feed the model (no config lookups at load time)."""
+def make_payload(net: MultiTaskNet, *, backbone: str, preprocess: dict[str, Any], weights_source: str,
+                 decoding: dict[str, dict] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One member's checkpoint payload: weights plus everything needed to rebuild and feed the model."""
+    return {"backbone": backbone, "tasks": dict(net.n_classes), "heads": dict(net.head_names),
+            "state_dict": {k: v.contiguous() for k, v in net.state_dict().items()}, "preprocess": preprocess,
+            "weights_source": weights_source,
+            "decoding": decoding or {t: {"method": "argmax"} for t in net.n_classes}, "extra": extra or {}}
+
+
+def write_checkpoint(path: Path, members: list[dict[str, Any]]) -> Path:
+    """Write one member payload, or {"members": [...]} for an ensemble, atomically (read back by
+    `kneeoa.models.infer.read_members`)."""
     from kneeoa.io import atomic_path
 
-    payload = {"backbone": backbone, "tasks": dict(net.n_classes), "heads": dict(net.head_names),
-               "state_dict": net.state_dict(), "preprocess": preprocess, "weights_source": weights_source,
-               "decoding": decoding or {t: {"method": "argmax"} for t in net.n_classes}, "extra": extra or {}}
     with atomic_path(Path(path)) as tmp:
-        torch.save(payload, tmp)
+        torch.save(members[0] if len(members) == 1 else {"members": members}, tmp)
     return Path(path)
+
+
+def save_checkpoint(path: Path, net: MultiTaskNet, **payload: Any) -> Path:
+    """Write a single network's checkpoint (`make_payload`'s keyword arguments)."""
+    return write_checkpoint(path, [make_payload(net, **payload)])
 
 
 def net_from_payload(payload: dict[str, Any]) -> MultiTaskNet:
@@ -214,16 +224,6 @@ def net_from_payload(payload: dict[str, Any]) -> MultiTaskNet:
     net = MultiTaskNet(backbone, payload["tasks"], payload.get("heads"))
     net.load_state_dict(payload["state_dict"])
     return net.eval()
-
-
-def load_checkpoint(path: Path) -> tuple[MultiTaskNet, dict[str, Any]]:
-    """Rebuild a MultiTaskNet from `save_checkpoint`'s file; returns (net in eval mode, metadata)."""
-    path = Path(path)
-    if not path.exists():
-        raise WeightsNotFoundError(f"Checkpoint {path} does not exist. Train the arm first (`kneeoa run` with the "
-                                   "train stage).")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    return net_from_payload(payload), payload
 
 
 def preprocess_fn(pre: dict[str, Any]) -> Callable[[np.ndarray], torch.Tensor]:

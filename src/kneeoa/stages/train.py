@@ -38,10 +38,13 @@ from kneeoa.models.cnn import (
     BACKBONES,
     CHECKPOINTS_DIR,
     MultiTaskNet,
+    checkpoint_path,
     create_backbone,
+    make_payload,
     net_from_payload,
     norm_stats,
     resolve_pretrained,
+    write_checkpoint,
 )
 from kneeoa.models.heads import HEADS, decode, tune_cutpoints
 from kneeoa.models.infer import CnnPredictor, normalise
@@ -282,14 +285,13 @@ def train_member(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
     if best.best_model_path:
         lm.load_state_dict(torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"])
     net = lm.scored.cpu().eval().to(memory_format=torch.contiguous_format)
-    return {"backbone": backbone, "tasks": dict(net.n_classes), "heads": dict(net.head_names),
-            "state_dict": {k: v.contiguous() for k, v in net.state_dict().items()},
-            "preprocess": {"image_size": hp.image_size, "in_chans": 1, "mean": mean, "std": std,
-                           "mirror_left": bool(manifest.get("mirrored", pd.Series(False)).any()), "tta": hp.tta},
-            "weights_source": source_text,
-            "extra": {"seed": seed, "epochs_run": int(trainer.current_epoch), "minutes": round(minutes, 2),
-                      "best_epoch_score": float(best.best_model_score) if best.best_model_score is not None
-                      else None, "selected_by": monitor, "precision": precision, "channels_last": channels_last}}
+    preprocess = {"image_size": hp.image_size, "in_chans": 1, "mean": mean, "std": std,
+                  "mirror_left": bool(manifest.get("mirrored", pd.Series(False)).any()), "tta": hp.tta}
+    score = float(best.best_model_score) if best.best_model_score is not None else None
+    return make_payload(net, backbone=backbone, preprocess=preprocess, weights_source=source_text,
+                        extra={"seed": seed, "epochs_run": int(trainer.current_epoch), "minutes": round(minutes, 2),
+                               "best_epoch_score": score, "selected_by": monitor, "precision": precision,
+                               "channels_last": channels_last})
 
 
 def finish_arm(run_dir: Path, arm: str, groups: dict[str, list[dict[str, Any]]], manifest: pd.DataFrame,
@@ -299,8 +301,6 @@ def finish_arm(run_dir: Path, arm: str, groups: dict[str, list[dict[str, Any]]],
     Cut-points (when `cnn.klg_decode: cutpoints`) are tuned on the val rows only and stored in the checkpoint
     before any test prediction is decoded.
     """
-    from kneeoa.io import atomic_path
-
     predictor = CnnPredictor([[(net_from_payload(p), p) for p in members] for members in groups.values()])
     probs = predictor.predict_uint8(images, batch_size=hp.batch_size, progress=True)
     val = (manifest["split"] == "val").to_numpy()
@@ -314,12 +314,10 @@ def finish_arm(run_dir: Path, arm: str, groups: dict[str, list[dict[str, Any]]],
             raise ConfigError(f"cnn.klg_decode must be argmax or cutpoints. Got {hp.klg_decode!r}.")
         else:
             decoding[t] = {"method": "argmax"}
-    folder = Path(run_dir) / CHECKPOINTS_DIR / arm
     for group, members in groups.items():
         for p in members:
             p["decoding"] = {t: decoding[t] for t in p["tasks"]}
-        with atomic_path(folder / f"{group}.pt") as tmp:
-            torch.save(members[0] if len(members) == 1 else {"members": members}, tmp)
+        write_checkpoint(checkpoint_path(run_dir, arm, group), members)
     for t, pr in probs.items():
         has = manifest[t].notna().to_numpy()
         table = make_prediction_table(manifest["image_id"][has], manifest["split"][has],
