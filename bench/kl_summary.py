@@ -33,10 +33,10 @@ def cross_fitted(y: np.ndarray, probs: np.ndarray, patients: np.ndarray, seed: i
 
 
 def rows(run_dir: Path, n_boot: int = 1000) -> list[dict]:
-    from kneeoa import stats
+    from kneeoa import bootstrap
     from kneeoa.data.manifest import read_manifest
     from kneeoa.metrics import METRICS
-    from kneeoa.predictions import prob_columns, read_predictions
+    from kneeoa.runfolder.predictions import prob_columns, read_predictions
 
     patients = read_manifest(run_dir).set_index("image_id")["patient_id"]
     out = []
@@ -45,12 +45,12 @@ def rows(run_dir: Path, n_boot: int = 1000) -> list[dict]:
         val = table[table["split"] == "val"]
         y, probs = val["y_true"].to_numpy(), val[prob_columns(5)].to_numpy()
         pid = patients.loc[val["image_id"]].to_numpy()
-        codes, n_pat = stats.patient_codes(pid)
-        w = stats.bootstrap_weights(codes, n_pat, n_boot, np.random.default_rng(0))
+        codes, n_pat = bootstrap.patient_codes(pid)
+        w = bootstrap.bootstrap_weights(codes, n_pat, n_boot, np.random.default_rng(0))
         kappa = METRICS.get("kappa_quadratic").fn
         for decoding, pred in (("stored", val["y_pred"].to_numpy()), ("argmax", probs.argmax(1)),
                                ("cross-fitted cut-points", cross_fitted(y, probs, pid))):
-            ci = stats.bootstrap_ci(y, probs, w, point=kappa, weighted=stats.weighted_metric("kappa_quadratic"),
+            ci = bootstrap.bootstrap_ci(y, probs, w, point=kappa, weighted=METRICS.get("kappa_quadratic").weighted_fn,
                                     pred=pred)
             out.append({"run": run_dir.name, "arm": arm, "decoding": decoding, "kappa": round(ci.value, 3),
                         "ci": f"[{ci.low:.3f}, {ci.high:.3f}]", "accuracy": round(float(np.mean(pred == y)), 3),

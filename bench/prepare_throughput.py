@@ -32,7 +32,7 @@ import pandas as pd
 from kneeoa.data.crop_films import VARIETY, write_crop_films
 from kneeoa.data.localize import FilmJob, run_film_jobs
 from kneeoa.data.localize_check import score_film_set
-from kneeoa.data.phantom_films import read_truth, write_phantom_release
+from kneeoa.data.phantom.films import read_truth, write_phantom_release
 
 
 def phantom(args: argparse.Namespace) -> None:

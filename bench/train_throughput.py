@@ -1,9 +1,9 @@
 """Images/s of the bare model step vs the real training loop, at the same backbone, batch, size and precision.
 
 Bare step: forward, loss, backward and AdamW step on one pre-normalised batch held in memory (what the network alone
-costs). Real loop: `kneeoa.stages.train`'s Lightning module and data path (decoded uint8 cache -> batch fetch ->
-batch augmentation -> normalisation), over a run folder's manifest or random images. The ratio says how far the
-loop is from data-bound; the target is >= 0.95.
+costs). Real loop: `kneeoa.stages.train`'s Lightning module and loaders (decoded uint8 cache -> batch fetch ->
+batch augmentation -> normalisation, in `cnn.num_workers` worker processes), over a run folder's manifest or
+random images. The ratio says how far the loop is from data-bound; the target is >= 0.95.
 
     .venv/bin/python bench/train_throughput.py --backbone twobranch --size 224 --batch 64 [--run runs/kl]
 """
@@ -37,12 +37,11 @@ def bare_step_rate(net, hp, batch: int, size: int, steps: int, channels_last: bo
     return batch * steps / (time.perf_counter() - t0)
 
 
-def loop_rate(net, hp, images: np.ndarray, labels: np.ndarray, batch: int, steps: int, channels_last: bool) -> float:
+def loop_rate(net, hp, images: np.ndarray, labels: np.ndarray, steps: int, channels_last: bool) -> float:
     import lightning as L
-    from torch.utils.data import DataLoader
 
-    from kneeoa.data.dataset import KneeDataset, keep_batch
-    from kneeoa.stages.train import _make_module
+    from kneeoa.data.dataset import KneeDataset
+    from kneeoa.stages.train import _make_module, training_loaders
 
     class Clock(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -53,15 +52,14 @@ def loop_rate(net, hp, images: np.ndarray, labels: np.ndarray, batch: int, steps
             self.t1 = time.perf_counter()
 
     ds = KneeDataset(images, np.arange(len(images)), {"klg": labels})
-    dl = DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, collate_fn=keep_batch)
-    module = _make_module(net, {"klg": torch.ones(5)}, hp, channels_last=channels_last, steps_per_epoch=len(dl),
-                          mean=0.5, std=0.25, hflip=False, seed=0)
+    dl, _ = training_loaders(ds, ds, hp, seed=0, mean=0.5, std=0.25, hflip=False, channels_last=channels_last)
+    module = _make_module(net, {"klg": torch.ones(5)}, hp, steps_per_epoch=len(dl))
     clock = Clock()
     trainer = L.Trainer(max_epochs=1, limit_train_batches=steps + 2, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[clock], accelerator="cpu", precision=hp.precision)
     trainer.fit(module, dl)
-    return batch * steps / (clock.t1 - clock.t0)
+    return hp.batch_size * steps / (clock.t1 - clock.t0)
 
 
 def main() -> None:
@@ -73,6 +71,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating bare / loop measurements")
     ap.add_argument("--head", default="corn")
     ap.add_argument("--policy", default="strong")
+    ap.add_argument("--no-augment", action="store_true", help="cnn.augment: false (what augmentation costs)")
+    ap.add_argument("--workers", type=int, default=None, help="cnn.num_workers (default: the config default)")
     ap.add_argument("--run", default=None, help="run folder whose manifest images feed the real loop (else random)")
     args = ap.parse_args()
 
@@ -81,6 +81,9 @@ def main() -> None:
     from kneeoa.stages.train import resolve_precision
 
     hp = CnnCfg(image_size=args.size, batch_size=args.batch, klg_head=args.head, augment_policy=args.policy)
+    hp.augment = not args.no_augment
+    if args.workers is not None:
+        hp.num_workers = args.workers
     hp.precision = resolve_precision(hp.precision, hp.accelerator)
     channels_last = BACKBONES.get(args.backbone).channels_last
     n = args.batch * (args.steps + 3)
@@ -105,9 +108,10 @@ def main() -> None:
     bare, loop = [], []
     for _ in range(args.rounds):
         bare.append(bare_step_rate(fresh(), hp, args.batch, args.size, args.steps, channels_last))
-        loop.append(loop_rate(fresh(), hp, images, labels, args.batch, args.steps, channels_last))
+        loop.append(loop_rate(fresh(), hp, images, labels, args.steps, channels_last))
     print(f"backbone {args.backbone}, {args.size} px, batch {args.batch}, precision {hp.precision}, "
-          f"threads {torch.get_num_threads()}, {args.rounds} alternating rounds of {args.steps} steps")
+          f"augmentation {args.policy if hp.augment else 'off'}, threads {torch.get_num_threads()}, loader workers "
+          f"{hp.num_workers}, {args.rounds} alternating rounds of {args.steps} steps")
     print(f"bare model step: {np.mean(bare):7.1f} images/s  ({', '.join(f'{r:.0f}' for r in bare)})")
     print(f"training loop:   {np.mean(loop):7.1f} images/s  ({', '.join(f'{r:.0f}' for r in loop)})")
     print(f"ratio loop/bare: {np.mean(loop) / np.mean(bare):.3f}")

@@ -54,8 +54,11 @@ def tiny_run(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def standin_snapshots(tmp_path_factory) -> dict[str, Path]:
-    """Tiny random-weight BiomedCLIP and RAD-DINO snapshots in the hub layouts, built once per session."""
-    from standins import build_biomedclip, build_raddino
+    """Tiny random-weight BiomedCLIP and RAD-DINO snapshots in the hub layouts and a knee encoder folder, built once
+    per session."""
+    from standins import build_biomedclip, build_kneessl, build_raddino
 
     root = tmp_path_factory.mktemp("weights")
-    return {"biomedclip": build_biomedclip(root / "biomedclip"), "rad-dino": build_raddino(root / "rad-dino")}
+    kneessl = build_kneessl(root / "kneessl")  # `random` takes the architecture of an encoder folder
+    return {"biomedclip": build_biomedclip(root / "biomedclip"), "rad-dino": build_raddino(root / "rad-dino"),
+            "kneessl": kneessl, "random": kneessl}

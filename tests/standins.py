@@ -106,3 +106,20 @@ def build_raddino(dest: Path, *, seed: int = 0, full_size: bool = False) -> Path
         pre.update(crop_size={"height": 28, "width": 28}, size={"shortest_edge": 28})
     (dest / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     return dest
+
+
+def build_kneessl(dest: Path, *, seed: int = 0, image_size: int = 32) -> Path:
+    """A `kneeoa pretrain` encoder folder (two-branch CNN, random weights): model.safetensors + config.json."""
+    from safetensors.torch import save_file
+
+    from kneeoa.models.twobranch import TwoBranchNet
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    net = TwoBranchNet(in_chans=1)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(dest / "model.safetensors"))
+    (dest / "config.json").write_text(json.dumps({
+        "backbone": "twobranch", "image_size": image_size, "mean": 0.5, "std": 0.25, "feature_dim": net.num_features,
+        "in_chans": 1, "method": "simclr", "n_images": 0, "epochs": 0}))
+    return dest

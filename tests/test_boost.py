@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from kneeoa.arms import read_arms
 from kneeoa.config import Config, FoundationCfg
 from kneeoa.data.manifest import read_manifest, write_manifest
 from kneeoa.errors import ConfigError
 from kneeoa.estimators import XGBHead
-from kneeoa.predictions import prediction_path, read_predictions
+from kneeoa.runfolder.arms import read_arms
+from kneeoa.runfolder.predictions import prediction_path, read_predictions
 from kneeoa.stages import boost, embed
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kneeoa import calibration, stats
+from kneeoa import bootstrap, calibration, weighted
 from kneeoa.errors import ConfigError
 
 
@@ -46,10 +46,10 @@ def test_weighted_forms_match_resampling():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 40)
     p = rng.dirichlet(np.ones(3), 40)
-    w = stats.bootstrap_weights(np.arange(40) // 2, 20, 30, rng)
+    w = bootstrap.bootstrap_weights(np.arange(40) // 2, 20, 30, rng)
     point = {"ece": lambda a, b: calibration.ece(a, b, n_bins=5), "brier": calibration.brier}
-    for name, (pt, weighted) in calibration.calibration_metrics(5).items():
-        np.testing.assert_allclose(weighted(y, p, w), stats.resampled(point[name])(y, p, w), atol=1e-12)
+    for name, (pt, weighted_fn) in calibration.calibration_metrics(5).items():
+        np.testing.assert_allclose(weighted_fn(y, p, w), weighted.resampled(point[name])(y, p, w), atol=1e-12)
         assert pt(y, p) == pytest.approx(point[name](y, p))
 
 

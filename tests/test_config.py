@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from kneeoa.config import Config, backbone_cfg, config_from_dict, dump_config, load_config, preset
+from kneeoa.config import Config, backbone_cfg, config_from_dict, dump_config, preset
+from kneeoa.config_checks import load_config
 from kneeoa.errors import ConfigError
 
 

@@ -36,7 +36,7 @@ def hospital(tmp_path):
     rows = [
         ("img/a_left.png", "A", "left", "0", "2", "1", "train"),
         ("films/b.dcm", "B", "R", "1", "3", "", "val"),
-        ("films/b.dcm", "B", "L", "1", "0", "x", "val"),
+        ("films/b.dcm", "B", "L", "1", "0", "NA", "val"),
         ("films/c.dcm", "C", "right", "0", "", "0", "test"),
         ("img/missing.png", "D", "R", "0", "1", "1", "train"),
         ("img/a_left.png", "E", "middle", "0", "1", "1", "train"),
@@ -63,8 +63,7 @@ def test_import_mixed_table(hospital, tmp_path):
     reasons = dict(zip(result.quarantine["item"], result.quarantine["reason"], strict=True))
     assert "does not exist" in reasons["table.csv line 6"]
     assert "side must be R/L" in reasons["table.csv line 7"]
-    assert "repeats line 2" in reasons["table.csv line 8"]
-    assert any("non-numeric value(s) in 'os_fm'" in n for n in result.notes)
+    assert "repeats line 2 with conflicting labels (klg 2 vs 1)" in reasons["table.csv line 8"]
 
 
 def test_film_that_fails_localisation_names_its_lines(tmp_path):
@@ -105,3 +104,47 @@ def test_unknown_mapping_and_kind(tmp_path):
 def test_missing_table(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         import_csv(tmp_path / "nope.csv", tmp_path / "run", _cfg())
+
+
+def _table(tmp_path, rows, columns=("image_path", "patient_id", "side", "klg")):
+    """A CSV of `rows`; each row's image is written as `<patient>.png` (one crop per knee)."""
+    rows = [(f"{r[1]}.png", *r[1:]) for r in rows]
+    for r in rows:
+        save_gray16(np.full((20, 20), 0.5), tmp_path / r[0])
+    path = tmp_path / "t.csv"
+    pd.DataFrame(rows, columns=list(columns)).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("value", ["2.5", "3.7", "5", "-1", "two"])
+def test_labels_must_be_whole_grades_in_range_named_by_csv_line(tmp_path, value):
+    path = _table(tmp_path, [("a.png", "A", "R", "1"), ("a.png", "B", "R", value)])
+    with pytest.raises(DataError, match=rf"t.csv line 3: column 'klg' \(klg\) is '{value}'; labels must be whole "
+                                        r"numbers 0-4 or blank"):
+        import_csv(path, tmp_path / "run", _cfg())
+
+
+def test_blank_and_na_labels_are_missing(tmp_path):
+    path = _table(tmp_path, [("a.png", "A", "R", ""), ("a.png", "B", "R", "NA"), ("a.png", "C", "R", "4")])
+    m = import_csv(path, tmp_path / "run", _cfg()).manifest.set_index("patient_id")
+    assert pd.isna(m.loc["A", "klg"]) and pd.isna(m.loc["B", "klg"]) and m.loc["C", "klg"] == 4
+
+
+def test_split_aliases_match_the_folder_importer(tmp_path):
+    path = _table(tmp_path, [("a.png", "A", "R", "1", "valid"), ("a.png", "B", "R", "1", "Train"),
+                             ("a.png", "C", "R", "1", "holdout")], columns=("image_path", "patient_id", "side", "klg",
+                                                                           "split"))
+    result = import_csv(path, tmp_path / "run", _cfg())
+    assert dict(zip(result.manifest["patient_id"], result.manifest["split"], strict=True)) == {"A": "val",
+                                                                                                "B": "train"}
+    assert "split 'holdout' is not one of train, val, valid" in result.quarantine["reason"].iloc[0]
+
+
+def test_duplicate_rows_say_whether_their_labels_conflict(tmp_path):
+    path = _table(tmp_path, [("a.png", "A", "R", "1"), ("a.png", "A", "R", "1"), ("a.png", "A", "R", "3")])
+    pd.read_csv(path).assign(image_path=["A.png", "A2.png", "A3.png"]).to_csv(path, index=False)
+    for name in ("A2.png", "A3.png"):
+        save_gray16(np.full((20, 20), 0.5), tmp_path / name)
+    reasons = import_csv(path, tmp_path / "run", _cfg()).quarantine.set_index("item")["reason"]
+    assert reasons["t.csv line 3"].endswith("repeats line 2 (same labels)")
+    assert reasons["t.csv line 4"].endswith("repeats line 2 with conflicting labels (klg 1 vs 3)")

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 
 import kneeoa.stages.embed as embed
-from kneeoa.arms import read_arms
 from kneeoa.config import Config
 from kneeoa.data.manifest import read_manifest
-from kneeoa.models.foundation import create_encoder, embedding_matrix, read_embeddings
+from kneeoa.models.foundation import create_encoder
+from kneeoa.runfolder.arms import read_arms
+from kneeoa.runfolder.embeddings import embedding_matrix, read_embeddings
 from standins import build_raddino
 
 

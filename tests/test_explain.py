@@ -14,8 +14,9 @@ from kneeoa.config import Config
 from kneeoa.data.images import save_gray16
 from kneeoa.data.manifest import write_manifest
 from kneeoa.errors import DataError
-from kneeoa.predictions import make_prediction_table, write_predictions
-from kneeoa.stages.stats import METRICS_COLUMNS, replace_metric_rows
+from kneeoa.runfolder.metrics import COLUMNS, read_metrics_part
+from kneeoa.runfolder.predictions import make_prediction_table, write_predictions
+from kneeoa.stages import get_stage
 
 SIZE = 48
 
@@ -52,8 +53,7 @@ def make_cam_run(run_dir, *, n_patients=6):
         probs = rng.dirichlet(np.ones(k), len(y))
         write_predictions(make_prediction_table(manifest["image_id"], manifest["split"], y, probs), run_dir,
                           "resnet18", task)
-    pd.DataFrame([{"arm": "resnet18", "task": "klg", "split": "test", "metric": "accuracy", "value": 0.2,
-                   "ci_low": np.nan, "ci_high": np.nan, "n": 12}]).to_csv(run_dir / "metrics.csv", index=False)
+    get_stage("evaluate")(run_dir, Config())
     return manifest
 
 
@@ -76,18 +76,19 @@ def test_explain_writes_montages_and_cam_rows(tmp_path):
         png = tmp_path / m["file"]
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = pd.read_csv(tmp_path / "metrics.csv")
-    assert list(metrics.columns) == METRICS_COLUMNS
-    assert "accuracy" in set(metrics["metric"])  # other rows kept
-    cam_rows = metrics[metrics["metric"].str.startswith("cam_")]
+    assert list(metrics.columns) == COLUMNS
+    evaluated = read_metrics_part(tmp_path, "evaluate")
+    assert len(evaluated) and set(evaluated["metric"]) <= set(metrics["metric"])  # evaluate's rows kept
+    cam_rows = read_metrics_part(tmp_path, "explain")
     assert set(cam_rows["metric"]) == set(explain.CAM_METRICS)
     assert set(cam_rows["task"]) == {"klg", "osteophytes"} and (cam_rows["split"] == "test").all()
     oste = cam_rows[cam_rows["task"] == "osteophytes"]
     assert (oste["n"] == 8).all()  # only images where the feature is present
     assert oste["value"].between(0, 1).all() and oste["ci_low"].notna().all()
-    # writing the rows again replaces them instead of appending
-    replace_metric_rows(tmp_path, cam_rows.assign(value=0.5), explain.CAM_METRICS)
+    # running explain again replaces its rows instead of appending, and evaluate's rows stay
+    explain.run(tmp_path, _cfg())
     again = pd.read_csv(tmp_path / "metrics.csv")
-    assert len(again) == len(metrics) and (again.loc[again["metric"].str.startswith("cam_"), "value"] == 0.5).all()
+    pd.testing.assert_frame_equal(again, metrics)
 
 
 def test_explain_without_checkpoints_records_why(tmp_path):

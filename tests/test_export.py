@@ -67,7 +67,7 @@ def test_unknown_arm_names_the_arms_of_the_run(deploy_run, tmp_path):
 
 
 def test_arm_that_did_not_run_is_refused(deploy_run, tmp_path):
-    from kneeoa.arms import record_arm
+    from kneeoa.runfolder.arms import record_arm
 
     record_arm(deploy_run, "raddino_xgb", status="not_run", reason="weights not found")
     try:

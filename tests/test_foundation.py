@@ -11,25 +11,54 @@ import pytest
 from typer.testing import CliRunner
 
 from kneeoa.commands_models import models_app
+from kneeoa.config import FoundationCfg
 from kneeoa.errors import ConfigError, DataError, WeightsNotFoundError
+from kneeoa.models.device import resolve_precision
+from kneeoa.models.encoder_loaders import LOADERS
+from kneeoa.models.encoders import ClipEncoder
 from kneeoa.models.foundation import (
     ENCODERS,
-    Preprocess,
     create_encoder,
+    features_for,
     get_encoder_spec,
     list_encoders,
-    resolve_precision,
+    zero_shot_spec,
 )
 from kneeoa.models.hub import folder_revision
+from kneeoa.models.preprocess import Preprocess
 from standins import build_biomedclip, build_raddino
 
 
 def test_registry_entries_are_data():
-    assert list_encoders() == ["biomedclip", "rad-dino"]
+    # the paper's two encoders, with their published embedding sizes; more entries may follow
     assert get_encoder_spec("biomedclip").features == {"projected": 512, "pre_projection": 768}
     assert get_encoder_spec("rad-dino").features == {"cls": 768, "cls_mean_patch": 1536}
-    for _, spec in ENCODERS.items():
+    for name, spec in ENCODERS.items():
+        assert spec.name == name and spec.library in LOADERS and all(d > 0 for d in spec.features.values())
         assert spec.hub_id and spec.licence and spec.paper and spec.preprocess_file in spec.layout.required
+
+
+def test_features_come_from_the_config_mapping_else_the_entry_default():
+    cfg = FoundationCfg()
+    assert {n: features_for(cfg, n) for n in list_encoders()} == {
+        n: get_encoder_spec(n).default_features for n in list_encoders()}
+    cfg.features = {"rad-dino": "cls_mean_patch"}
+    assert features_for(cfg, "rad-dino") == "cls_mean_patch"
+    cfg.features = {"rad-dino": "mean"}
+    with pytest.raises(ConfigError, match=r"foundation.features.rad-dino must be one of \['cls', 'cls_mean_patch'\]"):
+        features_for(cfg, "rad-dino")
+
+
+@pytest.mark.parametrize("name", ["biomedclip", "rad-dino"])  # the entries with stand-in snapshots (conftest)
+def test_the_zero_shot_flag_matches_what_the_encoder_can_do(name, standin_snapshots):
+    spec = get_encoder_spec(name)
+    enc = create_encoder(name, standin_snapshots[name], precision="fp32")
+    assert isinstance(enc, ClipEncoder) == spec.zero_shot
+    if not spec.zero_shot:
+        with pytest.raises(ConfigError, match="has no text tower"):
+            zero_shot_spec(name)
+    else:
+        assert zero_shot_spec(name) is spec and spec.zeroshot_arm == f"{spec.arm_prefix}_zeroshot"
 
 
 @pytest.mark.parametrize("name", list_encoders())
@@ -130,8 +159,8 @@ def test_missing_text_tower_config(tmp_path, monkeypatch):
 
 
 def test_unknown_encoder_suggests_the_nearest():
-    with pytest.raises(ConfigError, match="Unknown encoder 'biomedclp'. Valid: biomedclip, rad-dino. Did you mean "
-                                          "'biomedclip'"):
+    with pytest.raises(ConfigError, match="Unknown encoder 'biomedclp'. Valid: biomedclip, rad-dino, kneessl, "
+                                          "random. Did you mean 'biomedclip'"):
         create_encoder("biomedclp")
 
 

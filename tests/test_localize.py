@@ -20,7 +20,7 @@ from kneeoa.data.localize import (
     process_film,
     run_film_jobs,
 )
-from kneeoa.data.phantom_films import chest_film
+from kneeoa.data.phantom.films import chest_film
 from kneeoa.errors import ConfigError
 from synthetic_films import bilateral_film, single_film
 
@@ -80,7 +80,7 @@ def test_low_contrast_film_is_refused():
 
 
 def test_registry_lists_profile():
-    assert LOCALIZERS.get("profile") is localize_profile
+    assert LOCALIZERS.load("profile") is localize_profile
     with pytest.raises(ConfigError, match="Unknown localizer 'profil'.*Did you mean 'profile'"):
         LOCALIZERS.get("profil")
 

@@ -22,10 +22,18 @@ from kneeoa.data.localize import (
     process_film,
 )
 from kneeoa.data.localize_check import score_film_set
-from kneeoa.data.localize_heatmap import WEIGHTS, load_net, localize_heatmap
+from kneeoa.data.localize_heatmap import (
+    WEIGHTS,
+    KneeCandidate,
+    installed_refiner,
+    judge,
+    knee_candidates,
+    load_net,
+    localize_heatmap,
+)
 from kneeoa.data.phantom import simulate_cohort
-from kneeoa.data.phantom_films import chest_film, render_film
-from kneeoa.errors import DataError
+from kneeoa.data.phantom.films import chest_film, render_film
+from kneeoa.errors import ConfigError, DataError
 from test_crop_films import FAST, phantom_crop_tree
 
 SP = 0.5
@@ -43,12 +51,46 @@ def test_packaged_weights_are_small_and_load():
     assert not load_net().training
 
 
+def test_candidates_of_a_phantom_film(phantom_film):
+    film, centres, px = phantom_film
+    cands = knee_candidates(film, (px, px), knees=2)
+    assert [k.where for k in cands] == ["image-left half", "image-right half"]
+    for k, (r, c) in zip(cands, (centres["R"], centres["L"]), strict=True):
+        assert np.hypot(k.row_px - r, k.col_px - c) * px < 5.0
+        assert k.coarse > 0.5 and k.metal < 0.05
+        if installed_refiner() is None:  # the coarse pass alone decides
+            assert np.isnan(k.refined) and np.isnan(k.shift_mm) and k.confidence == k.coarse
+
+
+def test_refining_pass_runs_with_given_weights(phantom_film, tmp_path):
+    from kneeoa.data.localize_train import train_localizer
+
+    weights = tmp_path / "refine.safetensors"
+    train_localizer(phantom_crop_tree(tmp_path / "kl", patients=4), stage="refine", out=weights, films=6, epochs=1,
+                    held_out=0.25)
+    film, _, px = phantom_film
+    for k in knee_candidates(film, (px, px), knees=2, refine_weights=weights):
+        assert 0 <= k.refined <= 1 and k.shift_mm >= 0 and k.confidence == min(k.coarse, k.refined)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"coarse": 0.1}, "no knee in the film (confidence 0.10 < "),
+    ({"metal": 0.5, "coarse": 0.5}, "metal-like bright area over the knee in the film (50 % of the joint area"),
+    ({"refined": 0.01}, "the knee joint in the film is not clear at 1 mm (refined confidence 0.01 < "),
+    ({"shift_mm": 80.0}, "the two passes disagree on the knee in the film by 80 mm"),
+])
+def test_each_quarantine_rule_names_its_reason(change, message):
+    knee = KneeCandidate("film", 100.0, 100.0, coarse=0.9, refined=0.9, shift_mm=2.0, metal=0.0)
+    assert judge(knee) is None
+    assert message in judge(replace(knee, **change))
+
+
 def test_phantom_knees_within_five_mm(phantom_film):
     film, centres, px = phantom_film
     knees = localize_heatmap(film, (px, px), knees=2)
     for k, (r, c) in zip(knees, (centres["R"], centres["L"]), strict=True):
         assert np.hypot(k.row_px - r, k.col_px - c) * px < 5.0
-        assert 0.5 <= k.confidence <= 1.0 and k.score == k.confidence
+        assert 0.5 <= k.confidence <= k.score <= 1.0
 
 
 def test_chest_film_has_no_knees():
@@ -82,6 +124,8 @@ def test_implausible_pairs_and_bad_arguments_are_refused(phantom_film, tmp_path)
         localize_heatmap(film, (px, px), knees=3)
     with pytest.raises(LocalizationError, match="weights .*nope.safetensors are missing.*localize-train"):
         localize_heatmap(film, (px, px), knees=2, weights=tmp_path / "nope.safetensors")
+    with pytest.raises(LocalizationError, match="weights .*nope2.safetensors are missing.*localize-train"):
+        localize_heatmap(film, (px, px), knees=2, refine_weights=tmp_path / "nope2.safetensors")
 
 
 def test_registry_lists_both_localizers():
@@ -134,13 +178,22 @@ def test_score_film_set_never_calls_a_missing_knee_ok(tmp_path):
     assert (scored.loc[~scored["found"], "reason"].str.len() > 0).all()
 
 
-def test_retraining_writes_loadable_weights(tmp_path):
+@pytest.mark.parametrize("stage", ["coarse", "refine"])
+def test_retraining_writes_loadable_weights(tmp_path, stage):
     from kneeoa.data.localize_train import train_localizer
 
     out = tmp_path / "w.safetensors"
-    result = train_localizer(phantom_crop_tree(tmp_path / "kl", patients=4), out=out, films=8, epochs=1, held_out=0.25)
+    result = train_localizer(phantom_crop_tree(tmp_path / "kl", patients=4), stage=stage, out=out, films=8, epochs=1,
+                             held_out=0.25)
     assert out.stat().st_size < 1_000_000 and np.isfinite(result["loss"])
     assert not load_net(out).training
+
+
+def test_retraining_refuses_an_unknown_stage(tmp_path):
+    from kneeoa.data.localize_train import train_localizer
+
+    with pytest.raises(ConfigError, match="unknown localiser stage 'fine'; one of coarse, refine"):
+        train_localizer(tmp_path, stage="fine")
 
 
 def test_retraining_needs_enough_patients(tmp_path):

@@ -48,8 +48,12 @@ def test_missing_columns_and_duplicate_ids():
 def test_patient_in_two_splits_is_a_hard_error(tmp_path):
     df = _rows()
     df.loc[1, "split"] = "val"
-    with pytest.raises(LeakageError, match="patient 'P0' appears in splits"):
+    with pytest.raises(LeakageError, match="patient 'P0' appears in splits") as err:
         validate_manifest(df)
+    from kneeoa.cli import app
+
+    command = str(err.value).split("re-run `kneeoa ")[1].split("`")[0]
+    assert command == "prepare" and command in [g.name for g in app.registered_groups]  # a command that exists
     df.to_parquet(tmp_path / "manifest.parquet")  # whatever produced the file, reading it checks again
     with pytest.raises(LeakageError):
         read_manifest(tmp_path)

@@ -10,7 +10,7 @@ from kneeoa.config import Config
 from kneeoa.data.images import load_gray
 from kneeoa.data.manifest import validate_manifest
 from kneeoa.data.oai import VARIABLES, import_oai, parse_code, read_readings
-from kneeoa.data.phantom_films import read_truth, write_phantom_release
+from kneeoa.data.phantom.films import read_truth, write_phantom_release
 from kneeoa.errors import DataError
 
 

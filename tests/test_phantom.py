@@ -21,9 +21,9 @@ from kneeoa.data.phantom import (
     sample_grades,
     simulate_cohort,
 )
-from kneeoa.data.phantom_grades import KL_MIX
-from kneeoa.data.phantom_quality import DEGRADATIONS
-from kneeoa.data.phantom_render import MASK_NAMES
+from kneeoa.data.phantom.grades import KL_MIX
+from kneeoa.data.phantom.quality import DEGRADATIONS
+from kneeoa.data.phantom.render import MASK_NAMES
 from kneeoa.data.splits import assign_splits
 from kneeoa.errors import ConfigError
 from kneeoa.tasks import JSN_SITES, OSTEOPHYTE_SITES, RAW_GRADE_COLUMNS, SCLEROSIS_SITES, add_task_labels

@@ -13,7 +13,7 @@ from kneeoa.deploy.inputs import FileFacts, collect_inputs, detect_kind
 from kneeoa.deploy.package import load_model
 from kneeoa.deploy.predict import predict_files
 from kneeoa.errors import ConfigError
-from kneeoa.predictions import prediction_path
+from kneeoa.runfolder.predictions import prediction_path
 
 pytest_plugins = ["deploy_fixtures"]
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from kneeoa.errors import ManifestError
-from kneeoa.predictions import list_predictions, make_prediction_table, read_predictions, write_predictions
+from kneeoa.runfolder.predictions import list_predictions, make_prediction_table, read_predictions, write_predictions
 
 
 def _table(k=2, n=4):

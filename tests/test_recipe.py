@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from kneeoa.arms import read_arms
 from kneeoa.config import Config
 from kneeoa.data.cache import image_cache
 from kneeoa.data.manifest import load_knee, read_manifest, write_manifest
 from kneeoa.errors import ConfigError
 from kneeoa.models.infer import CnnPredictor, read_members
-from kneeoa.predictions import read_predictions
+from kneeoa.runfolder.arms import read_arms
+from kneeoa.runfolder.predictions import read_predictions
 from kneeoa.stages import train
 
 
@@ -158,7 +158,7 @@ def test_augmentation_keeps_range_and_is_reproducible():
 
 def test_y_pred_drives_hard_metrics():
     from kneeoa.metrics import METRICS
-    from kneeoa.predictions import make_prediction_table, validate_predictions
+    from kneeoa.runfolder.predictions import make_prediction_table, validate_predictions
 
     probs = np.array([[0.6, 0.4], [0.6, 0.4], [0.3, 0.7]])
     t = make_prediction_table(["a", "b", "c"], ["val"] * 3, [0, 1, 1], probs, y_pred=[0, 1, 1])
@@ -168,3 +168,54 @@ def test_y_pred_drives_hard_metrics():
     assert old["y_pred"].tolist() == [0, 0, 1]  # a table without y_pred reads as argmax
     with pytest.raises(Exception, match="column 'y_pred' is 7"):
         validate_predictions(t.assign(y_pred=[0, 7, 1]), "jsn")
+
+
+def test_fast_affine_grid_and_blur_match_their_torch_definitions():
+    import torch.nn.functional as F
+
+    from kneeoa.data.augment import affine_grid, blur3
+
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    expected = F.affine_grid(theta, (5, 1, 7, 9), align_corners=False)
+    assert torch.allclose(affine_grid(theta, (7, 9)), expected, atol=1e-6)
+    x = torch.rand(3, 1, 8, 10, generator=torch.Generator().manual_seed(1))
+    k = torch.tensor([1.0, 2.0, 1.0])
+    k = (k[:, None] * k[None, :] / 16).view(1, 1, 3, 3)
+    assert torch.allclose(blur3(x), F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k), atol=1e-6)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_loader_augments_reproducibly_and_validation_only_normalises(workers):
+    from kneeoa.data.dataset import KneeDataset
+    from kneeoa.stages.train import training_loaders
+
+    images = np.random.default_rng(0).integers(0, 256, (24, 16, 16), dtype=np.uint8)
+    ds = KneeDataset(images, np.arange(24), {"klg": np.arange(24)})  # the label is the row, to find it in a batch
+    hp = _cfg(augment_policy="strong", num_workers=workers).cnn
+    hp.batch_size = 8
+
+    def first_batches(seed):
+        torch.manual_seed(seed)  # inline (workers=0) augmentation draws from the process generator
+        train_dl, val_dl = training_loaders(ds, ds, hp, seed=seed, mean=0.5, std=0.25, hflip=False,
+                                            channels_last=False)
+        return next(iter(train_dl)), next(iter(val_dl))
+
+    def plain(rows):
+        return (torch.from_numpy(images[rows]).float()[:, None] / 255 - 0.5) / 0.25
+
+    (xa, ya), (va, vy) = first_batches(3)
+    (xb, yb), _ = first_batches(3)
+    assert xa.dtype == torch.float32 and xa.shape == (8, 1, 16, 16)
+    assert torch.equal(xa, xb) and torch.equal(ya["klg"], yb["klg"])
+    assert not torch.allclose(xa, plain(ya["klg"].numpy()), atol=0.05)  # augmented
+    assert torch.equal(vy["klg"], torch.arange(8)) and torch.allclose(va, plain(np.arange(8)), atol=1e-6)
+
+
+def test_augmentation_folds_the_normalisation_in_exactly():
+    from kneeoa.data.augment import POLICIES, augment_batch
+
+    x = torch.randint(0, 256, (6, 1, 24, 24), dtype=torch.uint8)
+    plain = augment_batch(x, POLICIES.get("strong"), hflip=False, generator=torch.Generator().manual_seed(2))
+    folded = augment_batch(x, POLICIES.get("strong"), hflip=False, generator=torch.Generator().manual_seed(2),
+                           mean=0.4, std=0.2)
+    assert torch.allclose(folded, (plain - 0.4) / 0.2, atol=1e-5)

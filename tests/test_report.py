@@ -3,11 +3,11 @@ import re
 
 import numpy as np
 
-from kneeoa.arms import record_arm
 from kneeoa.config import Config
 from kneeoa.data.manifest import read_manifest
-from kneeoa.predictions import make_prediction_table, write_predictions
 from kneeoa.report.html import build_report
+from kneeoa.runfolder.arms import record_arm
+from kneeoa.runfolder.predictions import make_prediction_table, write_predictions
 from kneeoa.stages import evaluate
 from kneeoa.tasks import get_task
 

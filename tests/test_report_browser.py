@@ -51,8 +51,8 @@ def report(tmp_path_factory):
     """A small report: two arms' synthetic prediction tables, a CAM-scored stand-in CNN, every stage after training."""
     import numpy as np
 
-    from kneeoa.predictions import make_prediction_table, write_predictions
     from kneeoa.report.html import build_report
+    from kneeoa.runfolder.predictions import make_prediction_table, write_predictions
     from kneeoa.stages import get_stage
     from test_explain import make_cam_run
 

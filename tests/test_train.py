@@ -3,11 +3,12 @@ import pandas as pd
 import pytest
 import torch
 
-from kneeoa.arms import read_arms
 from kneeoa.config import Config
 from kneeoa.errors import ConfigError, WeightsNotFoundError
-from kneeoa.models.cnn import BACKBONES, load_classifier, resolve_pretrained
-from kneeoa.predictions import list_predictions, read_predictions
+from kneeoa.models.cnn import BACKBONES, resolve_pretrained
+from kneeoa.models.infer import load_classifier
+from kneeoa.runfolder.arms import read_arms
+from kneeoa.runfolder.predictions import list_predictions, read_predictions
 from kneeoa.stages import evaluate, train
 from kneeoa.stages.train import class_weights
 

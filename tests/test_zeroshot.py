@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from kneeoa.arms import read_arms
 from kneeoa.config import Config, ZeroShotCfg
 from kneeoa.data.images import load_gray
 from kneeoa.data.manifest import read_manifest, write_manifest
 from kneeoa.errors import ConfigError
-from kneeoa.models.foundation import ClipEncoder, create_encoder
-from kneeoa.predictions import prediction_path, read_predictions
+from kneeoa.models.encoders import ClipEncoder
+from kneeoa.models.foundation import create_encoder
 from kneeoa.report.foundation_sections import embeddings_section, zeroshot_section
+from kneeoa.runfolder.arms import read_arms
+from kneeoa.runfolder.predictions import prediction_path, read_predictions
+from kneeoa.runfolder.qc import read_zeroshot_qc, read_zeroshot_summary
 from kneeoa.stages import zeroshot
 
 
@@ -54,27 +54,31 @@ def test_zeroshot_qc_and_klg(tiny_run, standin_snapshots):
     manifest = read_manifest(tiny_run)
     manifest.loc[manifest.index[:5], "low_quality"] = True
     write_manifest(manifest, tiny_run)
+    manifest_bytes = (tiny_run / "manifest.parquet").read_bytes()
     cfg = _cfg(standin_snapshots)
     zeroshot.run(tiny_run, cfg)
 
-    manifest = read_manifest(tiny_run)
+    assert (tiny_run / "manifest.parquet").read_bytes() == manifest_bytes  # the QC has its own table
+    qc_rows = read_zeroshot_qc(tiny_run)
+    assert list(qc_rows["image_id"]) == list(manifest["image_id"])
     enc = create_encoder("biomedclip", standin_snapshots["biomedclip"], precision="fp32")
     images = np.stack([load_gray(tiny_run / p) for p in manifest["image_path"]])
     text = enc.encode_text([f"this is a photo of {label}" for label in cfg.zeroshot.labels])
     probs = zeroshot.zero_shot_probs(enc.encode_projected(images), text, enc.logit_scale)
-    np.testing.assert_allclose(manifest["zs_knee_prob"], probs[:, 0], rtol=1e-4, atol=1e-6)
-    assert (manifest["zs_is_knee"] == (probs.argmax(axis=1) == 0)).all()
+    np.testing.assert_allclose(qc_rows["zs_knee_prob"], probs[:, 0], rtol=1e-4, atol=1e-6)
+    assert (qc_rows["zs_is_knee"] == (probs.argmax(axis=1) == 0)).all()
 
-    qc = json.loads((tiny_run / "zeroshot_qc.json").read_text())
-    assert qc["overall"]["share"] == pytest.approx(manifest["zs_is_knee"].mean())
-    low = manifest["low_quality"]
+    qc = read_zeroshot_summary(tiny_run)
+    assert qc["arm"] == "biomedclip_zeroshot" and qc["encoder"] == "biomedclip"
+    assert qc["overall"]["share"] == pytest.approx(qc_rows["zs_is_knee"].mean())
+    low = manifest["low_quality"].to_numpy()
     assert qc["by_low_quality"]["true"]["n"] == 5
-    assert qc["by_low_quality"]["true"]["share"] == pytest.approx(manifest.loc[low, "zs_is_knee"].mean())
-    assert len(qc["failures"]) == min(12, int((~manifest["zs_is_knee"]).sum()))
+    assert qc["by_low_quality"]["true"]["share"] == pytest.approx(qc_rows.loc[low, "zs_is_knee"].mean())
+    assert len(qc["failures"]) == min(12, int((~qc_rows["zs_is_knee"]).sum()))
 
     _, _, knee = read_predictions(prediction_path(tiny_run, "biomedclip_zeroshot", "knee_id"))
     assert (knee["y_true"] == 1).all()
-    np.testing.assert_allclose(knee["prob_1"], manifest["zs_knee_prob"])
+    np.testing.assert_allclose(knee["prob_1"], qc_rows["zs_knee_prob"])
     _, _, klg = read_predictions(prediction_path(tiny_run, "biomedclip_zeroshot", "klg"))
     assert list(klg["y_true"]) == list(manifest["klg"]) and klg.filter(like="prob_").shape[1] == 5
     rec = read_arms(tiny_run)["biomedclip_zeroshot"]
@@ -82,8 +86,28 @@ def test_zeroshot_qc_and_klg(tiny_run, standin_snapshots):
 
     section = zeroshot_section(tiny_run, cfg)
     assert f"{100 * qc['overall']['share']:.2f}%" in section and "low_quality = true" in section
-    if qc["failures"]:
-        assert "data:image/png;base64" in section
+    assert section.count("data:image/png;base64") == min(6, len(qc["failures"]))  # one thumbnail per listed miss
+
+
+def test_a_miss_is_shown_with_its_image(tiny_run, standin_snapshots):
+    """The knee label ranked last for every image: every image is a miss, and the section shows thumbnails."""
+    cfg = _cfg(standin_snapshots)
+    cfg.zeroshot.labels = [*cfg.zeroshot.labels, "knee X-ray of nothing"]
+    cfg.zeroshot.knee_label = "knee X-ray of nothing"
+    zeroshot.run(tiny_run, cfg)
+    qc = read_zeroshot_summary(tiny_run)
+    misses = int(qc["overall"]["n"]) - int(qc["overall"]["identified"])
+    assert misses > 0
+    assert len(qc["failures"]) == min(12, misses)
+    assert zeroshot_section(tiny_run, cfg).count("data:image/png;base64") == min(6, misses)
+
+
+def test_an_encoder_without_text_cannot_do_zero_shot(tiny_run):
+    cfg = Config()
+    cfg.zeroshot.encoder = "rad-dino"
+    with pytest.raises(ConfigError, match="zeroshot.encoder 'rad-dino' has no text tower.*Use one of: biomedclip"):
+        zeroshot.run(tiny_run, cfg)
+    assert not (tiny_run / "arms").exists()
 
 
 def test_zeroshot_reuses_projected_embeddings(tiny_run, standin_snapshots, monkeypatch):

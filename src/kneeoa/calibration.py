@@ -103,8 +103,13 @@ def reliability_table(y: np.ndarray, probs: np.ndarray, *, n_bins: int = 10) -> 
                          "n": n[keep], "confidence": mean(conf), "observed": mean(outcome)})
 
 
+#: The calibration losses `calibration_metrics` returns (lower is better), as named in the metrics tables.
+CALIBRATION_METRICS = ("ece", "brier")
+
+
 def calibration_metrics(n_bins: int):
-    """{"ece": (point, weighted), "brier": (point, weighted)} with `n_bins` bound, for `kneeoa.stats.bootstrap_ci`."""
+    """{"ece": (point, weighted), "brier": (point, weighted)} with `n_bins` bound, for
+    `kneeoa.bootstrap.bootstrap_ci`."""
     bin_index(np.zeros(1), n_bins)  # validates n_bins once, with the config's name in the message
     return {
         "ece": (lambda y, p: ece(y, p, n_bins=n_bins), lambda y, p, w: weighted_ece(y, p, w, n_bins=n_bins)),

@@ -27,16 +27,7 @@ from PIL import Image
 from scipy import ndimage
 
 from kneeoa.errors import ConfigError
-
-#: Which masks (RUN_DIR/masks/<image_id>.npz keys) define each task's feature. KLG is scored against the union of the
-#: three feature masks: KL grades are defined by osteophytes and joint-space narrowing, and the whole-joint mask
-#: (`joint`) would reward a map for merely looking at the knee.
-TASK_MASKS: dict[str, tuple[str, ...]] = {
-    "osteophytes": ("osteophytes",),
-    "jsn": ("jsn",),
-    "sclerosis": ("sclerosis",),
-    "klg": ("osteophytes", "jsn", "sclerosis"),
-}
+from kneeoa.tasks import TASKS, get_task
 
 
 def _require_gradcam():
@@ -140,13 +131,15 @@ def resize_map(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def task_mask(masks: dict[str, np.ndarray], task: str) -> np.ndarray:
-    """The boolean mask that defines `task`'s feature (see TASK_MASKS), from one image's mask arrays."""
-    if task not in TASK_MASKS:
-        raise ConfigError(f"No feature mask defines task '{task}'. Tasks with masks: {', '.join(TASK_MASKS)}.")
-    missing = [k for k in TASK_MASKS[task] if k not in masks]
+    """The boolean mask that defines `task`'s feature (the union of its entry's `masks`), from one image's arrays."""
+    names = get_task(task).masks
+    if not names:
+        with_masks = [n for n, t in TASKS.items() if t.masks]
+        raise ConfigError(f"No feature mask defines task '{task}'. Tasks with masks: {', '.join(with_masks)}.")
+    missing = [k for k in names if k not in masks]
     if missing:
         raise KeyError(f"mask file lacks array(s) {missing}; it has {sorted(masks)}.")
-    return np.logical_or.reduce([np.asarray(masks[k], dtype=bool) for k in TASK_MASKS[task]])
+    return np.logical_or.reduce([np.asarray(masks[k], dtype=bool) for k in names])
 
 
 def energy_in_mask(cam: np.ndarray, mask: np.ndarray) -> float:

@@ -10,18 +10,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
-from rich.markup import escape
 
-from kneeoa.config import Config, load_config, preset
-from kneeoa.errors import KneeoaError
+from kneeoa.commands_common import config_or_defaults as _cfg
+from kneeoa.commands_common import console
+from kneeoa.commands_common import guard as _guard
+from kneeoa.commands_common import run_config as _run_cfg
+from kneeoa.commands_prepare import prepare_app
+from kneeoa.config import preset
+from kneeoa.config_checks import load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Reproduce and audit the knee-radiograph OA feature study, end to end.")
-prepare_app = typer.Typer(no_args_is_help=True, help="Import a data source into RUN_DIR/manifest.parquet.")
 app.add_typer(prepare_app, name="prepare")
-console = Console(stderr=True)
 
 RunDir = Annotated[Path, typer.Option("--out", "-o", help="Run folder to write (created if missing).")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Study YAML; default: built-in defaults.")]
@@ -31,25 +32,6 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Study YA
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
-
-
-def _cfg(path: Path | None) -> Config:
-    return load_config(path) if path else Config()
-
-
-def _run_cfg(run_dir: Path) -> Config:
-    """The config a run folder was made with (RUN_DIR/config.yaml), else defaults."""
-    path = Path(run_dir) / "config.yaml"
-    return load_config(path) if path.exists() else Config()
-
-
-def _guard(fn, *args, **kwargs):
-    """Run a command body; user-fixable errors print one clear line and exit 2 instead of a traceback."""
-    try:
-        return fn(*args, **kwargs)
-    except KneeoaError as e:
-        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(2) from e
 
 
 @app.command()
@@ -80,19 +62,25 @@ def run_cmd(config: Annotated[Path, typer.Argument(help="Study YAML (partial: mi
 
 
 @app.command()
-def phantom(out: RunDir, patients: Annotated[int, typer.Option(help="Number of patients.")] = 100,
-            visits: Annotated[int, typer.Option(help="Visits per patient.")] = 2,
-            seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
-            image_size: Annotated[int, typer.Option(help="Crop size in pixels.")] = 224,
-            low_quality_share: Annotated[float, typer.Option(help="Share of deliberately low-quality images.")] = 0.08,
+def phantom(out: RunDir, patients: Annotated[int | None, typer.Option(help="Number of patients.")] = None,
+            visits: Annotated[int | None, typer.Option(help="Visits per patient.")] = None,
+            seed: Annotated[int | None, typer.Option(help="Random seed (same seed, same bytes).")] = None,
+            image_size: Annotated[int | None, typer.Option(help="Crop size in pixels.")] = None,
+            low_quality_share: Annotated[float | None, typer.Option(
+                help="Share of deliberately low-quality images.")] = None,
             config: ConfigOpt = None) -> None:
-    """Generate synthetic knee radiographs with known features into OUT (crops, masks, manifest)."""
+    """Generate synthetic knee radiographs with known features into OUT (crops, masks, manifest).
+
+    Each option overrides the config (--config, else the defaults) only when given.
+    """
     from kneeoa.stages.prepare import prepare
 
     cfg = _cfg(config)
-    cfg.seed = seed
-    cfg.data.patients, cfg.data.visits = patients, visits
-    cfg.data.image_size, cfg.data.low_quality_share = image_size, low_quality_share
+    cfg.seed = cfg.seed if seed is None else seed
+    given = {"patients": patients, "visits": visits, "image_size": image_size, "low_quality_share": low_quality_share}
+    for key, value in given.items():
+        if value is not None:
+            setattr(cfg.data, key, value)
     df = _guard(prepare, out, cfg, source="phantom")
     typer.echo(f"{len(df)} images of {df['patient_id'].nunique()} patients -> {out / 'manifest.parquet'}")
 
@@ -110,7 +98,7 @@ def phantom_release(
     workers: Annotated[int, typer.Option(help="Processes rendering films.")] = 2,
 ) -> None:
     """Write an OAI-shaped release of phantom bilateral PA knee films (DICOM), for `kneeoa prepare oai OUT`."""
-    from kneeoa.data.phantom_films import write_phantom_release
+    from kneeoa.data.phantom.films import write_phantom_release
 
     kwargs = {"spacings_mm": tuple(spacing_mm)} if spacing_mm else {}
     truth = _guard(write_phantom_release, out, patients=patients, visits=visits, seed=seed,
@@ -120,41 +108,19 @@ def phantom_release(
                f"{Path(out) / 'truth.csv'}")
 
 
-def _prepare(source: str, path: Path, out: Path, config: Path | None) -> None:
-    from kneeoa.stages.prepare import prepare
-
-    df = _guard(prepare, out, _cfg(config), source=source, path=path)
-    typer.echo(f"{len(df)} images of {df['patient_id'].nunique()} patients -> {out / 'manifest.parquet'}; "
-               f"data report: {out / 'data_report.json'}")
-
-
-@prepare_app.command("folders")
-def prepare_folders(path: Annotated[Path, typer.Argument(help="<root>/[<split>/]<KL>/<id><L|R>.png tree.")],
-                    out: RunDir, config: ConfigOpt = None) -> None:
-    """Import a folder-per-grade set such as kneeKL224 (KL only)."""
-    _prepare("folders", path, out, config)
-
-
-@prepare_app.command("oai")
-def prepare_oai(path: Annotated[Path, typer.Argument(help="OAI release folder (contents.csv + kXR_SQ_BU tables).")],
-                out: RunDir, config: ConfigOpt = None) -> None:
-    """Import an OAI-shaped release: bilateral PA DICOM films -> per-knee crops with OARSI and KL readings."""
-    _prepare("oai", path, out, config)
-
-
-@prepare_app.command("csv")
-def prepare_csv(path: Annotated[Path, typer.Argument(help="Table with image path, patient id, side, visit, labels.")],
-                out: RunDir, config: ConfigOpt = None) -> None:
-    """Import hospital data described by a CSV table (columns mapped by data.csv_columns)."""
-    _prepare("csv", path, out, config)
-
-
 def _stage_command(name: str, doc: str) -> None:
     def command(run_dir: Annotated[Path, typer.Argument(help="Run folder.")], config: ConfigOpt = None) -> None:
-        from kneeoa.stages import get_stage
+        from kneeoa.runlock import run_lock
+        from kneeoa.stages import check_inputs, get_stage
 
-        cfg = load_config(config) if config else _run_cfg(run_dir)
-        _guard(get_stage(name), run_dir, cfg)
+        cfg = _cfg(config) if config else _run_cfg(run_dir)
+        _guard(check_inputs, name, run_dir)  # before the lock, which would create a mistyped folder
+
+        def locked() -> None:
+            with run_lock(run_dir, f"kneeoa {name} {run_dir}"):
+                get_stage(name)(run_dir, cfg)
+
+        _guard(locked)
 
     command.__doc__ = doc
     app.command(name)(command)
@@ -177,6 +143,9 @@ app.add_typer(models_app, name="models")
 app.command("embed")(embed_cmd)
 app.command("boost")(boost_cmd)
 app.command("zeroshot")(zeroshot_cmd)
+from kneeoa.commands_pretrain import pretrain_cmd  # noqa: E402
+
+app.command("pretrain")(pretrain_cmd)
 
 # --- using a trained arm: model package, batch prediction, web viewer (kneeoa.commands_deploy) -----------------------
 from kneeoa.commands_deploy import export_cmd, predict_cmd, serve_cmd  # noqa: E402

@@ -10,16 +10,12 @@ from typing import Annotated
 
 import typer
 
+from kneeoa.commands_common import guard as _guard
+
 ModelDir = Annotated[Path, typer.Argument(help="Model package folder (made by `kneeoa export`).")]
 EncoderWeights = Annotated[Path | None, typer.Option(
     "--encoder-weights", help="Embedding arms: the encoder snapshot folder on this machine (default: where the run "
     "loaded it from).")]
-
-
-def _guard(fn, *args, **kwargs):
-    from kneeoa import cli  # imported late: kneeoa.cli registers these commands at import time
-
-    return cli._guard(fn, *args, **kwargs)
 
 
 def export_cmd(run_dir: Annotated[Path, typer.Argument(help="Run folder whose arm ran.")],

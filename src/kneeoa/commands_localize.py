@@ -12,14 +12,15 @@ import typer
 
 
 def _guard(fn, *args, **kwargs):
-    from kneeoa.cli import _guard as guard
+    from kneeoa.commands_common import guard
 
     return guard(fn, *args, **kwargs)
 
 
 def localize_cmd(
     films: Annotated[list[Path], typer.Argument(help="Film files: DICOM, PNG or JPEG.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for crops/, overview/ and localize.csv.")],
+    out: Annotated[Path, typer.Option("--out", "-o",
+                                      help="Folder for crops/, overview/ (PNG + JSON) and localize.csv.")],
     kind: Annotated[str, typer.Option(help="bilateral (two knees, right on the image left) or single.")] = "bilateral",
     side: Annotated[str | None, typer.Option(help="R or L: the knee single-knee films show.")] = None,
     localizer: Annotated[str, typer.Option(help="Registered localiser: heatmap or profile.")] = "heatmap",
@@ -58,14 +59,16 @@ def crop_films_cmd(
 
 def localize_train_cmd(
     crops: Annotated[Path, typer.Argument(help="kneeKL224-style folder; its train split is used.")],
-    out: Annotated[Path | None, typer.Option(help="Weights file; default: the packaged one (overwritten).")] = None,
+    stage: Annotated[str, typer.Option(help="Network to train: coarse (whole film, 3 mm) or refine (1 mm window).")
+                     ] = "coarse",
+    out: Annotated[Path | None, typer.Option(help="Weights file; default: the stage's packaged one (overwritten).")
+                   ] = None,
     films: Annotated[int, typer.Option(help="Training films drawn in memory.")] = 2400,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed (same seed and machine, same weights).")] = 0,
 ) -> None:
-    """Retrain the heatmap knee localiser on CPU from films composed from train crops and phantom films."""
-    from kneeoa.data.localize_heatmap import WEIGHTS
-    from kneeoa.data.localize_train import train_localizer
+    """Retrain one network of the heatmap knee localiser on CPU from films composed from train crops and phantoms."""
+    from kneeoa.data.localize_train import STAGES, train_localizer
 
-    result = _guard(train_localizer, crops, out=out or WEIGHTS, films=films, epochs=epochs, seed=seed)
-    typer.echo(" ".join(f"{k}={v:.3g}" for k, v in result.items()) + f" -> {out or WEIGHTS}")
+    result = _guard(train_localizer, crops, stage=stage, out=out, films=films, epochs=epochs, seed=seed)
+    typer.echo(" ".join(f"{k}={v:.3g}" for k, v in result.items()) + f" -> {out or STAGES[stage][1]}")

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kneeoa.commands_common import guard, run_config
 from kneeoa.config import Config
 
 models_app = typer.Typer(no_args_is_help=True, help="Foundation-model weights: what a study needs, fetch, verify.")
@@ -22,23 +23,19 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Study YA
 WeightsOpt = Annotated[Path | None, typer.Option("--weights", "-w", help="Snapshot folder in the hub layout.")]
 
 
-def _cli():
-    from kneeoa import cli  # imported late: kneeoa.cli registers these commands at import time
-
-    return cli
-
-
 def _config(run_dir: Path | None, config: Path | None) -> Config:
-    from kneeoa.config import load_config
+    from kneeoa.config_checks import load_config
 
     if config:
         return load_config(config)
-    return _cli()._run_cfg(run_dir) if run_dir else Config()
+    return run_config(run_dir) if run_dir else Config()
 
 
 @models_app.command("list")
 def models_list(weights_root: Annotated[Path | None, typer.Option(help="Folder with one snapshot per encoder.")] = None,
-                config: ConfigOpt = None) -> None:
+                config: ConfigOpt = None,
+                run: Annotated[Path | None, typer.Option(help="Also list the encoders pretrained in this run folder "
+                                                         "(RUN_DIR/encoders/, `kneeoa pretrain`).")] = None) -> None:
     """Show the weights a study needs (encoders, CNN backbones) and where each would load from now (no download)."""
     from kneeoa.models.foundation import features_for, get_encoder_spec, weights_for
     from kneeoa.models.hub import locate_snapshot
@@ -63,9 +60,13 @@ def models_list(weights_root: Annotated[Path | None, typer.Option(help="Folder w
     for name in cnn.backbones:
         hp = backbone_cfg(cnn, name)
         bb = BACKBONES.get(name)
-        _, where = _cli()._guard(resolve_pretrained, bb, hp.pretrained, hp.weights.get(name))
+        _, where = guard(resolve_pretrained, bb, hp.pretrained, hp.weights.get(name))
         backbones.add_row(name, bb.hub_id, where)
     console.print(backbones)
+    if run is not None:
+        from kneeoa.commands_pretrain import run_encoders_table
+
+        console.print(run_encoders_table(run))
 
 
 @models_app.command("fetch")
@@ -76,7 +77,7 @@ def models_fetch(names: Annotated[list[str] | None, typer.Argument(help="Encoder
     from kneeoa.models.foundation import fetch_encoder, list_encoders
 
     for name in names or list_encoders():
-        path = _cli()._guard(fetch_encoder, name, dest / name)
+        path = guard(fetch_encoder, name, dest / name)
         console.print(f"{name}: {path}")
     console.print(f"Use them with `--weights {dest}/<encoder>` or the config key foundation.weights_root: {dest}.")
 
@@ -107,7 +108,7 @@ def verify_encoder(name: str, weights: Path | None) -> list[str]:
 def models_verify(name: Annotated[str, typer.Argument(help="Encoder: biomedclip or rad-dino.")],
                   weights: WeightsOpt = None) -> None:
     """Check that a snapshot has the files, loads offline and gives the published embedding sizes."""
-    problems = _cli()._guard(verify_encoder, name, weights)
+    problems = guard(verify_encoder, name, weights)
     for line in problems:
         console.print(f"[bold red]error:[/] {line}")
     if problems:
@@ -118,35 +119,38 @@ def embed_cmd(run_dir: Annotated[Path, typer.Argument(help="Run folder.")],
               encoder: Annotated[str | None, typer.Option(help="biomedclip or rad-dino (default: all in config).")]
               = None, weights: WeightsOpt = None, config: ConfigOpt = None) -> None:
     """Embed every manifest image with frozen foundation encoders into RUN_DIR/embeddings/ (resumable)."""
-    from kneeoa.stages import embed
+    from kneeoa.stages import check_inputs, embed
 
     cfg = _config(run_dir, config)
+    guard(check_inputs, "embed", run_dir)
     if encoder is None:
         if weights is not None:
             raise typer.BadParameter("--weights needs --encoder (which model the folder holds).")
-        _cli()._guard(embed.run, run_dir, cfg)
+        guard(embed.run, run_dir, cfg)
     else:
-        _cli()._guard(embed.embed_one, run_dir, encoder, weights, cfg)
+        guard(embed.embed_one, run_dir, encoder, weights, cfg)
 
 
 def boost_cmd(run_dir: Annotated[Path, typer.Argument(help="Run folder.")],
               encoder: Annotated[str | None, typer.Option(help="Only this encoder's arms.")] = None,
               config: ConfigOpt = None) -> None:
     """Fit XGBoost and linear-probe heads on the embeddings; write their prediction tables."""
-    from kneeoa.stages import boost
+    from kneeoa.stages import boost, check_inputs
 
     cfg = _config(run_dir, config)
+    guard(check_inputs, "boost", run_dir)
     if encoder is not None:
         cfg.foundation.encoders = [encoder]
-    _cli()._guard(boost.run, run_dir, cfg)
+    guard(boost.run, run_dir, cfg)
 
 
 def zeroshot_cmd(run_dir: Annotated[Path, typer.Argument(help="Run folder.")], weights: WeightsOpt = None,
                  config: ConfigOpt = None) -> None:
-    """BiomedCLIP zero-shot: anatomy QC (is it a knee?) and KL grading by prompts."""
-    from kneeoa.stages import zeroshot
+    """Zero-shot with an image-text encoder (zeroshot.encoder): anatomy QC (is it a knee?) and KL grading by prompts."""
+    from kneeoa.stages import check_inputs, zeroshot
 
     cfg = _config(run_dir, config)
+    guard(check_inputs, "zeroshot", run_dir)
     if weights is not None:
-        cfg.foundation.weights["biomedclip"] = str(weights)
-    _cli()._guard(zeroshot.run, run_dir, cfg)
+        cfg.foundation.weights[cfg.zeroshot.encoder] = str(weights)
+    guard(zeroshot.run, run_dir, cfg)

@@ -12,21 +12,24 @@ XGBoost search (`foundation.xgb_grid`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from kneeoa.errors import ConfigError
 
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
 
 @dataclass
 class DataCfg:
-    source: str = "phantom"  # phantom | folders | oai | csv | manifest (an existing RUN_DIR/manifest.parquet)
+    source: str = "phantom"  # an importer (kneeoa.data.importers: phantom | folders | oai | csv) or manifest (an
+    # existing RUN_DIR/manifest.parquet)
     path: str | None = None  # source folder or table (not used by the phantom)
     patients: int = 400  # phantom: number of patients
     visits: int = 2  # phantom: visits per patient
@@ -42,6 +45,8 @@ class DataCfg:
     localizer: str = "heatmap"  # knee localiser for films (kneeoa.data.localize.LOCALIZERS): heatmap | profile
     default_spacing_mm: float | None = None  # films without pixel spacing: assume this (mm); None quarantines them
     csv_kind: str = "auto"  # csv importer without a `kind` column: auto | crop | single | bilateral
+    # importer -> its own options, for importers whose options are not fields above (kneeoa.data.importers)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,7 +87,7 @@ class CnnCfg:
     num_nodes: int = 1  # passed to Lightning (SLURM / torchrun multi-node)
     precision: str = "auto"  # auto: bf16-mixed on CPUs with bf16, 16-mixed on GPU, else 32; or a Lightning value
     channels_last: str = "auto"  # auto: on for ResNets, off for ConvNeXt (slower on CPU); true | false
-    num_workers: int = 0
+    num_workers: int = 0  # training-batch worker processes (fetch + augmentation); 0 = inline, best on CPU only
     max_train_images: int | None = None  # cap for quick runs; None = all
 
 
@@ -93,8 +98,9 @@ class FoundationCfg:
     weights_root: str | None = None  # folder with one snapshot per encoder (<root>/biomedclip, <root>/rad-dino)
     device: str = "auto"  # auto (cuda when visible, else cpu) | cpu | cuda | cuda:N
     batch_size: int = 16
-    biomedclip_features: str = "projected"  # projected (512-d) | pre_projection (768-d)
-    raddino_features: str = "cls"  # cls (pooler_output, 768-d) | cls_mean_patch (1536-d)
+    # encoder -> feature choice (`kneeoa models list` shows each entry's choices); unset: the entry's first choice,
+    # e.g. biomedclip: projected (512-d) | pre_projection (768-d); rad-dino: cls (768-d) | cls_mean_patch (1536-d)
+    features: dict[str, str] = field(default_factory=dict)
     precision: str = "auto"  # auto: bf16 on CPUs with bf16 / GPUs; fp32
     linear_probe: bool = True
     linear_c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])  # chosen on val
@@ -109,6 +115,7 @@ class FoundationCfg:
 @dataclass
 class ZeroShotCfg:
     enabled: bool = True
+    encoder: str = "biomedclip"  # an image-text encoder whose registry entry says it can do zero-shot
     template: str = "this is a photo of {label}"  # BiomedCLIP model card template
     knee_label: str = "knee X-ray"
     labels: list[str] = field(default_factory=lambda: [
@@ -145,6 +152,25 @@ class ExplainCfg:
 
 
 @dataclass
+class PretrainCfg:
+    """Self-supervised pretraining of a knee encoder (`kneeoa pretrain`, `kneeoa.stages.pretrain`)."""
+
+    backbone: str = "twobranch"  # a cnn backbone (kneeoa.models.cnn.BACKBONES)
+    image_size: int = 160
+    method: str = "simclr"  # kneeoa.stages.pretrain.METHODS
+    epochs: int = 100  # upper bound; max_minutes usually ends training first
+    batch_size: int = 256  # images per step (two views each)
+    lr: float = 0.002  # AdamW peak, cosine-annealed within whichever of epochs / max_minutes ends first
+    weight_decay: float = 1e-4
+    temperature: float = 0.2
+    max_minutes: float = 35.0
+    # Only train images by default: pretraining on val/test images would let the encoder see the evaluation images.
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    extra_dirs: list[str] = field(default_factory=list)  # further unlabelled image folders (searched recursively)
+    checkpoint_every_s: float = 60.0  # resume state written at least this often
+
+
+@dataclass
 class Config:
     name: str = "study"
     seed: int = 0
@@ -157,9 +183,10 @@ class Config:
     zeroshot: ZeroShotCfg = field(default_factory=ZeroShotCfg)
     stats: StatsCfg = field(default_factory=StatsCfg)
     explain: ExplainCfg = field(default_factory=ExplainCfg)
+    pretrain: PretrainCfg = field(default_factory=PretrainCfg)
 
 
-def _check_type(value: Any, tp: Any, where: str) -> Any:
+def check_type(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -171,7 +198,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _check_type(value, a, where)
+                return check_type(value, a, where)
             except ConfigError:
                 continue
         raise ConfigError(f"{where} must be {tp}. Got {value!r}.")
@@ -179,13 +206,15 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where} must be a list. Got {value!r}.")
         (inner,) = typing.get_args(tp)
-        return [_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping. Got {value!r}.")
         return dict(value)
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads `1e-3` (no dot) as text; people write floats that way
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp in (str, bool) and isinstance(value, tp):
@@ -207,7 +236,7 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _from_dict(tp, value, f"{where}.{key}")
         else:
-            kwargs[key] = _check_type(value, tp, f"{where}.{key}")
+            kwargs[key] = check_type(value, tp, f"{where}.{key}")
     return cls(**kwargs)
 
 
@@ -218,21 +247,26 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Keys of earlier versions -> (section, mapping key, entry): read into their new place, so old run folders load.
+_RENAMED = {"biomedclip_features": ("foundation", "features", "biomedclip"),
+            "raddino_features": ("foundation", "features", "rad-dino")}
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A config written by an earlier version, with its renamed keys moved to where they live now."""
+    section = data.get("foundation")
+    if not isinstance(section, dict) or not set(section) & set(_RENAMED):
+        return data
+    section = dict(section)
+    for old, (_, key, entry) in _RENAMED.items():
+        if old in section:
+            section.setdefault(key, {}).setdefault(entry, section.pop(old))
+    return {**data, "foundation": section}
+
+
 def config_from_dict(data: dict[str, Any], where: str = "config") -> Config:
     """Build a Config from a (partial) mapping; unknown keys and wrong types raise ConfigError naming the key."""
-    return _from_dict(Config, data or {}, where)
-
-
-def load_config(path: Path) -> Config:
-    """Read a study YAML (a partial config: missing keys keep their defaults)."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"Config file {path} does not exist.")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from e
-    return config_from_dict(data, where=str(path))
+    return _from_dict(Config, _upgrade(data or {}), where)
 
 
 def preset(name: str) -> Config:

@@ -23,3 +23,7 @@ class WeightsNotFoundError(KneeoaError, FileNotFoundError):
 
 class DataError(KneeoaError, ValueError):
     """A source file (image, DICOM, reading table) cannot be used as given."""
+
+
+class MissingInputError(KneeoaError, FileNotFoundError):
+    """A stage's input file is not in the run folder (names the file and the command that makes it)."""

@@ -3,7 +3,8 @@
 `XGBHead` wraps XGBoost's native API so that a task always gets all K probability columns (a KL grade absent from a
 small training split still gets its column), early-stops on a validation set passed to `fit`, and weights classes
 by inverse frequency. `clone`, `get_params` and pickling work as for any scikit-learn classifier. A fitted head is
-kept as one XGBoost JSON model file (`XGBHead.save` / `XGBHead.load`), at `head_path` in a run folder.
+kept as one XGBoost JSON model file (`XGBHead.save` / `XGBHead.load`), at `kneeoa.runfolder.heads.head_path` in a
+run folder.
 """
 
 from __future__ import annotations
@@ -152,8 +153,3 @@ class XGBHead(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
-
-
-def head_path(run_dir: Path, arm: str, task: str) -> Path:
-    """Where the boost stage keeps an arm's fitted head for one task: RUN_DIR/heads/<arm>/<task>.json."""
-    return Path(run_dir) / "heads" / arm / f"{task}.json"

@@ -4,6 +4,10 @@ Every metric takes the prediction-table view of one arm x task x split: `y_true`
 (n, K) float class probabilities and optionally `pred` (n,) the arm's decoded classes (the table's `y_pred`), and
 returns one float (NaN where undefined, e.g. AUC with one class present). Hard predictions are `pred`, or the argmax
 of `probs` when it is not given. Scores are higher-is-better (scikit-learn's `_score` meaning).
+
+Each entry also carries its weighted form (`kneeoa.weighted`), which the bootstrap evaluates under all resamples at
+once; `Metric.weighted_fn` falls back to the brute-force form for a metric registered without one. This is the one
+metric registry: evaluation, statistics, model selection and the report all read it.
 """
 
 from __future__ import annotations
@@ -14,27 +18,36 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn import metrics as skm
 
+from kneeoa import weighted as w
 from kneeoa.registry import Registry
 from kneeoa.tasks import Task
 
 
 @dataclass(frozen=True)
 class Metric:
-    """A registered metric: `fn(y_true, probs, pred=None) -> float` and the task kinds it applies to."""
+    """A registered metric: `fn(y_true, probs, pred=None) -> float`, the task kinds it applies to, and its weighted
+    form `weighted(y_true, probs, weights (B, n), pred=None) -> (B,)` for the bootstrap (None: brute force)."""
 
     name: str
     fn: Callable[..., float]
     kinds: tuple[str, ...] = ("binary", "ordinal")
     higher_is_better: bool = True
     needs_probs: bool = False
+    weighted: w.WeightedFn | None = None
+
+    @property
+    def weighted_fn(self) -> w.WeightedFn:
+        """The vectorised weighted form, or the brute-force one (`kneeoa.weighted.resampled`) when there is none."""
+        return self.weighted if self.weighted is not None else w.resampled(self.fn)
 
 
 METRICS: Registry[Metric] = Registry("metric")
 
 
-def _metric(name: str, kinds: tuple[str, ...] = ("binary", "ordinal"), needs_probs: bool = False):
+def _metric(name: str, weighted: w.WeightedFn | None, kinds: tuple[str, ...] = ("binary", "ordinal"),
+            needs_probs: bool = False, higher_is_better: bool = True):
     def wrap(fn):
-        METRICS.add(name, Metric(name, fn, kinds, True, needs_probs))
+        METRICS.add(name, Metric(name, fn, kinds, higher_is_better, needs_probs, weighted))
         return fn
 
     return wrap
@@ -48,39 +61,39 @@ def _labels(probs: np.ndarray) -> np.ndarray:
     return np.arange(np.asarray(probs).shape[1])
 
 
-@_metric("accuracy")
+@_metric("accuracy", w.weighted_accuracy)
 def accuracy(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     return float(np.mean(np.asarray(y_true) == _pred(probs, pred)))
 
 
-@_metric("balanced_accuracy")
+@_metric("balanced_accuracy", w.weighted_balanced_accuracy)
 def balanced_accuracy(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """Mean recall over the classes present in y_true."""
     y, p = np.asarray(y_true), _pred(probs, pred)
     return float(np.mean([np.mean(p[y == c] == c) for c in np.unique(y)]))
 
 
-@_metric("f1_macro")
+@_metric("f1_macro", w.weighted_f1_macro)
 def f1_macro(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """Unweighted mean F1 over all K classes (a class never predicted nor present scores 0)."""
     return float(skm.f1_score(y_true, _pred(probs, pred), labels=_labels(probs), average="macro", zero_division=0))
 
 
-@_metric("sensitivity", kinds=("binary",))
+@_metric("sensitivity", w.weighted_sensitivity, kinds=("binary",))
 def sensitivity(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """TP / (TP + FN) for class 1; NaN without positives."""
     y, p = np.asarray(y_true), _pred(probs, pred)
     return float(np.mean(p[y == 1] == 1)) if (y == 1).any() else float("nan")
 
 
-@_metric("specificity", kinds=("binary",))
+@_metric("specificity", w.weighted_specificity, kinds=("binary",))
 def specificity(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """TN / (TN + FP); NaN without negatives."""
     y, p = np.asarray(y_true), _pred(probs, pred)
     return float(np.mean(p[y == 0] == 0)) if (y == 0).any() else float("nan")
 
 
-@_metric("auc", needs_probs=True)
+@_metric("auc", w.weighted_auc, needs_probs=True)
 def auc(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """ROC AUC: binary on prob_1; multiclass one-vs-rest macro over the classes present. NaN with one class."""
     y, probs = np.asarray(y_true), np.asarray(probs, dtype="float64")
@@ -92,12 +105,12 @@ def auc(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -
     return float(np.mean([skm.roc_auc_score(y == c, probs[:, c]) for c in present]))
 
 
-@_metric("kappa_linear", kinds=("ordinal",))
+@_metric("kappa_linear", w.weighted_kappa("linear"), kinds=("ordinal",))
 def kappa_linear(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     return float(skm.cohen_kappa_score(y_true, _pred(probs, pred), labels=_labels(probs), weights="linear"))
 
 
-@_metric("kappa_quadratic", kinds=("ordinal",))
+@_metric("kappa_quadratic", w.weighted_kappa("quadratic"), kinds=("ordinal",))
 def kappa_quadratic(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """Quadratic-weighted Cohen's kappa, the paper's KLG metric."""
     return float(skm.cohen_kappa_score(y_true, _pred(probs, pred), labels=_labels(probs), weights="quadratic"))

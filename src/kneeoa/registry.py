@@ -54,6 +54,12 @@ class Registry(Generic[T]):
             raise ConfigError(f"Unknown {self.kind} '{name}'. Valid: {valid}.{hint}")
         return self._entries[key]
 
+    def remove(self, name: str) -> T:
+        """Unregister `name` (an entry added for a while, e.g. a plugin or a test's toy entry); returns it."""
+        entry = self.get(name)
+        del self._entries[str(name).lower()]
+        return entry
+
     def update(self, entries: dict[str, T]) -> None:
         """Add several entries, in order."""
         for name, entry in entries.items():

@@ -42,6 +42,10 @@ class Task:
         sources: raw manifest columns the label is derived from (empty: the label column itself is the source).
         reduce: "max" over sites (graded) or "any" over sites at `threshold` (binary).
         threshold: default binarisation threshold for "any" tasks.
+        headline: the metric the paper reports for it, which also selects the CNN epoch (a `kneeoa.metrics` name;
+            empty: the kind's, `HEADLINE_METRIC`).
+        masks: the phantom mask arrays (RUN_DIR/masks/<image_id>.npz keys) whose union is the task's feature, for
+            scoring where Grad-CAM looks; empty: the task is not scored.
     """
 
     name: str
@@ -50,6 +54,8 @@ class Task:
     sources: tuple[str, ...] = ()
     reduce: str = "max"
     threshold: int = 1
+    headline: str = ""
+    masks: tuple[str, ...] = ()
 
     @property
     def n_classes(self) -> int:
@@ -57,8 +63,9 @@ class Task:
 
     @property
     def headline_metric(self) -> str:
-        """The paper's metric for this task: quadratic-weighted kappa for ordinal grades, ROC AUC for binary."""
-        return HEADLINE_METRIC[self.kind]
+        """The paper's metric for this task: `headline`, else quadratic-weighted kappa for ordinal grades and ROC AUC
+        for binary ones."""
+        return self.headline or HEADLINE_METRIC[self.kind]
 
     def derive(self, df: pd.DataFrame, *, threshold: int | None = None) -> pd.Series | None:
         """Label column for this task from `df`'s source columns, or None when the sources are absent.
@@ -93,10 +100,12 @@ def _add(task: Task) -> None:
     TASKS.add(task.name, task)
 
 
-_add(Task("klg", "ordinal", ("KL0", "KL1", "KL2", "KL3", "KL4")))
-_add(Task("osteophytes", "binary", ("absent", "present"), OSTEOPHYTE_SITES, "any"))
-_add(Task("jsn", "binary", ("absent", "present"), JSN_SITES, "any"))
-_add(Task("sclerosis", "binary", ("absent", "present"), SCLEROSIS_SITES, "any"))
+# KLG is scored against the union of the three feature masks: KL grades are defined by osteophytes and joint-space
+# narrowing, and the whole-joint mask (`joint`) would reward a map for merely looking at the knee.
+_add(Task("klg", "ordinal", ("KL0", "KL1", "KL2", "KL3", "KL4"), masks=("osteophytes", "jsn", "sclerosis")))
+_add(Task("osteophytes", "binary", ("absent", "present"), OSTEOPHYTE_SITES, "any", masks=("osteophytes",)))
+_add(Task("jsn", "binary", ("absent", "present"), JSN_SITES, "any", masks=("jsn",)))
+_add(Task("sclerosis", "binary", ("absent", "present"), SCLEROSIS_SITES, "any", masks=("sclerosis",)))
 _add(Task("osteophytes_grade", "ordinal", ("0", "1", "2", "3"), OSTEOPHYTE_SITES, "max"))
 _add(Task("jsn_grade", "ordinal", ("0", "1", "2", "3"), JSN_SITES, "max"))
 _add(Task("sclerosis_grade", "ordinal", ("0", "1", "2", "3"), SCLEROSIS_SITES, "max"))

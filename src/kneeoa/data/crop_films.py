@@ -1,6 +1,6 @@
 """Bilateral PA knee films composed from real knee crops, with known joint centres and sides: a localiser test bed.
 
-Phantom films (`kneeoa.data.phantom_films`) have a deep, high-contrast joint gap; real joint spaces are narrower and
+Phantom films (`kneeoa.data.phantom.films`) have a deep, high-contrast joint gap; real joint spaces are narrower and
 fainter. This module builds films from real crops (kneeKL224: 224 px 8-bit PNGs, `<split>/<KL>/<OAI id><L|R>.png`)
 so a localiser can be tuned and measured on real knee texture:
 

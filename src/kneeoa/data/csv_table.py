@@ -24,6 +24,7 @@ import pandas as pd
 from kneeoa.data.dicom import is_dicom
 from kneeoa.data.importers import ImportResult
 from kneeoa.data.localize import FILM_KINDS, FilmJob, run_film_jobs
+from kneeoa.data.manifest import SPLIT_ALIASES, SPLITS
 from kneeoa.errors import ConfigError, DataError
 from kneeoa.tasks import RAW_GRADE_COLUMNS, TASKS
 
@@ -31,6 +32,7 @@ REQUIRED = ("image_path", "patient_id", "side")
 OPTIONAL = ("visit", "image_id", "kind", "split", "low_quality")
 LABELS = ("klg", *RAW_GRADE_COLUMNS, *(name for name, t in TASKS.items() if t.sources and t.reduce == "any"))
 SIDE_WORDS = {"r": "R", "right": "R", "1": "R", "l": "L", "left": "L", "2": "L"}
+MISSING_WORDS = ("", "na", "n/a", "nan", "null", "none")  # label cells read as "not graded"
 
 
 def _read(source: Path, mapping: dict[str, str]) -> pd.DataFrame:
@@ -51,7 +53,44 @@ def _read(source: Path, mapping: dict[str, str]) -> pd.DataFrame:
                         f"e.g. csv_columns: {{image_path: file}}. Columns present: {list(table.columns)}.")
     df = pd.DataFrame({name: table[col].str.strip() for name, col in cols.items() if col in table})
     df["line"] = range(2, len(df) + 2)
+    for name in (c for c in LABELS if c in df):
+        df[name] = _labels(df, name, source, cols[name])
     return df
+
+
+def _label_range(name: str) -> tuple[int, int]:
+    if name == "klg":
+        return 0, 4
+    if name in RAW_GRADE_COLUMNS:
+        return 0, 3
+    return 0, TASKS.get(name).n_classes - 1
+
+
+def _labels(df: pd.DataFrame, name: str, source: Path, column: str) -> pd.Series:
+    """A label column as Int64: blank or a missing word (NA, NaN, null, none) is <NA>; anything else must be a
+    whole number in the label's range.
+
+    Raises:
+        DataError: naming the CSV line, the column and the value (2.5 is not rounded to a grade, "two" not dropped).
+    """
+    text = df[name].where(~df[name].str.lower().isin(MISSING_WORDS), "")
+    values = pd.to_numeric(text.replace("", None), errors="coerce")
+    lo, hi = _label_range(name)
+    bad = (text != "") & (values.isna() | (values % 1 != 0) | (values < lo) | (values > hi))
+    if bad.any():
+        i = bad[bad].index[0]
+        raise DataError(f"{source} line {df.at[i, 'line']}: column '{column}' ({name}) is {df.at[i, name]!r}; "
+                        f"labels must be whole numbers {lo}-{hi} or blank ({int(bad.sum())} such row(s)). Correct "
+                        "the table; fractional grades are not rounded.")
+    return values.astype("Int64")
+
+
+def _conflict(kept: pd.Series, repeat: pd.Series) -> str:
+    """", with conflicting labels (klg 2 vs 3)" when a repeated knee's labels differ from the kept row's, else ""."""
+    differ = [f"{c} {kept[c]} vs {repeat[c]}" for c in LABELS
+              if c in kept.index and not (pd.isna(kept[c]) and pd.isna(repeat[c])) and
+              (pd.isna(kept[c]) or pd.isna(repeat[c]) or kept[c] != repeat[c])]
+    return f" with conflicting labels ({', '.join(differ)})" if differ else " (same labels)"
 
 
 def _resolve_kind(kind: str, path: Path, sides: set[str]) -> str:
@@ -93,6 +132,8 @@ def import_csv(source: Path, run_dir: Path, cfg) -> ImportResult:
     df["visit"] = pd.to_numeric(df.get("visit", pd.Series("0", index=df.index)), errors="coerce")
     df["path"] = [Path(p) if Path(p).is_absolute() else source.parent / p for p in df["image_path"]]
     df["kind"] = df.get("kind", pd.Series("", index=df.index)).str.lower().replace("", d.csv_kind)
+    if "split" in df:
+        df["split"] = df["split"].str.lower().map(lambda v: SPLIT_ALIASES.get(v, v))
     checks = [
         (df["side"].isna(), lambda r: "side must be R/L (or right/left, 1/2)"),
         (df["visit"].isna() | (df["visit"] % 1 != 0), lambda r: "visit must be a whole number"),
@@ -100,6 +141,9 @@ def import_csv(source: Path, run_dir: Path, cfg) -> ImportResult:
         (~df["kind"].isin((*FILM_KINDS, "auto")), lambda r: f"kind {r['kind']!r} is not one of {FILM_KINDS}"),
         (~df["path"].map(Path.is_file), lambda r: f"image file {r['path']} does not exist"),
     ]
+    if "split" in df:
+        checks.insert(0, (~df["split"].isin(["", *SPLITS]), lambda r: f"split {r['split']!r} is not one of "
+                          f"{', '.join(SPLIT_ALIASES)} (or blank)"))
     ok = pd.Series(True, index=df.index)
     for bad, reason in checks:
         reject(ok & bad, reason)
@@ -107,17 +151,13 @@ def import_csv(source: Path, run_dir: Path, cfg) -> ImportResult:
     df = df[ok].copy()
     df["visit"] = df["visit"].astype(int)
     if "image_id" not in df or (df["image_id"] == "").any():
-        df["image_id"] = df["patient_id"] + "_" + df["side"] + "_V" + df["visit"].map("{:02d}".format)
+        df["image_id"] = [f"{p}_{s}_V{v:02d}" for p, s, v in zip(df["patient_id"], df["side"], df["visit"],
+                                                                  strict=True)]
     dup = df.duplicated("image_id", keep="first")
-    first = df[~dup].set_index("image_id")["line"]
-    reject(dup, lambda r: f"image_id {r['image_id']} repeats line {first[r['image_id']]}")
+    first = df[~dup].set_index("image_id")
+    reject(dup, lambda r: f"image_id {r['image_id']} repeats line {first.at[r['image_id'], 'line']}"
+           f"{_conflict(first.loc[r['image_id']], r)}")
     df = df[~dup]
-
-    for col in (c for c in LABELS if c in df):
-        bad = (df[col] != "") & pd.to_numeric(df[col], errors="coerce").isna()
-        if bad.any():
-            notes.append(f"{source.name}: {int(bad.sum())} non-numeric value(s) in '{col}' (e.g. "
-                         f"{df.loc[bad, col].iloc[0]!r}) treated as missing labels.")
 
     jobs, job_lines = [], []
     for (path, kind), group in df.groupby(["path", "kind"], sort=False):
@@ -155,9 +195,8 @@ def _manifest(df: pd.DataFrame, crops: list[dict]) -> pd.DataFrame:
     out["original_path"] = out["path"].astype(str)
     out["image_path"] = "crops/" + out["image_id"] + ".png"
     out["source"] = "csv"
+    if "split" in out:
+        out["split"] = out["split"].replace("", None)  # blank everywhere: prepare splits by patient
     low = out["low_quality"].str.lower() if "low_quality" in out else pd.Series("", index=out.index)
     out["low_quality"] = low.isin(["1", "true", "yes"])
-    for col in labels:
-        out[col] = pd.to_numeric(out[col].replace("", pd.NA), errors="coerce").astype("Float64").round()
-        out[col] = out[col].astype("Int64")
     return out[base].sort_values("image_id").reset_index(drop=True)

@@ -1,8 +1,9 @@
 """A torch Dataset over the decoded-image cache: uint8 crops at model size with their multi-task labels.
 
 Images come from `kneeoa.data.cache.image_cache` (decoded, mirrored where the manifest says so, resized, uint8), so
-a batch is one fancy-indexing read of a memory-mapped array (`__getitems__`). Conversion to float, augmentation and
-normalisation happen on the whole batch in the training module, not per image.
+a batch is one fancy-indexing read of a memory-mapped array (`__getitems__`, which the DataLoader calls with the
+batch's indices). Conversion to float, augmentation and normalisation happen on the whole batch in the loader's
+collate_fn (`kneeoa.data.augment.BatchTransform`), not per image.
 """
 
 from __future__ import annotations
@@ -45,7 +46,3 @@ class KneeDataset(Dataset):
         x, y = self.__getitems__([i])
         return x[0], {t: v[0] for t, v in y.items()}
 
-
-def keep_batch(batch):
-    """collate_fn for `KneeDataset`: `__getitems__` already returns a collated batch."""
-    return batch

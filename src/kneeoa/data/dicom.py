@@ -65,12 +65,20 @@ def require_pydicom(caller: str):
 
 
 def _spacing(ds) -> tuple[float, float] | None:
+    """(row, col) mm from ImagerPixelSpacing, else PixelSpacing; a value that is not two numbers is a DataError."""
     for tag in ("ImagerPixelSpacing", "PixelSpacing"):
-        value = ds.get(tag)
-        if value is not None and len(value) == 2:
+        try:
+            value = ds.get(tag)
+            if value is None or len(value) != 2:
+                continue
             row, col = float(value[0]), float(value[1])
-            if row > 0 and col > 0:
-                return row, col
+        except (ValueError, TypeError, OverflowError) as e:
+            raw = ds[tag].value if tag in ds else None
+            where = getattr(ds, "filename", None) or "DICOM file"
+            raise DataError(f"{where}: {tag} is {raw!r}, not two numbers in mm ({e}). Correct the tag or remove the "
+                            "file.") from e
+        if row > 0 and col > 0:
+            return row, col
     return None
 
 

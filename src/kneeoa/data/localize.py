@@ -27,11 +27,7 @@ missed one is reported with its own reason.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import sys
-from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -41,6 +37,8 @@ from scipy.ndimage import gaussian_filter1d
 
 from kneeoa.data.dicom import is_dicom, read_dicom
 from kneeoa.data.images import load_gray, resize, save_gray16
+from kneeoa.data.overview import draw_overview
+from kneeoa.data.pool import process_map
 from kneeoa.errors import DataError
 from kneeoa.registry import Registry
 
@@ -216,19 +214,12 @@ def localize_profile(image: np.ndarray, spacing_mm: tuple[float, float], *, knee
     return [replace(k, row_px=(k.row_px + 0.5) * sr - 0.5, col_px=(k.col_px + 0.5) * sc - 0.5) for k in found]
 
 
-Localizer = Callable[..., list[KneeLocation]]
-LOCALIZERS: Registry[Localizer] = Registry("localizer")
-LOCALIZERS.add("profile", localize_profile)
-
-
-def localize_heatmap(image: np.ndarray, spacing_mm: tuple[float, float], *, knees: int) -> list[KneeLocation]:
-    """The learned heat-map localiser (`kneeoa.data.localize_heatmap`), imported on first use (it needs torch)."""
-    from kneeoa.data.localize_heatmap import localize_heatmap as run
-
-    return run(image, spacing_mm, knees=knees)
-
-
-LOCALIZERS.add("heatmap", localize_heatmap)
+#: Localisers by name, as lazy "module:function" entries (`LOCALIZERS.load(name)`): a localiser is imported on first
+#: use, so the learned one (which needs torch, and builds on this module's types) costs nothing until it is chosen.
+#: Each is called as `fn(image, spacing_mm, knees=n)` and returns n KneeLocations (image-left first).
+LOCALIZERS: Registry[str] = Registry("localizer")
+LOCALIZERS.add("profile", "kneeoa.data.localize:localize_profile")
+LOCALIZERS.add("heatmap", "kneeoa.data.localize_heatmap:localize_heatmap")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,6 +274,9 @@ class FilmJob:
         default_spacing_mm: spacing assumed when the file has none; None quarantines such films.
         expect_knee: reject DICOM whose BodyPartExamined names another body part.
         dicom: True when the file is known to be DICOM (OAI's suffix-less `001`); None detects it.
+        overview: PNG to draw the film to, with each found knee's crop square (`draw_overview`), plus a JSON of the
+            same name with what was found and missed; None draws nothing.
+        overview_if_missed: draw the overview only when some knee of the film was not cropped.
     """
 
     path: Path
@@ -296,6 +290,8 @@ class FilmJob:
     default_spacing_mm: float | None = None
     expect_knee: bool = True
     dicom: bool | None = None
+    overview: Path | None = None
+    overview_if_missed: bool = False
 
 
 @dataclass
@@ -325,7 +321,7 @@ def locate_knees(image: np.ndarray, spacing_mm: tuple[float, float], *, localize
         (implausible pair, no leg at all) is raised, not split per knee.
     """
     try:
-        return dict(zip(sides, LOCALIZERS.get(localizer)(image, spacing_mm, knees=len(sides)), strict=True)), {}
+        return dict(zip(sides, LOCALIZERS.load(localizer)(image, spacing_mm, knees=len(sides)), strict=True)), {}
     except KneesMissing as e:
         found = {s: k for s, k in zip(sides, e.knees, strict=True) if k is not None}
         missed = {s: r for s, r in zip(sides, e.reasons, strict=True) if r is not None}
@@ -352,6 +348,7 @@ def process_film(job: FilmJob) -> FilmOutcome:
     A knee the localiser did not find confidently is not cropped: it goes into `missed` with its reason, the
     outcome's `reason` names it, and the film's other knee is still cropped.
     """
+    image = None
     try:
         image, spacing = load_film(job)
         if spacing is None and job.default_spacing_mm is not None:
@@ -370,8 +367,12 @@ def process_film(job: FilmJob) -> FilmOutcome:
                                         size=job.image_size), k) for s, k in knees.items()}
             out_mm = job.crop_mm / job.image_size
     except DataError as e:
+        if image is not None and job.overview and spacing is not None and job.kind != "crop":
+            _write_overview(job, image, spacing, {}, dict.fromkeys(job.image_ids, str(e)))
         return FilmOutcome(job, reason=str(e))
     outcome = FilmOutcome(job, missed={s: r for s, r in missed.items() if s in job.image_ids})
+    if job.overview and job.kind != "crop" and (outcome.missed or not job.overview_if_missed):
+        _write_overview(job, image, spacing, {s: k for s, (_, k) in crops.items()}, outcome.missed)
     if outcome.missed:
         found = [s for s in job.image_ids if s in crops]
         outcome.reason = "; ".join(f"{SIDE_WORDS[s]} knee not cropped: {r}" for s, r in outcome.missed.items())
@@ -388,35 +389,41 @@ def process_film(job: FilmJob) -> FilmOutcome:
     return outcome
 
 
-def _one_thread_per_worker() -> None:
-    """Film work is parallel across processes; a learned localiser's math library must not also take every core."""
-    os.environ["OMP_NUM_THREADS"] = "1"
+def _write_overview(job: FilmJob, image: np.ndarray, spacing_mm: tuple[float, float], knees: dict[str, KneeLocation],
+                    missed: dict[str, str]) -> None:
+    """job.overview (PNG: the film with each found knee's crop square) and its JSON (film, knees found, missed)."""
+    import json
+
+    from kneeoa.io import write_text
+
+    found = {s: (k.row_px, k.col_px, k.confidence) for s, k in knees.items() if s in job.image_ids}
+    job.overview.parent.mkdir(parents=True, exist_ok=True)
+    draw_overview(image, spacing_mm, found, missed, crop_mm=job.crop_mm, bilateral=job.kind == "bilateral"
+                  ).save(job.overview)
+    write_text(json.dumps({"film": str(job.path), "image_ids": job.image_ids,
+                           "found": {s: dict(zip(("row_px", "col_px", "confidence"), v, strict=True))
+                                     for s, v in found.items()}, "missed": missed}, indent=1),
+               job.overview.with_suffix(".json"))
+
+
+#: Where `kneeoa prepare` draws its overviews, in the run folder (the data report shows them).
+OVERVIEW_DIR = Path("figures") / "localize"
+#: Films drawn for the data report by `with_overviews`, evenly spread; films with a missed knee are drawn as well.
+OVERVIEW_SAMPLE = 6
+
+
+def with_overviews(jobs: list[FilmJob], overview_dir: Path, sample: int = OVERVIEW_SAMPLE) -> list[FilmJob]:
+    """The jobs, `sample` of them (evenly spread) drawing an overview into `overview_dir`, the others only when a
+    knee is missed. Files are named after the film's image ids."""
+    chosen = set(np.linspace(0, len(jobs) - 1, min(sample, len(jobs))).round().astype(int)) if jobs else set()
+    return [replace(job, overview=Path(overview_dir) / ("__".join(job.image_ids.values()) + ".png"),
+                    overview_if_missed=i not in chosen) for i, job in enumerate(jobs)]
 
 
 def run_film_jobs(jobs: Iterable[FilmJob], *, workers: int, desc: str = "films") -> list[FilmOutcome]:
     """Process films on `workers` processes (file-level work: decoding and localisation), with a progress bar.
 
-    Outcomes come back in job order. `workers` <= 1 runs in this process; more start worker processes (one
-    math-library thread each), spawned rather than forked once this process has loaded torch, so such a script
-    needs an `if __name__ == "__main__":` guard.
+    Outcomes come back in job order; `kneeoa.data.pool.process_map` runs them (spawned workers once torch is
+    loaded, so a script calling this needs an `if __name__ == "__main__":` guard).
     """
-    from tqdm.auto import tqdm
-
-    jobs = list(jobs)
-    workers = max(1, min(int(workers), os.cpu_count() or 1, len(jobs) or 1))
-    with tqdm(total=len(jobs), desc=desc, unit="film", disable=None) as bar:
-        if workers == 1:
-            out = []
-            for job in jobs:
-                out.append(process_film(job))
-                bar.update()
-            return out
-        # A worker forked from a process that has used torch (its OpenMP pool may be live) can hang in its first
-        # parallel region: spawn whenever torch is loaded here; else fork, which starts fast.
-        context = multiprocessing.get_context("spawn" if "torch" in sys.modules else None)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_thread_per_worker) as pool:
-            out = []
-            for outcome in pool.map(process_film, jobs, chunksize=max(1, len(jobs) // (workers * 8))):
-                out.append(outcome)
-                bar.update()
-            return out
+    return process_map(process_film, jobs, workers=workers, desc=desc, unit="film", min_per_worker=1)

@@ -1,9 +1,9 @@
 """Checking knee localisation on your own films: crops, an overview per film with the boxes drawn, localize.csv.
 
 `check_films` runs the importers' own film step (`process_film`: read, localise, crop) over a list of files, so
-what it shows is what `kneeoa prepare` would crop, and adds per film an overview PNG (the film reduced to
-OVERVIEW_PX wide, each found knee's crop square drawn and labelled with side and confidence, missed sides labelled
-with "quarantined") and one `localize.csv` row per knee found or missed.
+what it shows is what `kneeoa prepare` would crop; the same step draws per film an overview PNG
+(`kneeoa.data.overview.draw_overview`) and its JSON; `check_films` adds one `localize.csv` row per knee found or
+missed.
 """
 
 from __future__ import annotations
@@ -12,42 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont
 
-from kneeoa.data.localize import FILM_KINDS, LOCALIZERS, FilmJob, FilmOutcome, load_film, run_film_jobs
-from kneeoa.errors import ConfigError, DataError
+from kneeoa.data.localize import FILM_KINDS, LOCALIZERS, FilmJob, FilmOutcome, run_film_jobs
+from kneeoa.errors import ConfigError
 from kneeoa.io import write_text
 
-OVERVIEW_PX = 800
 CSV_COLUMNS = ["film", "side", "centre_x", "centre_y", "confidence", "status", "reason"]
-
-
-def draw_overview(image: np.ndarray, spacing_mm: tuple[float, float], knees: dict[str, tuple[float, float, float]],
-                  missed: dict[str, str], *, crop_mm: float, bilateral: bool) -> Image.Image:
-    """The film reduced to OVERVIEW_PX wide (RGB), with found knees boxed in green and missed sides named in red.
-
-    Args:
-        image: (H, W) float in [0, 1].
-        knees: side -> (row_px, col_px, confidence) in film pixels.
-        missed: side -> reason.
-        crop_mm: side of the box drawn around each knee.
-        bilateral: missed sides are labelled in their half (R image-left), else at the top.
-    """
-    scale = OVERVIEW_PX / image.shape[1]
-    small = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).resize(
-        (OVERVIEW_PX, max(1, round(image.shape[0] * scale))), Image.BOX).convert("RGB")
-    draw = ImageDraw.Draw(small)
-    font = ImageFont.load_default(size=18)
-    for side, (row, col, conf) in knees.items():
-        hr, hc = crop_mm / 2 / spacing_mm[0] * scale, crop_mm / 2 / spacing_mm[1] * scale
-        r, c = row * scale, col * scale
-        draw.rectangle([c - hc, r - hr, c + hc, r + hr], outline=(0, 220, 0), width=3)
-        draw.ellipse([c - 4, r - 4, c + 4, r + 4], fill=(0, 220, 0))
-        draw.text((c - hc + 4, r - hr + 4), f"{side} {conf:.2f}", fill=(0, 220, 0), font=font)
-    for side in missed:
-        x = (OVERVIEW_PX * (0.05 if side == "R" else 0.55)) if bilateral else OVERVIEW_PX * 0.05
-        draw.text((x, small.height / 2), f"{side}: quarantined", fill=(230, 0, 0), font=font)
-    return small
 
 
 def _rows(outcome: FilmOutcome) -> list[dict]:
@@ -57,7 +27,8 @@ def _rows(outcome: FilmOutcome) -> list[dict]:
         if side in found:
             c = found[side]
             rows.append({"film": str(outcome.job.path), "side": side, "centre_x": c["joint_col_px"],
-                         "centre_y": c["joint_row_px"], "confidence": c["joint_score"], "status": "ok", "reason": ""})
+                         "centre_y": c["joint_row_px"], "confidence": c["joint_confidence"], "status": "ok",
+                         "reason": ""})
         else:
             reason = outcome.missed.get(side) or outcome.reason or "not localised"
             rows.append({"film": str(outcome.job.path), "side": side, "centre_x": np.nan, "centre_y": np.nan,
@@ -96,26 +67,12 @@ def check_films(films: list[Path], out: Path, *, kind: str = "bilateral", side: 
     out = Path(out)
     sides = ["R", "L"] if kind == "bilateral" else [side]
     jobs = [FilmJob(Path(f), {s: f"{Path(f).stem}_{s}" for s in sides}, kind, out / "crops", crop_mm=crop_mm,
-                    image_size=image_size, localizer=localizer, default_spacing_mm=spacing_mm, expect_knee=False)
-            for f in films]
-    rows = []
-    for outcome in run_film_jobs(jobs, workers=workers, desc="films"):
-        film_rows = _rows(outcome)
-        rows += film_rows
-        try:
-            image, spacing = load_film(outcome.job)
-        except DataError:
-            continue  # unreadable: its rows already carry the reason, there is nothing to draw
-        spacing = spacing or ((spacing_mm, spacing_mm) if spacing_mm else (1.0, 1.0))
-        knees = {r["side"]: (r["centre_y"], r["centre_x"], r["confidence"]) for r in film_rows if r["status"] == "ok"}
-        missed = {r["side"]: r["reason"] for r in film_rows if r["status"] != "ok"}
-        path = out / "overview" / f"{outcome.job.path.stem}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        draw_overview(image, spacing, knees, missed, crop_mm=crop_mm, bilateral=kind == "bilateral").save(path)
+                    image_size=image_size, localizer=localizer, default_spacing_mm=spacing_mm, expect_knee=False,
+                    overview=out / "overview" / f"{Path(f).stem}.png") for f in films]
+    rows = [row for outcome in run_film_jobs(jobs, workers=workers, desc="films") for row in _rows(outcome)]
     table = pd.DataFrame(rows, columns=CSV_COLUMNS)
     write_text(table.to_csv(index=False), out / "localize.csv")
     return table
-
 
 
 def score_film_set(folder: Path, crops_dir: Path, *, localizer: str = "heatmap", tolerance_mm: float = 10.0,

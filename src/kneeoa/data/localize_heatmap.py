@@ -1,28 +1,33 @@
 """The "heatmap" knee localiser: a tiny fully convolutional network that marks knee joint centres, KNEEL-style.
 
 The classical profile localiser looks for a deep, high-contrast joint gap; real joint spaces are narrow and faint
-(issue 10: 9 of 14 real-knee films quarantined). This one learns the whole knee's appearance instead, on a copy of
-the film at WORK_MM (3 mm) pixels:
+(issue 10: 9 of 14 real-knee films quarantined). This one learns the whole knee's appearance instead. The film is
+resampled once, to REFINE_MM (1 mm) pixels, and then:
 
-1. resample (box filter), stretch the 1-99 % grey range to [0, 1], pad to a multiple of 8;
-2. `HeatmapNet` (~25 k parameters: three stride-2 convolutions, dilated context convolutions that see the whole
-   film, one skip connection) gives a knee-centre heat map at 1/4 of that resolution (12 mm cells), sigmoid 0-1;
-3. per half of a bilateral film (right knee on the image left), or on the whole of a single-knee film, the hottest
-   cell is the knee; its value is the knee's confidence, and the heat-weighted centroid of its 3 x 3 neighbourhood
-   is the joint centre (finer than a cell).
+1. coarse pass: that copy reduced to WORK_MM (3 mm), 1-99 % stretched, padded to a multiple of 8; `HeatmapNet`
+   (~25 k parameters: three stride-2 convolutions, dilated context convolutions that see the whole film, one skip
+   connection) gives a knee-centre heat map at 12 mm cells, sigmoid 0-1, run on four half-cell shifts and their
+   mirror images in one batch (`dense_heat`: a 6 mm grid). Per half of a bilateral film (right knee on the image
+   left), or on the whole of a single-knee film, the hottest point is the knee, the heat-weighted centroid of its
+   5 x 5 neighbourhood the joint centre, its heat the confidence;
+2. refining pass (when its weights are installed, `installed_refiner`): the same architecture on a WINDOW (96 mm)
+   window of the 1 mm copy around each coarse centre, trained on windows drawn around true centres, implants and
+   missing legs (`kneeoa localize-train --stage refine`); it moves the centre and gives a second heat.
 
-A knee whose confidence is below `min_confidence` (0.3), or below UNSURE_CONFIDENCE (0.6) with a metal-bright joint
-area (`metal_share` >= 0.15), is not cropped: `KneesMissing` names it and its reason, and the other knee of the film
-is still returned. Both limits were set on films composed from kneeKL224 *train* crops (true knees: confidence
->= 0.44, 1st percentile 0.53; missing legs, chest and hand films <= 0.2; implants 0.1-0.49, all with metal share
->= 0.2). Two confident knees at an implausible distance or height difference quarantine the film.
+Quarantine rules (`judge`), each with its reason: coarse heat < MIN_CONFIDENCE (no leg, not a knee film, most
+implants); coarse heat < UNSURE_CONFIDENCE with a metal-bright joint area (`metal_share` >= METAL_SHARE: an
+implant); when refined, refined heat < MIN_REFINED or a move > MAX_SHIFT_MM. The limits were set on films composed
+from kneeKL224 *train* crops. Two confident knees at an implausible distance or height difference quarantine the
+film. A quarantined knee is never cropped: `KneesMissing` names it and its reason, and the other knee of the film
+is still returned.
 
-Weights ship in the package (`weights/heatmap_knee.safetensors`, float16, < 150 kB) and are loaded offline;
-`kneeoa localize-train` (`kneeoa.data.localize_train`) rebuilds them reproducibly on CPU.
+Coarse weights ship in the package (`weights/heatmap_knee.safetensors`, float16, < 150 kB) and are loaded offline;
+`kneeoa localize-train` (`kneeoa.data.localize_train`) rebuilds either network reproducibly on CPU.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,11 +39,20 @@ WORK_MM = 3.0  # resolution the network works at
 STRIDE = 4  # heat-map cell = STRIDE work pixels
 FINE = STRIDE // 2  # heat grid step after interleaving half-cell shifts (work pixels)
 GRID_OFFSET = (STRIDE - 1) / 2  # work coordinate of the first cell's centre
-MIN_CONFIDENCE = 0.3
-#: Below this confidence a knee must also pass the metal check: implants give middling heat (0.1-0.5 on train films).
+#: Coarse heat below which a region holds no knee (train films: knees >= 0.45, implants mostly <= 0.32).
+MIN_CONFIDENCE = 0.4
+MIN_REFINED = 0.3  # refined heat below which the joint centre is not trusted (provisional: no refiner is shipped)
+MAX_SHIFT_MM = 15.0  # refining may move the coarse centre this far (provisional, as MIN_REFINED)
+#: Below this coarse heat a knee must also pass the metal check: implants give middling heat (0.1-0.56 on train
+#: films), and bright, saturated films give real knees a metal-like share too (up to 0.46), but with high heat.
 UNSURE_CONFIDENCE = 0.6
 METAL_SHARE = 0.15  # share of the joint area at the film's brightest level that marks metal
+#: Where the knees are looked for: (first, last) share of the film's width, and the region's name in reasons.
+REGIONS = {2: [(0.0, 0.5, "image-left half"), (0.5, 1.0, "image-right half")], 1: [(0.0, 1.0, "film")]}
 WEIGHTS = Path(__file__).parent / "weights" / "heatmap_knee.safetensors"
+REFINE_MM = 1.0  # resolution of the second, refining pass
+WINDOW = 96  # side of the refining window, REFINE_MM pixels
+REFINE_WEIGHTS = Path(__file__).parent / "weights" / "heatmap_refine.safetensors"
 
 
 def build_net():
@@ -94,34 +108,74 @@ def prepare_input(image: np.ndarray, spacing_mm: tuple[float, float]) -> tuple[n
     return np.pad(work, ((0, -h % 8), (0, -w % 8))), sr, sc
 
 
-def heat_map(image: np.ndarray, spacing_mm: tuple[float, float], *, weights: Path = WEIGHTS):
-    """Knee-centre heat, 0-1, on a grid of FINE work pixels; also the row/column scale back to film pixels.
+def dense_heat(net, works: np.ndarray) -> np.ndarray:
+    """Heat, 0-1, of `net` on a stack of inputs (N, H, W) (multiples of 8), on a grid of FINE input pixels.
 
-    The network's cells are STRIDE work pixels; running it on the film shifted by half a cell down, right and both
-    (one batch of four) and interleaving the four maps halves the grid step, which halves the quantisation of the
-    joint centre. Grid index f is work coordinate FINE * f + GRID_OFFSET.
+    The network's cells are STRIDE input pixels; running it on the input shifted by half a cell down, right and
+    both and interleaving the four maps halves the grid step, which halves the quantisation of a knee centre; the
+    mirrored inputs (the network was trained on mirrored films) are averaged in. One batch of 8 N. Grid index f is
+    input coordinate FINE * f + GRID_OFFSET.
     """
     import torch
 
-    work, sr, sc = prepare_input(image, spacing_mm)
-    h, w = work.shape
+    n, h, w = works.shape
     half = STRIDE // 2
     shifts = [(0, 0), (half, 0), (0, half), (half, half)]
-    batch = np.zeros((len(shifts), 1, h + 8, w + 8), np.float32)
+    batch = np.zeros((len(shifts), n, h + 8, w + 8), np.float32)
     for i, (dy, dx) in enumerate(shifts):
-        batch[i, 0, dy:dy + h, dx:dx + w] = work
-    # Mirrored copies too (the network was trained on mirrored films): their heat, mirrored back, is averaged in.
+        batch[i, :, dy:dy + h, dx:dx + w] = works
+    batch = batch.reshape(-1, 1, h + 8, w + 8)
     batch = np.concatenate([batch, batch[..., ::-1]])
     with torch.inference_mode():
-        heat = torch.sigmoid(load_net(weights)(torch.from_numpy(batch.copy())))[:, 0].numpy()
-    heat = (heat[:len(shifts)] + heat[len(shifts):, :, ::-1]) / 2
+        heat = torch.sigmoid(net(torch.from_numpy(batch.copy())))[:, 0].numpy()
+    m = len(shifts) * n
+    heat = ((heat[:m] + heat[m:, :, ::-1]) / 2).reshape(len(shifts), n, *heat.shape[-2:])
     h4, w4 = h // STRIDE, w // STRIDE
-    fine = np.empty((2 * h4, 2 * w4), np.float32)
+    fine = np.empty((n, 2 * h4, 2 * w4), np.float32)
     for i, (dy, dx) in enumerate(shifts):
-        # A shift of half a cell moves cell j to work coordinate STRIDE * j + GRID_OFFSET - half: fine index 2j - 1.
+        # A shift of half a cell moves cell j to input coordinate STRIDE * j + GRID_OFFSET - half: fine index 2j - 1.
         r0, c0 = int(dy > 0), int(dx > 0)
-        fine[r0::2, c0::2] = heat[i, r0:r0 + h4, c0:c0 + w4]
-    return fine, sr, sc
+        fine[:, r0::2, c0::2] = heat[i, :, r0:r0 + h4, c0:c0 + w4]
+    return fine
+
+
+def heat_map(image: np.ndarray, spacing_mm: tuple[float, float], *, weights: Path = WEIGHTS):
+    """Knee-centre heat of the whole film, 0-1, on a grid of FINE work pixels; also the scale back to film pixels."""
+    work, sr, sc = prepare_input(image, spacing_mm)
+    return dense_heat(load_net(weights), work[None])[0], sr, sc
+
+
+def refine_window(fine_film: np.ndarray, centre: tuple[float, float], background: float) -> tuple[np.ndarray, int, int]:
+    """The WINDOW x WINDOW square of a REFINE_MM film around `centre` (its pixels), 1-99 % stretched; its origin.
+
+    Outside the film is `background`. The stretch is the window's own, so the knee's contrast, not the film's
+    exposure or a bright collimation border, sets the scale.
+    """
+    r0, c0 = int(round(centre[0])) - WINDOW // 2, int(round(centre[1])) - WINDOW // 2
+    win = np.full((WINDOW, WINDOW), background, np.float32)
+    h, w = fine_film.shape
+    sr0, sc0, sr1, sc1 = max(r0, 0), max(c0, 0), min(r0 + WINDOW, h), min(c0 + WINDOW, w)
+    if sr1 > sr0 and sc1 > sc0:
+        win[sr0 - r0:sr1 - r0, sc0 - c0:sc1 - c0] = fine_film[sr0:sr1, sc0:sc1]
+    lo, hi = np.percentile(win, [1, 99])
+    return np.clip((win - lo) / max(hi - lo, 1e-3), 0, 1), r0, c0
+
+
+def refine(fine_film: np.ndarray, centres: list[tuple[float, float]], *, weights: Path
+           ) -> list[tuple[float, float, float]]:
+    """Second pass: each coarse centre (REFINE_MM film pixels) re-found in a window around it at REFINE_MM.
+
+    Returns (row, col, heat) per centre in REFINE_MM film pixels; the heat is the refined knee's confidence (the
+    refining network was trained to stay cold on implants, empty legs and windows far off a joint).
+    """
+    background = float(np.percentile(fine_film, 1))
+    windows = [refine_window(fine_film, c, background) for c in centres]
+    heat = dense_heat(load_net(weights), np.stack([w for w, _, _ in windows]))
+    out = []
+    for h, (_, r0, c0) in zip(heat, windows, strict=True):
+        row, col, conf = _peak(h, 0, h.shape[1])
+        out.append((r0 + FINE * row + GRID_OFFSET, c0 + FINE * col + GRID_OFFSET, conf))
+    return out
 
 
 def _peak(heat: np.ndarray, c_lo: int, c_hi: int, radius: int = 2) -> tuple[float, float, float]:
@@ -137,64 +191,137 @@ def _peak(heat: np.ndarray, c_lo: int, c_hi: int, radius: int = 2) -> tuple[floa
     return float((win * rr).sum() / win.sum()), float((win * cc).sum() / win.sum()), float(heat[r, c])
 
 
-def metal_share(image: np.ndarray, spacing_mm: tuple[float, float], centre_px: tuple[float, float],
-                half_mm: int = 30) -> float:
-    """Share of the +-half_mm square around a joint centre at >= 97 % of the film's 99.9th percentile (1 mm pixels).
+def metal_share(fine_film: np.ndarray, centre: tuple[float, float], top: float, half_mm: int = 30) -> float:
+    """Share of the +-half_mm square around a joint centre (REFINE_MM film pixels) at >= 97 % of `top`, the film's
+    99.9th percentile.
 
-    Metal (an implant, a plate) is the brightest, flattest thing on a film; on train films a knee's joint area has a
-    median share of 0.001 and implants 0.2-0.44.
+    Metal (an implant, a plate) is the brightest, flattest thing on a film; on train films implants had 0.09-0.59,
+    but so had bright, saturated knees (median 0.016, up to 0.46): hence the check only at middling heat (`judge`).
     """
-    work, sr, sc = to_work(image, spacing_mm, 1.0)
-    r, c = int(centre_px[0] / sr), int(centre_px[1] / sc)
-    win = work[max(r - half_mm, 0):r + half_mm, max(c - half_mm, 0):c + half_mm]
-    return float((win >= 0.97 * np.percentile(work, 99.9)).mean()) if win.size else 0.0
+    half = round(half_mm / REFINE_MM)
+    r, c = int(centre[0]), int(centre[1])
+    win = fine_film[max(r - half, 0):r + half, max(c - half, 0):c + half]
+    return float((win >= 0.97 * top).mean()) if win.size else 0.0
+
+
+@dataclass(frozen=True)
+class KneeCandidate:
+    """The best knee of one film region, before the quarantine rules: where it is and what speaks for it.
+
+    Attributes:
+        where: the region ("image-left half", "image-right half", "film").
+        row_px, col_px: joint centre in film pixels (refined when the refining network is installed).
+        coarse, refined: peak heat of the coarse and the refining pass (refined NaN when not refined).
+        shift_mm: how far refining moved the centre (NaN when not refined).
+        metal: share of the joint area at metal brightness (`metal_share`).
+    """
+
+    where: str
+    row_px: float
+    col_px: float
+    coarse: float
+    refined: float
+    shift_mm: float
+    metal: float
+
+    @property
+    def confidence(self) -> float:
+        """The lower of the two passes' heat (the coarse one alone when not refined)."""
+        return float(np.nanmin([self.coarse, self.refined]))
+
+
+def knee_candidates(image: np.ndarray, spacing_mm: tuple[float, float], *, knees: int, weights: Path = WEIGHTS,
+                    refine_weights: Path | None = None) -> list[KneeCandidate]:
+    """The hottest knee per region (image-left / image-right half for knees=2, the whole film for 1), refined.
+
+    The film is resampled once, to REFINE_MM (`fine_candidates` works on that copy); positions come back in film
+    pixels.
+
+    Raises:
+        LocalizationError: an unsupported `knees`, or missing weights.
+    """
+    fine, fr, fc = to_work(image, spacing_mm, REFINE_MM)
+    # Fine pixel i covers film pixels around (i + 0.5) * scale - 0.5.
+    return [replace(k, row_px=(k.row_px + 0.5) * fr - 0.5, col_px=(k.col_px + 0.5) * fc - 0.5)
+            for k in fine_candidates(fine, knees=knees, weights=weights, refine_weights=refine_weights)]
+
+
+def fine_candidates(fine: np.ndarray, *, knees: int, weights: Path = WEIGHTS, refine_weights: Path | None = None
+                    ) -> list[KneeCandidate]:
+    """`knee_candidates` of a film already at REFINE_MM pixels, positions in those pixels.
+
+    The coarse pass reads the film reduced further to WORK_MM; the refining pass reads WINDOW-pixel windows of it.
+    """
+    if knees not in REGIONS:
+        raise LocalizationError(f"cannot look for {knees} knees on one film; 1 or 2")
+    heat, sr, sc = heat_map(fine, (REFINE_MM, REFINE_MM), weights=weights)
+    work_w = fine.shape[1] * REFINE_MM / WORK_MM / FINE  # unpadded width in grid steps
+    coarse = []
+    for lo, hi, where in REGIONS[knees]:
+        c_lo = int(round(lo * work_w))
+        row, col, conf = _peak(heat, c_lo, max(int(round(hi * work_w)), c_lo + 1))
+        coarse.append((where, (FINE * row + GRID_OFFSET + 0.5) * sr - 0.5, (FINE * col + GRID_OFFSET + 0.5) * sc - 0.5,
+                       conf))
+    centres = [(r, c) for _, r, c, _ in coarse]
+    refine_weights = refine_weights or installed_refiner()
+    refined = (refine(fine, centres, weights=refine_weights) if refine_weights
+               else [(r, c, float("nan")) for r, c in centres])
+    top = float(np.percentile(fine, 99.9))
+    return [KneeCandidate(where, row, col, conf, rconf, float(np.hypot(row - r, col - c)) * REFINE_MM
+                          if refine_weights else float("nan"), metal_share(fine, (row, col), top))
+            for (where, r, c, conf), (row, col, rconf) in zip(coarse, refined, strict=True)]
+
+
+def installed_refiner() -> Path | None:
+    """The packaged refining network's weights when they are installed, else None (coarse pass only)."""
+    return REFINE_WEIGHTS if REFINE_WEIGHTS.exists() else None
+
+
+def judge(candidate: KneeCandidate, *, min_confidence: float = MIN_CONFIDENCE) -> str | None:
+    """Why a candidate must not be cropped (the quarantine reason), or None when it is a knee to crop."""
+    k = candidate
+    if k.coarse < min_confidence:
+        return (f"no knee in the {k.where} (confidence {k.coarse:.2f} < {min_confidence}: no leg, an implant, "
+                "or not a knee film)")
+    if k.coarse < UNSURE_CONFIDENCE and k.metal >= METAL_SHARE:
+        return (f"metal-like bright area over the knee in the {k.where} ({100 * k.metal:.0f} % of the joint area "
+                f"at confidence {k.coarse:.2f} < {UNSURE_CONFIDENCE}: an implant?)")
+    if k.refined < MIN_REFINED:
+        return (f"the knee joint in the {k.where} is not clear at 1 mm (refined confidence {k.refined:.2f} < "
+                f"{MIN_REFINED}): an implant, a poor film, or not a knee")
+    if k.shift_mm > MAX_SHIFT_MM:
+        return (f"the two passes disagree on the knee in the {k.where} by {k.shift_mm:.0f} mm (> {MAX_SHIFT_MM:.0f} "
+                "mm): the joint centre is uncertain")
+    return None
 
 
 def localize_heatmap(image: np.ndarray, spacing_mm: tuple[float, float], *, knees: int,
                      min_confidence: float = MIN_CONFIDENCE, limits: ProfileLimits = LIMITS,
-                     weights: Path = WEIGHTS) -> list[KneeLocation]:
-    """Joint centres on a film from the heat-map network (see the module docstring).
+                     weights: Path = WEIGHTS, refine_weights: Path | None = None) -> list[KneeLocation]:
+    """Joint centres on a film from the two heat-map passes (see the module docstring).
 
     Args:
         image: (H, W) float in [0, 1], bright = bone.
         spacing_mm: (row, column) pixel spacing in mm.
         knees: 2 for a bilateral film (one knee per half), 1 for a single-knee film.
-        min_confidence: heat below which a knee is not trusted.
+        min_confidence: coarse heat below which a region holds no knee.
         limits: the knee distance and height-difference limits of a bilateral film.
-        weights: network weights (default: the packaged ones).
+        weights: the coarse network's weights (default: the packaged ones).
+        refine_weights: the refining network's weights (default: the packaged ones when installed, else the
+            coarse pass alone decides).
 
     Returns:
-        Knee locations in film pixels, image-left to image-right; `confidence` and `score` are the peak heat.
+        Knee locations in film pixels, image-left to image-right; `score` is the coarse peak heat, `confidence`
+        the lower of the coarse and the refined peak heat.
 
     Raises:
-        KneesMissing: some knee is below `min_confidence` (`.knees` holds the others, `.reasons` why).
+        KneesMissing: some knee failed a quarantine rule (`judge`; `.knees` holds the others, `.reasons` why).
         LocalizationError: two knees at an implausible distance or height, or an unsupported `knees`.
     """
-    regions = {2: [(0.0, 0.5, "image-left half"), (0.5, 1.0, "image-right half")], 1: [(0.0, 1.0, "film")]}
-    if knees not in regions:
-        raise LocalizationError(f"cannot look for {knees} knees on one film; 1 or 2")
-    heat, sr, sc = heat_map(image, spacing_mm, weights=weights)
-    work_w = image.shape[1] * spacing_mm[1] / WORK_MM / FINE  # unpadded width in grid steps
-    found: list[KneeLocation | None] = []
-    reasons: list[str | None] = []
-    for lo, hi, where in regions[knees]:
-        row, col, conf = _peak(heat, int(round(lo * work_w)), max(int(round(hi * work_w)), int(round(lo * work_w)) + 1))
-        if conf < min_confidence:
-            found.append(None)
-            reasons.append(f"no knee in the {where} (confidence {conf:.2f} < {min_confidence}: no leg, an implant, "
-                           "or not a knee film)")
-            continue
-        # Work pixel i covers film pixels around (i + 0.5) * scale - 0.5.
-        r_work, c_work = FINE * row + GRID_OFFSET, FINE * col + GRID_OFFSET
-        knee = KneeLocation((r_work + 0.5) * sr - 0.5, (c_work + 0.5) * sc - 0.5, conf, float("nan"), conf)
-        metal = metal_share(image, spacing_mm, (knee.row_px, knee.col_px)) if conf < UNSURE_CONFIDENCE else 0.0
-        if metal >= METAL_SHARE:
-            found.append(None)
-            reasons.append(f"metal-like bright area over the knee in the {where} ({100 * metal:.0f} % of the joint "
-                           f"area at confidence {conf:.2f} < {UNSURE_CONFIDENCE}: an implant?)")
-            continue
-        found.append(knee)
-        reasons.append(None)
+    candidates = knee_candidates(image, spacing_mm, knees=knees, weights=weights, refine_weights=refine_weights)
+    reasons = [judge(k, min_confidence=min_confidence) for k in candidates]
+    found = [None if why else KneeLocation(k.row_px, k.col_px, k.coarse, float("nan"), k.confidence)
+             for k, why in zip(candidates, reasons, strict=True)]
     if any(k is None for k in found):
         raise KneesMissing(found, reasons)
     if knees == 2:

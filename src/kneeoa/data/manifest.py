@@ -36,6 +36,9 @@ from kneeoa.tasks import RAW_GRADE_COLUMNS, TASKS
 MANIFEST_NAME = "manifest.parquet"
 REQUIRED = ("image_id", "patient_id", "visit", "side", "image_path", "split", "low_quality", "source")
 SPLITS = ("train", "val", "test")
+#: Split names importers accept from a source (folder names, a `split` column), and the split each means.
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test",
+                 "auto_test": "test"}
 SIDES = ("R", "L")
 
 
@@ -64,7 +67,8 @@ def check_no_leakage(df: pd.DataFrame, origin: str = "manifest") -> None:
         pid = leaked.index[0]
         splits = sorted(df.loc[df["patient_id"] == pid, "split"].unique())
         raise LeakageError(f"{origin}: patient {pid!r} appears in splits {splits} ({len(leaked)} patient(s) in all). "
-                           "Splits must be made by patient; re-split with `kneeoa split` or fix the split column.")
+                           "Splits must be made by patient: fix or drop the source's split column (or split "
+                           "folders) and re-run `kneeoa prepare`, which then splits by patient (data.split_fractions).")
 
 
 def validate_manifest(df: pd.DataFrame, origin: str = "manifest") -> pd.DataFrame:

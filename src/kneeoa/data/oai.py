@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from kneeoa.data.importers import ImportResult
-from kneeoa.data.localize import FilmJob, run_film_jobs
+from kneeoa.data.localize import OVERVIEW_DIR, FilmJob, run_film_jobs, with_overviews
 from kneeoa.errors import DataError
 from kneeoa.tasks import RAW_GRADE_COLUMNS
 
@@ -253,7 +253,7 @@ def import_oai(source: Path, run_dir: Path, cfg) -> ImportResult:
             unmatched.append({"kind": "reading_without_image", "item": _image_id(r.patient_id, r.side, r.visit),
                               "detail": f"READPRJ {r.readprj:g}: no Bilateral PA Fixed Flexion Knee film listed"})
     crops = []
-    for outcome in run_film_jobs(jobs, workers=d.workers, desc="OAI films"):
+    for outcome in run_film_jobs(with_overviews(jobs, run_dir / OVERVIEW_DIR), workers=d.workers, desc="OAI films"):
         if outcome.reason:
             quarantine.append({"item": str(outcome.job.path), "reason": f"{outcome.reason} (knees "
                                f"{', '.join(outcome.job.image_ids.values())})"})

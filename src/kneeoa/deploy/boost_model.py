@@ -24,9 +24,10 @@ from kneeoa.data.localize import orient
 from kneeoa.data.manifest import read_manifest
 from kneeoa.deploy.package import ModelKind, PackageError, task_entry
 from kneeoa.errors import WeightsNotFoundError
-from kneeoa.estimators import XGBHead, head_path
-from kneeoa.models.foundation import embedding_matrix, read_embeddings
-from kneeoa.predictions import prediction_path, prob_columns
+from kneeoa.estimators import XGBHead
+from kneeoa.runfolder.embeddings import embedding_matrix, read_embeddings
+from kneeoa.runfolder.heads import head_path
+from kneeoa.runfolder.predictions import prediction_path, prob_columns
 
 ENCODER_JSON = "encoder.json"
 #: Largest |package - run| probability difference accepted at export.

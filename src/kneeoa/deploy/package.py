@@ -28,7 +28,8 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from kneeoa.config import Config, load_config
+from kneeoa.config import Config
+from kneeoa.config_checks import load_config
 from kneeoa.errors import ConfigError, KneeoaError
 from kneeoa.io import write_json, write_text
 from kneeoa.registry import Registry

@@ -26,10 +26,10 @@ from kneeoa.errors import ConfigError, WeightsNotFoundError
 from kneeoa.models.heads import HEADS
 from kneeoa.models.hub import cached_file, hub_offline
 from kneeoa.registry import Registry
+from kneeoa.runfolder.checkpoints import checkpoint_path as checkpoint_path  # the run folder names checkpoints
+from kneeoa.runfolder.encoders import WEIGHTS_FILE, is_encoder_dir, read_encoder_config
 
 _logger = logging.getLogger(__name__)
-
-CHECKPOINTS_DIR = "checkpoints"
 
 
 def _timm_model(name: str, source: str | None, tag: str | None, in_chans: int) -> nn.Module:
@@ -93,7 +93,8 @@ BACKBONES.add("twobranch", Backbone("twobranch", None, True,
 def resolve_pretrained(backbone: Backbone, pretrained: str, weights_file: str | None) -> tuple[str | None, str]:
     """Where this backbone's starting weights come from: (file or "hub" or None, human-readable source).
 
-    Order: an explicit file (`cnn.weights[backbone]`, or `cnn.pretrained` given as a path), then the local HF cache,
+    Order: an explicit file (`cnn.weights[backbone]`, or `cnn.pretrained` given as a path; an encoder folder from
+    `kneeoa pretrain` means its model.safetensors), then the local HF cache,
     then the hub (only with `pretrained: auto`; `cache` never goes online), else random init.
 
     Raises:
@@ -106,6 +107,14 @@ def resolve_pretrained(backbone: Backbone, pretrained: str, weights_file: str | 
                 f"Weights file {explicit} for backbone '{backbone.name}' does not exist. Give a .pth/.safetensors "
                 f"file (e.g. from `huggingface-cli download {backbone.hub_id}` on a connected machine) or set "
                 "cnn.pretrained to auto, cache or none.")
+        if is_encoder_dir(Path(explicit)):  # an encoder folder from `kneeoa pretrain`: its backbone weights
+            info = read_encoder_config(Path(explicit))
+            if info["backbone"] != backbone.name:
+                raise ConfigError(f"Encoder folder {explicit} holds a '{info['backbone']}' backbone, not "
+                                  f"'{backbone.name}'; use it with cnn.backbones: [{info['backbone']}].")
+            return (str(Path(explicit) / WEIGHTS_FILE),
+                    f"encoder folder {explicit} ({info['method']} pretraining, {info['n_images']} images, "
+                    f"{info['epochs']} epochs)")
         return str(explicit), f"local file {explicit}"
     if pretrained == "none":
         return None, "random init (cnn.pretrained: none)"
@@ -188,11 +197,6 @@ class TaskView(nn.Module):
         return torch.log(self.net.probs({self.task: out})[self.task].clamp(min=1e-8))
 
 
-def checkpoint_path(run_dir: Path, arm: str, group: str) -> Path:
-    """RUN_DIR/checkpoints/<arm>/<group>.pt, group = "multitask" or a task name."""
-    return Path(run_dir) / CHECKPOINTS_DIR / arm / f"{group}.pt"
-
-
 def make_payload(net: MultiTaskNet, *, backbone: str, preprocess: dict[str, Any], weights_source: str,
                  decoding: dict[str, dict] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """One member's checkpoint payload: weights plus everything needed to rebuild and feed the model."""
@@ -238,22 +242,3 @@ def preprocess_fn(pre: dict[str, Any]) -> Callable[[np.ndarray], torch.Tensor]:
         return ((x - pre["mean"]) / pre["std"]).unsqueeze(0)
 
     return apply
-
-
-def load_classifier(run_dir: Path, arm: str, task: str, *, cam_layer: str = "last"
-                    ) -> tuple[nn.Module, nn.Module, Callable[[np.ndarray], torch.Tensor]]:
-    """A trained arm's classifier for one task: (model (B,1,H,W)->(B,K) scores, Grad-CAM target layer, preprocess).
-
-    `cam_layer` names an entry of the backbone's `cam_layers` ("last" or "penultimate"). For an ensemble arm the
-    first member is explained.
-    """
-    from kneeoa.models.infer import CnnPredictor
-
-    predictor = CnnPredictor.from_run(run_dir, arm)
-    if task not in predictor.tasks:
-        raise WeightsNotFoundError(f"No checkpoint for arm '{arm}' and task '{task}' under "
-                                   f"{Path(run_dir) / CHECKPOINTS_DIR / arm}. Train it first.")
-    layers = BACKBONES.get(predictor.payloads[0]["backbone"]).cam_layers
-    if cam_layer not in layers:
-        raise ConfigError(f"explain.cam_layer must be one of {', '.join(layers)}. Got {cam_layer!r}.")
-    return predictor.cam_model(task, cam_layer)

@@ -7,8 +7,11 @@ DIR` or `huggingface_hub.snapshot_download` writes: the files sit at the top lev
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +62,39 @@ class Layout:
 
 
 def hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE is set: hub lookups would fail (after ~45 s of retries without it)."""
+    """True when HF_HUB_OFFLINE is set or the hub cannot be reached: hub lookups would fail (after ~45 s of retries).
+
+    Reachability is probed once per process (a 3 s TCP connect to the hub's host). An unreachable hub sets
+    HF_HUB_OFFLINE=1 in this process's environment, so processes it starts (the other ranks of a distributed run)
+    inherit the answer instead of waiting again.
+    """
     from huggingface_hub import is_offline_mode
 
-    return bool(is_offline_mode())
+    if is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    if not _hub_reachable():
+        _log.warning("the Hugging Face hub (%s) is unreachable; working offline (HF_HUB_OFFLINE=1)", _hub_host())
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return True
+    return False
+
+
+def _hub_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
+@functools.cache
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connect to the hub (port 443). Behind a proxy the direct probe says nothing, so it is not made."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        socket.create_connection((_hub_host(), 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
 
 
 def folder_revision(folder: Path) -> str:

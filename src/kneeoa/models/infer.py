@@ -22,16 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from kneeoa.data.augment import tta_views
+from kneeoa.data.augment import normalise, tta_views
 from kneeoa.data.cache import to_uint8
-from kneeoa.errors import WeightsNotFoundError
-from kneeoa.models.cnn import BACKBONES, CHECKPOINTS_DIR, MultiTaskNet, TaskView, net_from_payload, preprocess_fn
+from kneeoa.errors import ConfigError, WeightsNotFoundError
+from kneeoa.models.cnn import BACKBONES, MultiTaskNet, TaskView, net_from_payload, preprocess_fn
 from kneeoa.models.heads import decode
-
-
-def normalise(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """uint8 (B, 1, S, S) -> normalised float32, the one conversion training and inference share."""
-    return (x.float() / 255.0 - mean) / std
+from kneeoa.runfolder.checkpoints import CHECKPOINTS_DIR
 
 
 @torch.no_grad()
@@ -146,3 +142,20 @@ def read_members(path: Path) -> list[dict[str, Any]]:
     """The member payloads of one checkpoint file (one, or several for an ensemble)."""
     payload = torch.load(path, map_location="cpu", weights_only=False)
     return list(payload["members"]) if "members" in payload else [payload]
+
+
+def load_classifier(run_dir: Path, arm: str, task: str, *, cam_layer: str = "last"
+                    ) -> tuple[nn.Module, nn.Module, Callable[[np.ndarray], torch.Tensor]]:
+    """A trained arm's classifier for one task: (model (B,1,H,W)->(B,K) scores, Grad-CAM target layer, preprocess).
+
+    `cam_layer` names an entry of the backbone's `cam_layers` ("last" or "penultimate"). For an ensemble arm the
+    first member is explained.
+    """
+    predictor = CnnPredictor.from_run(run_dir, arm)
+    if task not in predictor.tasks:
+        raise WeightsNotFoundError(f"No checkpoint for arm '{arm}' and task '{task}' under "
+                                   f"{Path(run_dir) / CHECKPOINTS_DIR / arm}. Train it first.")
+    layers = BACKBONES.get(predictor.payloads[0]["backbone"]).cam_layers
+    if cam_layer not in layers:
+        raise ConfigError(f"explain.cam_layer must be one of {', '.join(layers)}. Got {cam_layer!r}.")
+    return predictor.cam_model(task, cam_layer)

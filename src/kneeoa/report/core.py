@@ -4,35 +4,34 @@ ROC curves and the exact config with package versions."""
 from __future__ import annotations
 
 import html
-import json
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from kneeoa.arms import read_arms
 from kneeoa.config import Config, dump_config
-from kneeoa.predictions import list_predictions, prob_columns, read_predictions
-from kneeoa.report.figures import fig_to_img_tag, new_figure, table_html
-from kneeoa.stats import format_ci
+from kneeoa.metrics import METRICS
+from kneeoa.plotting import new_figure
+from kneeoa.report.figures import fig_to_img_tag, table_html
+from kneeoa.report.formatting import format_ci
+from kneeoa.runfolder.arms import read_arms
+from kneeoa.runfolder.manifest import read_data_report, read_manifest
+from kneeoa.runfolder.metrics import read_metrics
+from kneeoa.runfolder.predictions import list_predictions, prob_columns, read_predictions
+from kneeoa.runfolder.tables import read_table
 from kneeoa.tasks import get_task
 
 PACKAGES = ("kneeoa", "torch", "torchvision", "timm", "lightning", "open_clip_torch", "transformers", "xgboost-cpu",
             "scikit-learn", "grad-cam", "pydicom", "numpy", "pandas")
 
 
-def _metrics(run_dir: Path) -> pd.DataFrame:
-    from kneeoa.stages.evaluate import read_metrics
-
-    return read_metrics(run_dir)
-
-
 def summary_section(run_dir: Path, cfg: Config) -> str | None:
-    m = _metrics(run_dir)
+    m = read_metrics(run_dir)
     test = m[m["split"] == "test"]
+    headline = ", ".join(f"{t} {get_task(t).headline_metric}" for t in cfg.tasks.names)
     lines = [f"<p>Study <b>{html.escape(cfg.name)}</b>, data source <b>{html.escape(cfg.data.source)}</b>. "
-             "Headline metric: quadratic-weighted kappa for KLG, AUC for the binary tasks (test split).</p>"]
+             f"Headline metric per task (test split): {html.escape(headline)}.</p>"]
     for task in cfg.tasks.names:
         metric = get_task(task).headline_metric
         rows = test[(test["task"] == task) & (test["metric"] == metric)].dropna(subset=["value"])
@@ -67,9 +66,8 @@ def results_table(m: pd.DataFrame, split: str, tasks: list[str]) -> pd.DataFrame
 
 
 def results_section(run_dir: Path, cfg: Config) -> str | None:
-    m = _metrics(run_dir)
-    m = m[m["metric"].isin(["accuracy", "balanced_accuracy", "f1_macro", "auc", "kappa_linear", "kappa_quadratic",
-                            "sensitivity", "specificity"])]
+    m = read_metrics(run_dir)
+    m = m[m["metric"].isin(METRICS.names())]
     if m.empty:
         return "<h2>Results</h2><p>No arm produced predictions.</p>"
     tasks = [t for t in cfg.tasks.names if t in set(m["task"])]
@@ -89,9 +87,6 @@ def results_section(run_dir: Path, cfg: Config) -> str | None:
 
 
 def data_section(run_dir: Path, cfg: Config) -> str | None:
-    from kneeoa.data.manifest import read_manifest
-    from kneeoa.stages.prepare import DATA_REPORT
-
     man = read_manifest(run_dir)
     parts = ["<h2>Data</h2>", f"<p>{len(man)} knee images of {man['patient_id'].nunique()} patients; "
              f"{int(man['low_quality'].sum())} flagged low quality. Splits are by patient.</p>"]
@@ -101,9 +96,8 @@ def data_section(run_dir: Path, cfg: Config) -> str | None:
             parts.append(f"<h3>{task}: images per grade and split</h3>" + table_html(tab, index=True))
         else:
             parts.append(f"<p>{task}: no labels in this dataset (task not available).</p>")
-    rep_path = Path(run_dir) / DATA_REPORT
-    if rep_path.exists():
-        rep = json.loads(rep_path.read_text())
+    rep = read_data_report(run_dir)
+    if rep is not None:
         miss = pd.DataFrame([rep["label_missing_share"]]).T.rename(columns={0: "share missing"})
         parts.append("<h3>Label missingness</h3>" + table_html(miss, index=True))
         for key, title in (("quarantine", "Quarantined items"), ("unmatched", "Unmatched readings and images")):
@@ -148,7 +142,7 @@ def roc_section(run_dir: Path, cfg: Config) -> str | None:
     """Plain ROC curves, for runs without the `stats` stage (whose section draws them with CI bands)."""
     from sklearn.metrics import roc_curve
 
-    if (Path(run_dir) / "roc_bands.csv").exists():
+    if read_table(run_dir, "roc_bands.csv") is not None:
         return None
 
     by_task: dict[str, list] = {}

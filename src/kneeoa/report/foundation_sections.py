@@ -6,21 +6,19 @@ Both say plainly when an arm did not run (missing weights) and why, instead of s
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from kneeoa.arms import read_arms
 from kneeoa.config import Config
 from kneeoa.data.images import load_gray
-from kneeoa.data.manifest import resolve_image_path
 from kneeoa.errors import DataError
-from kneeoa.models.foundation import embeddings_path, encoder_arms, get_encoder_spec
+from kneeoa.models.foundation import encoder_arms, get_encoder_spec
 from kneeoa.report.figures import array_to_img_tag, table_html
-
-ZEROSHOT_ARM = "biomedclip_zeroshot"
-QC_FILE = "zeroshot_qc.json"
+from kneeoa.runfolder.arms import read_arms
+from kneeoa.runfolder.embeddings import read_embedding_info
+from kneeoa.runfolder.manifest import resolve_image_path
+from kneeoa.runfolder.qc import read_zeroshot_summary
 
 
 def _not_run(arm: str, rec: dict) -> str:
@@ -44,16 +42,17 @@ def _thumb(run_dir: Path, failure: dict) -> str:
 
 
 def zeroshot_section(run_dir: Path, cfg: Config, n_examples: int = 6) -> str | None:
-    """Share of knee images BiomedCLIP identifies as knee, overall and by the low-quality flag, with example misses."""
+    """Share of knee images the zero-shot encoder identifies as knee, overall and by the low-quality flag, with
+    example misses."""
     run_dir = Path(run_dir)
-    rec = read_arms(run_dir).get(ZEROSHOT_ARM)
-    qc_path = run_dir / QC_FILE
-    if rec is None and not qc_path.exists():
+    spec = get_encoder_spec(cfg.zeroshot.encoder)
+    rec = read_arms(run_dir).get(spec.zeroshot_arm)
+    qc = read_zeroshot_summary(run_dir)
+    if rec is None and qc is None:
         return None
-    head = "<h2>Zero-shot BiomedCLIP: anatomy QC</h2>"
-    if rec is not None and rec["status"] == "not_run":
-        return head + _not_run(ZEROSHOT_ARM, rec)
-    qc = json.loads(qc_path.read_text())
+    head = f"<h2>Zero-shot {html.escape(spec.title)}: anatomy QC</h2>"
+    if (rec is not None and rec["status"] == "not_run") or qc is None:
+        return head + _not_run(spec.zeroshot_arm, rec or {"reason": "no zero-shot QC in this run"})
     rows = [{"images": "all", "n": qc["overall"]["n"], "identified as knee": _pct(qc["overall"]["share"])}]
     rows += [{"images": f"low_quality = {flag}", "n": v["n"], "identified as knee": _pct(v["share"])}
              for flag, v in qc["by_low_quality"].items()]
@@ -76,13 +75,12 @@ def embeddings_section(run_dir: Path, cfg: Config) -> str | None:
     parts = []
     for name in cfg.foundation.encoders:
         spec = get_encoder_spec(name)
-        info_path = embeddings_path(run_dir, spec.name).with_suffix(".json")
+        info = read_embedding_info(run_dir, spec.name)
         own = [a for a in encoder_arms(cfg.foundation, spec.name) if a in arms]
-        if not info_path.exists():
+        if info is None:
             parts += [f"<h3>{html.escape(spec.title)}</h3>", *(_not_run(a, arms[a]) for a in own
                                                               if arms[a]["status"] == "not_run")]
             continue
-        info = json.loads(info_path.read_text())
         pre = info["preprocess"]
         facts = {"model id": info["model_id"], "revision": info["revision"], "weights sha256": info["checksum"][:16],
                  "weights from": f"{info['weights_source']} ({info['weights_path']})",

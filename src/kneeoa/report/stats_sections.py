@@ -1,31 +1,26 @@
 """Report sections for the statistics and explanation stages: comparisons, ROC bands, calibration, Grad-CAM.
 
-Each reads the files its stage wrote (comparisons.csv, roc_bands.csv, reliability.csv, metrics.csv,
-figures/gradcam/) and returns None when they are absent, so a run without those stages simply omits the section.
+Each reads the files its stage wrote through `kneeoa.runfolder` (comparisons.csv, roc_bands.csv, reliability.csv, the
+stats and explain metrics parts, figures/gradcam/) and returns None when they are absent, so a run without those
+stages simply omits the section.
 """
 
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from kneeoa.calibration import CALIBRATION_METRICS
 from kneeoa.config import Config
-from kneeoa.report.figures import fig_to_img_tag, new_figure, panels, png_tag, table_html
-from kneeoa.stats import format_ci
-
-_CAM_METRICS = ("cam_energy_in_mask", "cam_energy_in_mask_random", "cam_pointing_game", "cam_pointing_game_random")
-
-
-def _read(run_dir: Path, name: str) -> pd.DataFrame | None:
-    path = Path(run_dir) / name
-    if not path.exists():
-        return None
-    df = pd.read_csv(path)
-    return df if len(df) else None
+from kneeoa.plotting import new_figure, panels
+from kneeoa.report.figures import fig_to_img_tag, png_tag, table_html
+from kneeoa.report.formatting import format_ci
+from kneeoa.runfolder.gradcam import read_index
+from kneeoa.runfolder.metrics import read_metrics_part
+from kneeoa.runfolder.tables import read_table
 
 
 def _p(p: float) -> str:
@@ -49,7 +44,7 @@ def forest_plot(comp: pd.DataFrame):
 
 def comparisons_section(run_dir: Path, cfg: Config) -> str | None:
     """Pairwise arm comparisons (DeLong / paired patient bootstrap, Holm-adjusted) as a table and forest plot."""
-    comp = _read(run_dir, "comparisons.csv")
+    comp = read_table(run_dir, "comparisons.csv")
     if comp is None:
         return None
     table = pd.DataFrame({
@@ -68,7 +63,7 @@ def comparisons_section(run_dir: Path, cfg: Config) -> str | None:
 
 def roc_ci_section(run_dir: Path, cfg: Config) -> str | None:
     """ROC curves of binary tasks with pointwise patient-bootstrap bands, one panel per task."""
-    bands = _read(run_dir, "roc_bands.csv")
+    bands = read_table(run_dir, "roc_bands.csv")
     if bands is None:
         return None
     tasks = sorted(bands["task"].unique())
@@ -89,9 +84,9 @@ def roc_ci_section(run_dir: Path, cfg: Config) -> str | None:
 
 def calibration_section(run_dir: Path, cfg: Config) -> str | None:
     """Reliability diagrams per task on the comparison split, with ECE and Brier (lower is better) and CIs."""
-    rel = _read(run_dir, "reliability.csv")
-    metrics = _read(run_dir, "metrics.csv")
-    if rel is None or metrics is None:
+    rel = read_table(run_dir, "reliability.csv")
+    metrics = read_metrics_part(run_dir, "stats")
+    if rel is None or metrics.empty:
         return None
     split = cfg.stats.compare_split
     rel = rel[rel["split"] == split]
@@ -107,7 +102,7 @@ def calibration_section(run_dir: Path, cfg: Config) -> str | None:
                xlim=(0, 1), ylim=(0, 1))
         ax.legend(fontsize=7)
     fig.tight_layout()
-    m = metrics[metrics["metric"].isin(["ece", "brier"]) & (metrics["split"] == split)]
+    m = metrics[metrics["metric"].isin(CALIBRATION_METRICS) & (metrics["split"] == split)]
     wide = (m.assign(cell=[format_ci(v, lo, hi) for v, lo, hi in zip(m["value"], m["ci_low"], m["ci_high"],
                                                                     strict=True)])
             .pivot_table(index=["task", "arm"], columns="metric", values="cell", aggfunc="first").reset_index())
@@ -120,18 +115,16 @@ def calibration_section(run_dir: Path, cfg: Config) -> str | None:
 
 def gradcam_section(run_dir: Path, cfg: Config) -> str | None:
     """Grad-CAM montages and the CAM-in-mask scores next to their random-map baselines."""
-    index_path = Path(run_dir) / "figures" / "gradcam" / "index.json"
-    if not index_path.exists():
+    index = read_index(run_dir)
+    if index is None:
         return None
-    index = json.loads(index_path.read_text())
     parts = ["<h2>Where the CNNs look (Grad-CAM)</h2>"]
-    metrics = _read(run_dir, "metrics.csv")
-    scores = None if metrics is None else metrics[metrics["metric"].isin(_CAM_METRICS)]
-    if scores is not None and len(scores):
+    scores = read_metrics_part(run_dir, "explain")
+    if len(scores):
         wide = (scores.assign(cell=[format_ci(v, lo, hi) for v, lo, hi in zip(scores["value"], scores["ci_low"],
                                                                              scores["ci_high"], strict=True)])
                 .pivot_table(index=["task", "arm"], columns="metric", values="cell", aggfunc="first")
-                .reindex(columns=[c for c in _CAM_METRICS if c in set(scores["metric"])]).reset_index())
+                .reindex(columns=list(dict.fromkeys(scores["metric"]))).reset_index())
         wide.columns.name = None
         n = scores.groupby(["task", "arm"])["n"].first().reset_index()
         parts.append("<p>Scored on test images whose feature mask is non-empty (phantom): share of CAM energy in "

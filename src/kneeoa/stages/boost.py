@@ -9,7 +9,7 @@ Two heads per encoder:
   `foundation.linear_c_grid` by the same val log-loss.
 Test images are only predicted, never used for a choice. Predictions are written for every split; the arm record
 holds the weights' model id, revision and checksum and the chosen hyperparameters per task. Each fitted XGBoost head
-is kept at RUN_DIR/heads/<prefix>_xgb/<task>.json (`kneeoa.estimators.head_path`), for `kneeoa export`.
+is kept at RUN_DIR/heads/<prefix>_xgb/<task>.json (`kneeoa.runfolder.heads`), for `kneeoa export`.
 """
 
 from __future__ import annotations
@@ -27,14 +27,16 @@ from sklearn.metrics import log_loss
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from kneeoa.arms import read_arms, record_arm
 from kneeoa.config import Config, FoundationCfg
-from kneeoa.data.manifest import read_manifest
 from kneeoa.errors import ConfigError, ManifestError
-from kneeoa.estimators import XGBHead, balanced_weights, head_path
-from kneeoa.models.foundation import embedding_matrix, encoder_arms, get_encoder_spec, read_embeddings
-from kneeoa.predictions import make_prediction_table, write_predictions
+from kneeoa.estimators import XGBHead, balanced_weights
+from kneeoa.models.foundation import encoder_arms, get_encoder_spec
 from kneeoa.registry import Registry
+from kneeoa.runfolder.arms import read_arms, record_arm
+from kneeoa.runfolder.embeddings import embedding_matrix, embeddings_path, read_embeddings
+from kneeoa.runfolder.heads import head_path
+from kneeoa.runfolder.manifest import read_manifest
+from kneeoa.runfolder.predictions import make_prediction_table, write_predictions
 from kneeoa.tasks import available_tasks, get_task
 
 _log = logging.getLogger(__name__)
@@ -110,7 +112,7 @@ def _full_proba(model: Any, X: np.ndarray, k: int) -> np.ndarray:
 def _aligned(manifest: pd.DataFrame, table: pd.DataFrame, encoder: str, run_dir: Path) -> np.ndarray:
     missing = ~manifest["image_id"].isin(table["image_id"])
     if missing.any():
-        raise ManifestError(f"{run_dir}/embeddings/{encoder}.parquet lacks {int(missing.sum())} manifest image(s), "
+        raise ManifestError(f"{embeddings_path(run_dir, encoder)} lacks {int(missing.sum())} manifest image(s), "
                             f"e.g. {manifest['image_id'][missing].iloc[0]!r}. Re-run `kneeoa embed {run_dir} "
                             f"--encoder {encoder}`.")
     return embedding_matrix(table.set_index("image_id").loc[manifest["image_id"]].reset_index())

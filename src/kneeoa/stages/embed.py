@@ -22,20 +22,19 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from kneeoa.arms import record_arm
 from kneeoa.config import Config
-from kneeoa.data.manifest import load_knee, read_manifest
 from kneeoa.errors import WeightsNotFoundError
 from kneeoa.io import write_json, write_parquet
-from kneeoa.models.foundation import (
-    create_encoder,
+from kneeoa.models.foundation import create_encoder, encoder_arms, features_for, get_encoder_spec, weights_for
+from kneeoa.runfolder.arms import record_arm
+from kneeoa.runfolder.embeddings import (
     embeddings_path,
-    encoder_arms,
-    features_for,
-    get_encoder_spec,
+    read_embedding_info,
+    shards_dir,
     vector_columns,
-    weights_for,
+    write_embeddings,
 )
+from kneeoa.runfolder.manifest import load_knee, read_manifest
 
 _log = logging.getLogger(__name__)
 
@@ -67,11 +66,9 @@ def _open_parts(parts: Path, meta: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame()
 
 
-def _is_current(path: Path, meta: dict[str, Any], ids: pd.Series) -> bool:
-    info = path.with_suffix(".json")
-    if not (path.exists() and info.exists()):
-        return False
-    if _model_meta(json.loads(info.read_text())) != meta:
+def _is_current(run_dir: Path, encoder: str, meta: dict[str, Any], ids: pd.Series) -> bool:
+    path, info = embeddings_path(run_dir, encoder), read_embedding_info(run_dir, encoder)
+    if not path.exists() or info is None or _model_meta(info) != meta:
         return False
     return set(ids) <= set(pd.read_parquet(path, columns=["image_id"])["image_id"])
 
@@ -95,14 +92,14 @@ def embed_one(run_dir: Path, encoder: str, weights: str | Path | None, cfg: Conf
     run_dir, fc = Path(run_dir), cfg.foundation
     spec = get_encoder_spec(encoder)
     manifest = read_manifest(run_dir)
-    enc = create_encoder(spec.name, weights if weights is not None else weights_for(fc, spec.name),
+    enc = create_encoder(spec.name, weights if weights is not None else weights_for(fc, spec.name, run_dir),
                          features=features_for(fc, spec.name), precision=fc.precision, device=fc.device)
     meta = _model_meta(enc.describe())
     out = embeddings_path(run_dir, spec.name)
-    if _is_current(out, meta, manifest["image_id"]):
+    if _is_current(run_dir, spec.name, meta, manifest["image_id"]):
         _log.info("%s is up to date; nothing to embed.", out)
         return out
-    parts = out.with_suffix(".parts")
+    parts = shards_dir(run_dir, spec.name)
     done = _open_parts(parts, meta)
     done_ids = set(done["image_id"]) if len(done) else set()
     todo = manifest.index[~manifest["image_id"].isin(done_ids)].to_numpy()
@@ -123,11 +120,10 @@ def embed_one(run_dir: Path, encoder: str, weights: str | Path | None, cfg: Conf
     seconds = time.perf_counter() - start
     table = pd.concat([pd.read_parquet(s) for s in sorted(parts.glob("part-*.parquet"))], ignore_index=True)
     table = table.drop_duplicates("image_id").set_index("image_id").loc[manifest["image_id"]].reset_index()
-    write_parquet(table, out)
-    write_json({**enc.describe(), "n_images": len(table), "n_embedded_this_run": len(todo),
-                "seconds_this_run": round(seconds, 2),
-                "images_per_s": round(len(todo) / seconds, 3) if len(todo) and seconds > 0 else None},
-               out.with_suffix(".json"))
+    write_embeddings(table, {**enc.describe(), "n_images": len(table), "n_embedded_this_run": len(todo),
+                             "seconds_this_run": round(seconds, 2),
+                             "images_per_s": round(len(todo) / seconds, 3) if len(todo) and seconds > 0 else None},
+                     run_dir, spec.name)
     shutil.rmtree(parts)
     return out
 

@@ -1,8 +1,9 @@
 """Stage `evaluate`: point metrics for every prediction table, on val and test.
 
-Writes RUN_DIR/metrics.csv in long form (`arm,task,split,metric,value,ci_low,ci_high,n`; CIs are filled by the
-`stats` stage) and RUN_DIR/metrics.json (the same values nested, plus confusion matrices). Rows of metrics that other
-stages own (calibration, Grad-CAM scores) are kept when evaluate is re-run.
+Writes its part of the metrics, RUN_DIR/metrics/evaluate.csv (long form `arm,task,split,metric,value,ci_low,ci_high,n`
+with empty CIs; the `stats` stage owns the intervals), and RUN_DIR/metrics.json (the same values nested, plus
+confusion matrices). The merged RUN_DIR/metrics.csv is rebuilt by `kneeoa.runfolder.metrics`, so re-running
+evaluate keeps the intervals and the scores other stages wrote.
 """
 
 from __future__ import annotations
@@ -13,26 +14,11 @@ import numpy as np
 import pandas as pd
 
 from kneeoa.config import Config
-from kneeoa.io import write_json, write_text
-from kneeoa.metrics import METRICS, confusion, metrics_for
-from kneeoa.predictions import list_predictions, prob_columns, read_predictions
+from kneeoa.io import write_json
+from kneeoa.metrics import confusion, metrics_for
+from kneeoa.runfolder.metrics import COLUMNS, EVAL_SPLITS, METRICS_JSON, write_metrics_part
+from kneeoa.runfolder.predictions import list_predictions, prob_columns, read_predictions
 from kneeoa.tasks import get_task
-
-METRICS_CSV = "metrics.csv"
-METRICS_JSON = "metrics.json"
-COLUMNS = ["arm", "task", "split", "metric", "value", "ci_low", "ci_high", "n"]
-EVAL_SPLITS = ("val", "test")
-
-
-def read_metrics(run_dir: Path) -> pd.DataFrame:
-    path = Path(run_dir) / METRICS_CSV
-    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
-
-
-def write_metrics(df: pd.DataFrame, run_dir: Path) -> Path:
-    """Write metrics.csv atomically with exactly COLUMNS, sorted for stable diffs."""
-    df = df[COLUMNS].sort_values(["arm", "task", "split", "metric"], kind="stable")
-    return write_text(df.to_csv(index=False), Path(run_dir) / METRICS_CSV)
 
 
 def evaluate_table(arm: str, task: str, table: pd.DataFrame) -> tuple[list[dict], dict]:
@@ -63,9 +49,5 @@ def run(run_dir: Path, cfg: Config) -> None:
             entry.setdefault(row["split"], {})[row["metric"]] = row["value"]
         for split, cm in conf.items():
             entry.setdefault(split, {})["confusion_matrix"] = cm
-    kept = read_metrics(run_dir)
-    kept = kept[~kept["metric"].isin(METRICS.names())]
-    out = pd.concat([kept, pd.DataFrame(rows, columns=COLUMNS)], ignore_index=True) if len(kept) else \
-        pd.DataFrame(rows, columns=COLUMNS)
-    write_metrics(out, run_dir)
+    write_metrics_part(pd.DataFrame(rows, columns=COLUMNS), run_dir, "evaluate")
     write_json(nested, run_dir / METRICS_JSON)

@@ -8,9 +8,12 @@ For every arm with a checkpoint (RUN_DIR/checkpoints/<arm>/) and every configure
 * where the manifest has `mask_path` (phantom), the CAM scores of `kneeoa.cam` over up to
   `explain.max_score_images` test images whose task mask is non-empty, with the CAM of the class that means "feature
   present" (binary tasks: class 1; KLG: the true grade), as metrics.csv rows `cam_energy_in_mask`,
-  `cam_pointing_game` and their `_random` baselines (split "test", patient-bootstrap CIs of the mean).
+  `cam_pointing_game` and their `_random` baselines (split "test", patient-bootstrap CIs of the mean), in the
+  stage's own metrics part RUN_DIR/metrics/explain.csv. Which masks define a task's feature is the task's entry
+  (`Task.masks`); tasks without masks are not scored.
 
-RUN_DIR/figures/gradcam/index.json lists the montages, the random maps' smoothing and anything skipped, with why.
+RUN_DIR/figures/gradcam/index.json lists the montages, the random maps' smoothing and anything skipped, with why
+(`kneeoa.runfolder.gradcam`).
 """
 
 from __future__ import annotations
@@ -23,19 +26,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kneeoa import cam, stats
+from kneeoa import bootstrap, cam
 from kneeoa.config import Config
 from kneeoa.data.images import load_gray
-from kneeoa.data.manifest import load_knee, read_manifest, resolve_image_path
 from kneeoa.errors import DataError, WeightsNotFoundError
-from kneeoa.io import atomic_path, write_json
-from kneeoa.predictions import prediction_path, read_predictions
-from kneeoa.stages.stats import METRICS_COLUMNS, replace_metric_rows
+from kneeoa.runfolder.checkpoints import CHECKPOINTS_DIR, checkpoint_arms
+from kneeoa.runfolder.gradcam import write_index, write_montage
+from kneeoa.runfolder.manifest import load_knee, read_manifest, resolve_image_path
+from kneeoa.runfolder.metrics import COLUMNS, write_metrics_part
+from kneeoa.runfolder.predictions import prediction_path, read_predictions
 from kneeoa.tasks import get_task
 
 _logger = logging.getLogger(__name__)
 
-GRADCAM_DIR = Path("figures") / "gradcam"
 CAM_METRICS = ("cam_energy_in_mask", "cam_pointing_game", "cam_energy_in_mask_random", "cam_pointing_game_random")
 
 
@@ -73,7 +76,7 @@ def select_examples(preds: pd.DataFrame, per_grade: int, rng: np.random.Generato
 def montage(images: list[np.ndarray], cams: list[np.ndarray], chosen: pd.DataFrame, *, class_names, per_grade: int,
             title: str):
     """Matplotlib figure: one row per true class, correct then wrong examples, CAM overlays titled true/pred/p."""
-    from kneeoa.report.figures import new_figure
+    from kneeoa.plotting import new_figure
 
     classes = sorted(chosen["y_true"].unique())
     ncol = 2 * per_grade
@@ -93,12 +96,6 @@ def montage(images: list[np.ndarray], cams: list[np.ndarray], chosen: pd.DataFra
     fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(hspace=0.45)
     return fig
-
-
-def _save_png(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    return path
 
 
 def _load_mask(run_dir: Path, mask_path: str, task: str) -> np.ndarray:
@@ -131,12 +128,12 @@ def _score_rows(run_dir: Path, arm: str, task: str, model, layer, preprocess, te
     maps = _cams(model, layer, preprocess, run_dir, rows, target, cfg.explain.batch_size)
     tol = max(1, round(cfg.explain.pointing_tolerance * min(masks[0].shape)))
     scores = cam.score_maps(maps, masks, tolerance=tol, rng=rng)
-    codes, n_pat = stats.patient_codes(rows["patient_id"])
-    w = stats.bootstrap_weights(codes, n_pat, cfg.stats.n_boot, rng)
+    codes, n_pat = bootstrap.patient_codes(rows["patient_id"])
+    w = bootstrap.bootstrap_weights(codes, n_pat, cfg.stats.n_boot, rng)
     out = []
     for name in CAM_METRICS:
         x = np.nan_to_num(scores[name], nan=0.0)
-        lo, hi = stats.percentile_interval((w @ x) / w.sum(axis=1), cfg.stats.confidence)
+        lo, hi = bootstrap.percentile_interval((w @ x) / w.sum(axis=1), cfg.stats.confidence)
         out.append({"arm": arm, "task": task, "split": "test", "metric": name, "value": float(x.mean()),
                     "ci_low": lo, "ci_high": hi, "n": len(x)})
     return out, float(scores["sigma"])
@@ -144,13 +141,12 @@ def _score_rows(run_dir: Path, arm: str, task: str, model, layer, preprocess, te
 
 def run(run_dir: Path, cfg: Config) -> None:
     """Write Grad-CAM montages and (phantom) CAM scores for every CNN arm with a checkpoint."""
-    from kneeoa.models.cnn import CHECKPOINTS_DIR, load_classifier
+    from kneeoa.models.infer import load_classifier
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     test = manifest[manifest["split"] == "test"]
-    ckpt_root = run_dir / CHECKPOINTS_DIR
-    arms = sorted(d.name for d in ckpt_root.iterdir() if d.is_dir()) if ckpt_root.exists() else []
+    arms = checkpoint_arms(run_dir)
     index: dict = {"montages": [], "skipped": [], "sigma_px": {}}
     rows: list[dict] = []
     for arm in arms:
@@ -173,17 +169,16 @@ def run(run_dir: Path, cfg: Config) -> None:
                              chosen["pred"].to_numpy(), cfg.explain.batch_size)
                 fig = montage(images, maps, chosen, class_names=get_task(task).classes,
                               per_grade=cfg.explain.per_grade, title=f"{arm} - {task}: Grad-CAM of the predicted class")
-                name = f"{arm}__{task}.png"
-                _save_png(fig, run_dir / GRADCAM_DIR / name)
-                index["montages"].append({"arm": arm, "task": task, "file": str(GRADCAM_DIR / name)})
-            if "mask_path" in test and task in cam.TASK_MASKS:
+                rel = write_montage(fig, run_dir, arm, task)
+                index["montages"].append({"arm": arm, "task": task, "file": str(rel)})
+            if "mask_path" in test and get_task(task).masks:
                 new, sigma = _score_rows(run_dir, arm, task, model, layer, preprocess, test, preds, cfg)
                 rows.extend(new)
                 index["sigma_px"][f"{arm}__{task}"] = sigma
     if not arms:
-        index["skipped"].append({"arm": "*", "task": "*", "reason": f"no checkpoints under {ckpt_root}"})
-    write_json(index, run_dir / GRADCAM_DIR / "index.json")
-    if rows:
-        replace_metric_rows(run_dir, pd.DataFrame(rows, columns=METRICS_COLUMNS), CAM_METRICS)
+        index["skipped"].append({"arm": "*", "task": "*",
+                                 "reason": f"no checkpoints under {run_dir / CHECKPOINTS_DIR}"})
+    write_index(index, run_dir)
+    write_metrics_part(pd.DataFrame(rows, columns=COLUMNS), run_dir, "explain")
     _logger.info("explain: %d montage(s), %d CAM score row(s)", len(index["montages"]), len(rows))
 

@@ -1,25 +1,36 @@
 """Stage `prepare`: run the configured importer, assign splits by patient, derive task labels, write the manifest
-and the data report (counts per split / grade / visit, quarantined items with reasons, unmatched readings and
-images, label missingness per task)."""
+and the data report (counts per split / grade / visit, quarantined items with reasons, files not used with reasons,
+unmatched readings and images, label missingness per task).
+
+A new prepare replaces the previous one whole: the quarantine and skipped tables are rewritten or removed, crops
+and masks that the new manifest does not list are deleted, and RUN_DIR/config.yaml records the config used (source
+and path included), so a following `kneeoa train RUN_DIR` trains on what was imported, with the same settings.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from kneeoa.config import Config
+from kneeoa.config import Config, dump_config
 from kneeoa.data.importers import ImportResult, get_importer
 from kneeoa.data.manifest import mark_mirrored, validate_manifest, write_manifest
 from kneeoa.data.splits import assign_splits
-from kneeoa.io import write_json, write_parquet
+from kneeoa.errors import DataError
+from kneeoa.io import write_parquet, write_text
+from kneeoa.runfolder.manifest import DATA_REPORT, QUARANTINE, SKIPPED, write_data_report
+from kneeoa.runlock import run_lock
 from kneeoa.tasks import TASKS, add_task_labels
 
 _logger = logging.getLogger(__name__)
 
-DATA_REPORT = "data_report.json"
+__all__ = ["DATA_REPORT", "data_report", "prepare", "run"]
+
+_IMPORT_FOLDERS = ("crops", "masks")  # files the importers write, one per manifest row (image_path / mask_path)
 
 
 def data_report(manifest: pd.DataFrame, result: ImportResult, task_names: list[str]) -> dict[str, Any]:
@@ -27,7 +38,8 @@ def data_report(manifest: pd.DataFrame, result: ImportResult, task_names: list[s
     counts = {"images": len(manifest), "patients": int(manifest["patient_id"].nunique()),
               "per_split": manifest["split"].value_counts().sort_index().to_dict(),
               "per_visit": manifest["visit"].value_counts().sort_index().to_dict(),
-              "low_quality": int(manifest["low_quality"].sum())}
+              "low_quality": int(manifest["low_quality"].sum()),
+              "quarantined": len(result.quarantine), "skipped": len(result.skipped)}
     per_grade = {}
     for name in ["klg", *task_names]:
         if name in manifest and name in TASKS and manifest[name].notna().any():
@@ -36,27 +48,73 @@ def data_report(manifest: pd.DataFrame, result: ImportResult, task_names: list[s
     missing = {name: (float(manifest[name].isna().mean()) if name in manifest else 1.0) for name in task_names}
     return {"counts": counts, "per_grade": per_grade, "label_missing_share": missing,
             "quarantine": result.quarantine.to_dict(orient="records"),
+            "skipped": result.skipped.to_dict(orient="records"),
             "unmatched": result.unmatched.to_dict(orient="records"), "notes": result.notes}
 
 
+def _nothing_kept(result: ImportResult, origin: str) -> DataError:
+    reasons = result.quarantine["reason"].astype(str).value_counts().head(3)
+    listed = "; ".join(f"{n} x {r}" for r, n in reasons.items()) or "the source lists no images"
+    return DataError(f"{origin} kept no image ({len(result.quarantine)} quarantined, {len(result.skipped)} file(s) "
+                     f"not used). Most common reasons: {listed}. Fix the source and run prepare again.")
+
+
+def _write_table(table: pd.DataFrame, path: Path) -> None:
+    """Write a loss table, or remove the previous import's when this import has none."""
+    if len(table):
+        write_parquet(table.astype(str), path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_unlisted(run_dir: Path, manifest: pd.DataFrame) -> int:
+    """Delete crops and masks of an earlier import that the new manifest does not list; returns how many."""
+    listed = {str((run_dir / p).resolve()) for col in ("image_path", "mask_path") if col in manifest
+              for p in manifest[col].dropna().astype(str)}
+    removed = 0
+    for folder in _IMPORT_FOLDERS:
+        for path in (run_dir / folder).glob("*") if (run_dir / folder).is_dir() else []:
+            if path.is_file() and str(path.resolve()) not in listed:
+                path.unlink()
+                removed += 1
+    return removed
+
+
 def prepare(run_dir: Path, cfg: Config, source: str | None = None, path: str | Path | None = None) -> pd.DataFrame:
-    """Import `source` (default cfg.data.source) from `path` into RUN_DIR/manifest.parquet; returns the manifest."""
+    """Import `source` (default cfg.data.source) from `path` into RUN_DIR/manifest.parquet; returns the manifest.
+
+    Raises:
+        DataError: the importer kept no image (the message gives the commonest quarantine reasons).
+        ManifestError, LeakageError: the imported rows break the manifest contract.
+        RunFolderBusyError: another process writes into `run_dir`.
+    """
     run_dir = Path(run_dir)
     source = source or cfg.data.source
     path = path if path is not None else cfg.data.path
-    result = get_importer(source)(Path(path) if path else None, run_dir, cfg)
-    df = result.manifest.copy()
-    if "split" not in df or df["split"].isna().all():
-        df["split"] = assign_splits(df, fractions=tuple(cfg.data.split_fractions), seed=cfg.seed)
-    df = add_task_labels(df, cfg.tasks.thresholds)
-    df = mark_mirrored(df, cfg.data.mirror_left)
-    df = validate_manifest(df, origin=f"{source} import of {path or 'generated data'}")
-    write_manifest(df, run_dir)
-    report = data_report(df, result, cfg.tasks.names)
-    write_json(report, run_dir / DATA_REPORT)
-    if len(result.quarantine):
-        write_parquet(result.quarantine.astype(str), run_dir / "quarantine.parquet")
-        _logger.warning("%d item(s) quarantined; reasons in %s", len(result.quarantine), run_dir / DATA_REPORT)
+    origin = f"{source} import of {path or 'generated data'}"
+    with run_lock(run_dir, f"prepare {source}"):
+        result = get_importer(source)(Path(path) if path else None, run_dir, cfg)
+        df = result.manifest.copy()
+        if df.empty:
+            raise _nothing_kept(result, origin)
+        if "split" not in df or df["split"].isna().all():
+            df["split"] = assign_splits(df, fractions=tuple(cfg.data.split_fractions), seed=cfg.seed)
+        df = add_task_labels(df, cfg.tasks.thresholds)
+        df = mark_mirrored(df, cfg.data.mirror_left)
+        df = validate_manifest(df, origin=origin)
+        write_manifest(df, run_dir)
+        write_data_report(data_report(df, result, cfg.tasks.names), run_dir)
+        _write_table(result.quarantine, run_dir / QUARANTINE)
+        _write_table(result.skipped, run_dir / SKIPPED)
+        removed = _remove_unlisted(run_dir, df)
+        used = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=source,
+                                                                 path=str(path) if path else None))
+        write_text(dump_config(used), run_dir / "config.yaml")
+    if removed:
+        _logger.info("removed %d crop/mask file(s) of an earlier import that this manifest does not list", removed)
+    if len(result.quarantine) or len(result.skipped):
+        _logger.warning("%d item(s) quarantined, %d file(s) not used; reasons in %s", len(result.quarantine),
+                        len(result.skipped), run_dir / DATA_REPORT)
     return df
 
 

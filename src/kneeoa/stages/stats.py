@@ -1,10 +1,10 @@
 """The stats stage: confidence intervals, calibration and paired arm comparisons, from files in the run folder.
 
-Reads RUN_DIR/metrics.csv (written by `evaluate`), RUN_DIR/predictions/*.parquet and the manifest (for patient ids);
-writes, each atomically:
+Reads RUN_DIR/predictions/*.parquet and the manifest (for patient ids); writes, each atomically:
 
-* RUN_DIR/metrics.csv: `ci_low`/`ci_high` filled for every row of a registered metric that has a prediction table
-  (patient bootstrap, percentile interval), and rows `ece` and `brier` (with CIs) added per arm x task x split;
+* its metrics part RUN_DIR/metrics/stats.csv: every registered metric of every prediction table on the evaluated
+  splits (val, test) with a patient-bootstrap percentile CI, and rows `ece` and `brier` (with CIs) on every split;
+  the merged metrics.csv puts these CIs beside the values `evaluate` wrote (`kneeoa.runfolder.metrics`);
 * RUN_DIR/comparisons.csv: every pair of arms on every task, on `stats.compare_split` (images both arms scored),
   with Holm-adjusted p-values over the whole file (one family);
 * RUN_DIR/reliability.csv: reliability-diagram bins per arm x task x split;
@@ -23,58 +23,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kneeoa import stats
+from kneeoa import bootstrap
 from kneeoa.calibration import calibration_metrics, reliability_table
+from kneeoa.comparisons import delong_test, holm
 from kneeoa.config import Config
-from kneeoa.data.manifest import read_manifest
 from kneeoa.errors import ManifestError
-from kneeoa.io import write_text
-from kneeoa.metrics import METRICS
-from kneeoa.predictions import list_predictions, prob_columns, read_predictions
+from kneeoa.metrics import METRICS, metrics_for
+from kneeoa.runfolder.manifest import read_manifest
+from kneeoa.runfolder.metrics import COLUMNS, EVAL_SPLITS, write_metrics_part
+from kneeoa.runfolder.predictions import list_predictions, prob_columns, read_predictions
+from kneeoa.runfolder.tables import columns, write_table
 from kneeoa.tasks import get_task
-
-METRICS_COLUMNS = ["arm", "task", "split", "metric", "value", "ci_low", "ci_high", "n"]
-COMPARISON_COLUMNS = ["arm_a", "arm_b", "task", "metric", "difference", "ci_low", "ci_high", "p_value", "p_holm",
-                      "method", "n_images", "n_patients", "split"]
-CALIBRATION_METRICS = ("ece", "brier")
-
-
-def write_csv(df: pd.DataFrame, path: Path) -> Path:
-    """Atomically write a CSV without the index."""
-    return write_text(df.to_csv(index=False), path)
-
-
-def read_metrics(run_dir: Path) -> pd.DataFrame:
-    """RUN_DIR/metrics.csv with its contract columns checked."""
-    path = Path(run_dir) / "metrics.csv"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist. Run `kneeoa evaluate {run_dir}` first: the stats stage adds "
-                                "intervals to the metrics it writes.")
-    df = pd.read_csv(path)
-    missing = [c for c in METRICS_COLUMNS if c not in df]
-    if missing:
-        raise ManifestError(f"{path}: missing column(s) {missing}; metrics.csv needs {METRICS_COLUMNS}. Re-run "
-                            "`kneeoa evaluate`.")
-    for col in ("ci_low", "ci_high", "value"):
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
-    return df
-
-
-def replace_metric_rows(run_dir: Path, new_rows: pd.DataFrame, metrics: tuple[str, ...]) -> Path:
-    """Atomically rewrite RUN_DIR/metrics.csv with rows of `metrics` for the (arm, task, split)s in `new_rows` replaced.
-
-    Used by the explain stage for the CAM scores; the file is created with its header if it does not exist.
-    """
-    path = Path(run_dir) / "metrics.csv"
-    old = read_metrics(run_dir) if path.exists() else pd.DataFrame(columns=METRICS_COLUMNS)
-
-    def key(df: pd.DataFrame) -> pd.Series:
-        return df["arm"].astype(str) + "|" + df["task"].astype(str) + "|" + df["split"].astype(str)
-
-    hit = old["metric"].isin(metrics) & key(old).isin(set(key(new_rows)))
-    keep = [df for df in (old[~hit], new_rows[METRICS_COLUMNS]) if len(df)]
-    out = pd.concat(keep, ignore_index=True) if keep else pd.DataFrame(columns=METRICS_COLUMNS)
-    return write_csv(out[METRICS_COLUMNS], path)
 
 
 def _rng(seed: int, *key: str) -> np.random.Generator:
@@ -98,33 +57,28 @@ def _load_tables(run_dir: Path) -> dict[tuple[str, str], pd.DataFrame]:
     return out
 
 
-def _intervals(metrics: pd.DataFrame, tables, patient_of: pd.Series, cfg: Config) -> tuple[pd.DataFrame, list]:
-    """Fill CIs of registered metrics; return the updated table and the calibration rows / reliability tables."""
-    metrics = metrics.copy()
+def _intervals(tables, patient_of: pd.Series, cfg: Config) -> tuple[pd.DataFrame, list]:
+    """Point value and patient-bootstrap CI of every registered metric and of calibration, per arm x task x split;
+    and the reliability tables."""
     calib = calibration_metrics(cfg.stats.calibration_bins)
-    new_rows, reliability = [], []
+    rows, reliability = [], []
     for (arm, task), table in sorted(tables.items()):
         k = get_task(task).n_classes
         for split, part in table.groupby("split", sort=True):
-            y, probs = part["y_true"].to_numpy(), part[prob_columns(k)].to_numpy()
-            codes, n_pat = stats.patient_codes(_patients(part, patient_of, f"predictions/{arm}__{task}"))
-            w = stats.bootstrap_weights(codes, n_pat, cfg.stats.n_boot, _rng(cfg.stats.seed, task, str(split)))
-            rows = (metrics["arm"] == arm) & (metrics["task"] == task) & (metrics["split"] == split)
-            for i in metrics.index[rows & metrics["metric"].isin(METRICS.names())]:
-                name = metrics.at[i, "metric"]
-                ci = stats.bootstrap_ci(y, probs, w, point=METRICS.get(name).fn, weighted=stats.weighted_metric(name),
-                                        confidence=cfg.stats.confidence, pred=part["y_pred"].to_numpy())
-                metrics.loc[i, ["ci_low", "ci_high"]] = [ci.low, ci.high]
-            for name, (point, weighted) in calib.items():
-                ci = stats.bootstrap_ci(y, probs, w, point=point, weighted=weighted, confidence=cfg.stats.confidence)
-                new_rows.append({"arm": arm, "task": task, "split": split, "metric": name, "value": ci.value,
-                                 "ci_low": ci.low, "ci_high": ci.high, "n": len(y)})
+            y, probs, pred = part["y_true"].to_numpy(), part[prob_columns(k)].to_numpy(), part["y_pred"].to_numpy()
+            codes, n_pat = bootstrap.patient_codes(_patients(part, patient_of, f"predictions/{arm}__{task}"))
+            w = bootstrap.bootstrap_weights(codes, n_pat, cfg.stats.n_boot, _rng(cfg.stats.seed, task, str(split)))
+            point_metrics = metrics_for(get_task(task)) if split in EVAL_SPLITS else []
+            scored = [(m.name, m.fn, m.weighted_fn, pred) for m in point_metrics]
+            scored += [(name, point, weighted, None) for name, (point, weighted) in calib.items()]
+            for name, point, weighted, hard in scored:
+                ci = bootstrap.bootstrap_ci(y, probs, w, point=point, weighted=weighted,
+                                            confidence=cfg.stats.confidence, pred=hard)
+                rows.append({"arm": arm, "task": task, "split": split, "metric": name, "value": ci.value,
+                             "ci_low": ci.low, "ci_high": ci.high, "n": len(y)})
             rel = reliability_table(y, probs, n_bins=cfg.stats.calibration_bins)
             reliability.append(rel.assign(arm=arm, task=task, split=split))
-    metrics = metrics[~metrics["metric"].isin(CALIBRATION_METRICS)]
-    if new_rows:
-        metrics = pd.concat([metrics, pd.DataFrame(new_rows)], ignore_index=True)
-    return metrics[METRICS_COLUMNS], reliability
+    return pd.DataFrame(rows, columns=COLUMNS), reliability
 
 
 def compare_arms(tables, patient_of: pd.Series, cfg: Config) -> pd.DataFrame:
@@ -149,25 +103,27 @@ def compare_arms(tables, patient_of: pd.Series, cfg: Config) -> pd.DataFrame:
                                     f"for image {image!r}; both must be labelled from the same manifest.")
             y, pa, pb = a["y_true"].to_numpy(), a[prob_columns(k)].to_numpy(), b[prob_columns(k)].to_numpy()
             pid = _patients(a.reset_index(), patient_of, f"predictions/{arm_a}__{task}")
-            codes, n_pat = stats.patient_codes(pid)
-            w = stats.bootstrap_weights(codes, n_pat, cfg.stats.n_boot, _rng(cfg.stats.seed, "compare", task, split))
+            codes, n_pat = bootstrap.patient_codes(pid)
+            w = bootstrap.bootstrap_weights(codes, n_pat, cfg.stats.n_boot,
+                                            _rng(cfg.stats.seed, "compare", task, split))
             for metric in cfg.stats.compare_metrics.get(kind, []):
                 if metric == "auc" and k == 2:
                     if len(np.unique(y)) < 2:
                         continue
-                    res = stats.delong_test(y, pa[:, 1], pb[:, 1], groups=pid, confidence=cfg.stats.confidence)
+                    res = delong_test(y, pa[:, 1], pb[:, 1], groups=pid, confidence=cfg.stats.confidence)
                 else:
-                    res = stats.paired_bootstrap(y, pa, pb, w, point=METRICS.get(metric).fn,
-                                                 weighted=stats.weighted_metric(metric),
+                    res = bootstrap.paired_bootstrap(y, pa, pb, w, point=METRICS.get(metric).fn,
+                                                     weighted=METRICS.get(metric).weighted_fn,
                                                  confidence=cfg.stats.confidence, pred_a=a["y_pred"].to_numpy(),
                                                  pred_b=b["y_pred"].to_numpy())
                 rows.append({"arm_a": arm_a, "arm_b": arm_b, "task": task, "metric": metric,
                              "difference": res.difference, "ci_low": res.low, "ci_high": res.high,
                              "p_value": res.p_value, "method": res.method, "n_images": len(y), "n_patients": n_pat,
                              "split": split})
-    out = pd.DataFrame(rows, columns=[c for c in COMPARISON_COLUMNS if c != "p_holm"])
-    out.insert(COMPARISON_COLUMNS.index("p_holm"), "p_holm", stats.holm(out["p_value"].to_numpy(dtype=float)))
-    return out[COMPARISON_COLUMNS]
+    cols = columns("comparisons.csv")
+    out = pd.DataFrame(rows, columns=[c for c in cols if c != "p_holm"])
+    out.insert(cols.index("p_holm"), "p_holm", holm(out["p_value"].to_numpy(dtype=float)))
+    return out[cols]
 
 
 def roc_bands(tables, patient_of: pd.Series, cfg: Config) -> pd.DataFrame:
@@ -178,28 +134,27 @@ def roc_bands(tables, patient_of: pd.Series, cfg: Config) -> pd.DataFrame:
         part = table[table["split"] == split]
         if get_task(task).n_classes != 2 or part["y_true"].nunique() < 2:
             continue
-        codes, n_pat = stats.patient_codes(_patients(part, patient_of, f"predictions/{arm}__{task}"))
-        w = stats.bootstrap_weights(codes, n_pat, cfg.stats.n_boot, _rng(cfg.stats.seed, task, split))
-        band = stats.roc_band(part["y_true"].to_numpy() == 1, part["prob_1"].to_numpy(), w,
+        codes, n_pat = bootstrap.patient_codes(_patients(part, patient_of, f"predictions/{arm}__{task}"))
+        w = bootstrap.bootstrap_weights(codes, n_pat, cfg.stats.n_boot, _rng(cfg.stats.seed, task, split))
+        band = bootstrap.roc_band(part["y_true"].to_numpy() == 1, part["prob_1"].to_numpy(), w,
                               confidence=cfg.stats.confidence)
         parts.append(pd.DataFrame(band).assign(arm=arm, task=task, split=split))
-    cols = ["arm", "task", "split", "fpr", "tpr", "tpr_low", "tpr_high"]
+    cols = columns("roc_bands.csv")
     return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
 
 
 def run(run_dir: Path, cfg: Config) -> None:
-    """Add CIs and calibration to metrics.csv; write comparisons.csv, reliability.csv and roc_bands.csv."""
+    """Write the stats metrics part (CIs, calibration), comparisons.csv, reliability.csv and roc_bands.csv."""
     run_dir = Path(run_dir)
-    metrics = read_metrics(run_dir)
     manifest = read_manifest(run_dir)
     patient_of = pd.Series(manifest["patient_id"].to_numpy(), index=manifest["image_id"])
     tables = _load_tables(run_dir)
-    metrics, reliability = _intervals(metrics, tables, patient_of, cfg)
-    rel_cols = ["arm", "task", "split", "bin", "bin_low", "bin_high", "n", "confidence", "observed"]
+    metrics, reliability = _intervals(tables, patient_of, cfg)
+    rel_cols = columns("reliability.csv")
     rel = pd.concat(reliability, ignore_index=True)[rel_cols] if reliability else pd.DataFrame(columns=rel_cols)
     comparisons = compare_arms(tables, patient_of, cfg)
     bands = roc_bands(tables, patient_of, cfg)
-    write_csv(rel, run_dir / "reliability.csv")
-    write_csv(bands, run_dir / "roc_bands.csv")
-    write_csv(comparisons, run_dir / "comparisons.csv")
-    write_csv(metrics, run_dir / "metrics.csv")
+    write_table(rel, run_dir, "reliability.csv")
+    write_table(bands, run_dir, "roc_bands.csv")
+    write_table(comparisons, run_dir, "comparisons.csv")
+    write_metrics_part(metrics, run_dir, "stats")

@@ -26,17 +26,14 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
-from kneeoa.arms import record_arm
 from kneeoa.config import CnnCfg, Config, backbone_cfg
-from kneeoa.data.augment import POLICIES, augment_batch
+from kneeoa.data.augment import POLICIES, BatchTransform
 from kneeoa.data.cache import image_cache
-from kneeoa.data.dataset import MISSING_LABEL, KneeDataset, keep_batch, task_labels
-from kneeoa.data.manifest import read_manifest
+from kneeoa.data.dataset import MISSING_LABEL, KneeDataset, task_labels
 from kneeoa.errors import ConfigError
 from kneeoa.metrics import METRICS
 from kneeoa.models.cnn import (
     BACKBONES,
-    CHECKPOINTS_DIR,
     MultiTaskNet,
     checkpoint_path,
     create_backbone,
@@ -47,11 +44,18 @@ from kneeoa.models.cnn import (
     write_checkpoint,
 )
 from kneeoa.models.heads import HEADS, decode, tune_cutpoints
-from kneeoa.models.infer import CnnPredictor, normalise
-from kneeoa.predictions import make_prediction_table, write_predictions
+from kneeoa.models.infer import CnnPredictor
+from kneeoa.models.resume import find_resume_point, fingerprint, mark_finished, mark_started
+from kneeoa.runfolder.arms import record_arm
+from kneeoa.runfolder.checkpoints import CHECKPOINTS_DIR
+from kneeoa.runfolder.manifest import read_manifest
+from kneeoa.runfolder.predictions import make_prediction_table, write_predictions
+from kneeoa.runlock import is_rank_zero
 from kneeoa.tasks import available_tasks, get_task
 
 _logger = logging.getLogger(__name__)
+
+BUDGET_KEY = "kneeoa_budget_spent_s"  # checkpoint entry: seconds the learning-rate schedule had spent
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -80,19 +84,24 @@ class TrainingBudget:
 
     Progress is the larger of steps done / steps planned and minutes spent / `max_minutes`, so a run stopped by its
     time cap (Lightning's `max_time`) has still annealed its learning rate instead of stopping at its peak.
+    `spent_s` is the time an interrupted run had already spent (restored from its checkpoint on resume).
     """
 
     def __init__(self, total_steps: int, max_minutes: float | None, warmup: float = 0.15, floor: float = 0.01,
-                 clock=time.monotonic) -> None:
+                 clock=time.monotonic, spent_s: float = 0.0) -> None:
         self.total_steps, self.max_seconds = max(1, total_steps), (max_minutes * 60 if max_minutes else None)
-        self.warmup, self.floor, self.clock, self.start = warmup, floor, clock, None
+        self.warmup, self.floor, self.clock, self.start, self.spent_s = warmup, floor, clock, None, spent_s
+
+    def elapsed(self) -> float:
+        """Seconds spent so far, earlier interrupted runs included."""
+        return self.spent_s + (self.clock() - self.start if self.start is not None else 0.0)
 
     def progress(self, step: int) -> float:
         if self.start is None:
             self.start = self.clock()
         p = step / self.total_steps
         if self.max_seconds:
-            p = max(p, (self.clock() - self.start) / self.max_seconds)
+            p = max(p, self.elapsed() / self.max_seconds)
         return min(p, 1.0)
 
     def lr_factor(self, step: int) -> float:
@@ -118,20 +127,19 @@ def val_score(task: str, y: np.ndarray, probs: np.ndarray, decoding_method: str)
     return float(METRICS.get(t.headline_metric).fn(y, probs, pred=pred))
 
 
-def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg, *, channels_last: bool,
-                 steps_per_epoch: int, mean: float, std: float, hflip: bool, seed: int):
+def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg, *, steps_per_epoch: int):
     import lightning as L
 
     class KneeModule(L.LightningModule):
-        """Sum of the tasks' head losses; AdamW, warm-up + cosine over the planned steps or the time cap."""
+        """Sum of the tasks' head losses; AdamW, warm-up + cosine over the planned steps or the time cap.
+
+        Batches arrive augmented and normalised (`training_loaders`).
+        """
 
         def __init__(self) -> None:
             super().__init__()
             self.net = net
             self.class_weights = weights
-            self.policy = POLICIES.get(hp.augment_policy)
-            self.gen = torch.Generator().manual_seed(seed)
-            self.noise: torch.Tensor | None = None  # noise fields for augmentation, drawn once
             self.ema = None
             if hp.ema:
                 from timm.utils import ModelEmaV3
@@ -142,19 +150,6 @@ def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg
         def scored(self) -> MultiTaskNet:
             """The weights validation and the checkpoint use: the EMA when on."""
             return self.ema.module if self.ema is not None else self.net
-
-        def on_after_batch_transfer(self, batch, dataloader_idx: int):
-            x, y = batch
-            if self.trainer.training and hp.augment:
-                if self.noise is None:
-                    self.noise = torch.randn((2 * len(x), *x.shape[1:]), generator=self.gen)
-                x = augment_batch(x, self.policy, hflip=hflip, generator=self.gen, noise_bank=self.noise)
-                x = x.sub_(mean).div_(std)
-            else:
-                x = normalise(x, mean, std)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            return x, y
 
         def _loss(self, out, y) -> torch.Tensor:
             total = 0.0
@@ -187,9 +182,10 @@ def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg
         def on_validation_epoch_end(self) -> None:
             scores = []
             for t, parts in self._val.items():
-                y = torch.cat([p[0] for p in parts]).cpu().numpy()
-                probs = torch.cat([p[1] for p in parts]).cpu().numpy()
-                value = val_score(t, y, probs, hp.klg_decode)
+                y, probs = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+                if self.trainer.world_size > 1:  # score the whole val set on every rank: same value, same logging
+                    y, probs = self.all_gather(y).flatten(0, 1), self.all_gather(probs).flatten(0, 1)
+                value = val_score(t, y.cpu().numpy(), probs.cpu().numpy(), hp.klg_decode)
                 if np.isfinite(value):
                     self.log(f"val_{t}_{get_task(t).headline_metric}", value, prog_bar=t == "klg", sync_dist=True)
                     scores.append(value)
@@ -197,9 +193,16 @@ def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg
 
         def configure_optimizers(self):
             opt = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-            budget = TrainingBudget(hp.epochs * steps_per_epoch, hp.max_minutes)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, budget.lr_factor)
+            self.budget = TrainingBudget(hp.epochs * steps_per_epoch, hp.max_minutes,
+                                         spent_s=getattr(self, "budget_spent_s", 0.0))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, self.budget.lr_factor)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+        def on_save_checkpoint(self, checkpoint: dict) -> None:
+            checkpoint[BUDGET_KEY] = self.budget.elapsed()  # the schedule's clock, for a resumed run
+
+        def on_load_checkpoint(self, checkpoint: dict) -> None:
+            self.budget_spent_s = float(checkpoint.get(BUDGET_KEY, 0.0))  # runs before configure_optimizers
 
     return KneeModule()
 
@@ -221,6 +224,24 @@ def _train_sampler(labels: dict[str, np.ndarray], hp: CnnCfg, seed: int):
     counts = np.bincount(y[y != MISSING_LABEL], minlength=1).astype("float64")
     w = np.where(y == MISSING_LABEL, 0.0, 1.0 / np.maximum(counts[np.clip(y, 0, None)], 1))
     return WeightedRandomSampler(torch.as_tensor(w), num_samples=len(y), replacement=True, generator=gen)
+
+
+def training_loaders(train_ds: KneeDataset, val_ds: KneeDataset, hp: CnnCfg, *, seed: int, mean: float, std: float,
+                     hflip: bool, channels_last: bool) -> tuple[DataLoader, DataLoader]:
+    """The train and val DataLoaders: batches read from the cache, augmented (train) and normalised.
+
+    With `cnn.num_workers` > 0 the training batches are fetched and augmented in that many persistent worker
+    processes, overlapping the model step; validation batches only need normalising and stay in the main process.
+    """
+    policy = POLICIES.get(hp.augment_policy) if hp.augment else None
+    workers = hp.num_workers
+    train_dl = DataLoader(train_ds, batch_size=hp.batch_size, sampler=_train_sampler(train_ds.labels, hp, seed),
+                          drop_last=len(train_ds) > hp.batch_size, num_workers=workers, persistent_workers=workers > 0,
+                          collate_fn=BatchTransform(mean, std, policy, hflip, channels_last),
+                          generator=torch.Generator().manual_seed(seed))
+    val_dl = DataLoader(val_ds, batch_size=hp.batch_size, collate_fn=BatchTransform(mean, std, None, False,
+                                                                                     channels_last))
+    return train_dl, val_dl
 
 
 def train_member(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, backbone: str, tasks: list[str],
@@ -255,21 +276,27 @@ def train_member(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
                           f"and {len(val_idx)} val rows. Check data.split_fractions.")
     train_ds = KneeDataset(images, train_idx, task_labels(manifest.iloc[train_idx], tasks))
     val_ds = KneeDataset(images, val_idx, task_labels(manifest.iloc[val_idx], tasks))
-    train_dl = DataLoader(train_ds, batch_size=hp.batch_size, sampler=_train_sampler(train_ds.labels, hp, seed),
-                          drop_last=len(train_ds) > hp.batch_size, collate_fn=keep_batch, num_workers=hp.num_workers)
-    val_dl = DataLoader(val_ds, batch_size=hp.batch_size, collate_fn=keep_batch, num_workers=hp.num_workers)
+    train_dl, val_dl = training_loaders(train_ds, val_ds, hp, seed=seed, mean=mean, std=std,
+                                        hflip=_uses_hflip(hp, manifest), channels_last=channels_last)
     weights = {t: (class_weights(train_ds.labels[t], get_task(t).n_classes) if hp.class_balance == "weighted_loss"
                    else torch.ones(get_task(t).n_classes)) for t in tasks}
     heads = {t: (hp.klg_head if get_task(t).kind == "ordinal" else "ce") for t in tasks}
     net = MultiTaskNet(module, {t: get_task(t).n_classes for t in tasks}, heads)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    lm = _make_module(net, weights, hp, channels_last=channels_last, steps_per_epoch=max(1, len(train_dl)),
-                      mean=mean, std=std, hflip=_uses_hflip(hp, manifest), seed=seed)
+    lm = _make_module(net, weights, hp, steps_per_epoch=max(1, len(train_dl)))
     monitor, mode = ("val_score", "max") if hp.select_by == "metric" else ("val_loss", "min")
     ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR / backbone / "lightning" / f"{group}-seed{seed}"
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
-                           enable_version_counter=False)
+                           enable_version_counter=False, save_last=True)
+    key = fingerprint(hp, backbone=backbone, tasks=tasks, seed=seed, group=group,
+                      images=manifest["image_id"].iloc[np.r_[train_idx, val_idx]].tolist())
+    resume = find_resume_point(ckpt_dir, key)
+    if resume is not None:
+        _logger.info("%s (seed %d): resuming from %s after epoch %d of %d", backbone, seed, resume.path,
+                     resume.epochs_done, hp.epochs)
+    elif is_rank_zero():
+        mark_started(ckpt_dir, key)
     trainer = L.Trainer(
         max_epochs=hp.epochs, accelerator=hp.accelerator, devices=hp.devices, strategy=hp.strategy,
         num_nodes=hp.num_nodes, precision=precision, deterministic=False, enable_model_summary=False,
@@ -278,10 +305,11 @@ def train_member(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
         logger=CSVLogger(Path(run_dir) / "logs", name=f"{backbone}-{group}-seed{seed}"), log_every_n_steps=10,
         default_root_dir=run_dir)
     t0 = time.time()
-    trainer.fit(lm, train_dl, val_dl)
+    trainer.fit(lm, train_dl, val_dl, ckpt_path=resume.path if resume else None)
     minutes = (time.time() - t0) / 60
     if not trainer.is_global_zero:
         return {}
+    mark_finished(ckpt_dir)
     if best.best_model_path:
         lm.load_state_dict(torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"])
     net = lm.scored.cpu().eval().to(memory_format=torch.contiguous_format)
@@ -291,7 +319,8 @@ def train_member(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
     return make_payload(net, backbone=backbone, preprocess=preprocess, weights_source=source_text,
                         extra={"seed": seed, "epochs_run": int(trainer.current_epoch), "minutes": round(minutes, 2),
                                "best_epoch_score": score, "selected_by": monitor, "precision": precision,
-                               "channels_last": channels_last})
+                               "channels_last": channels_last,
+                               "resumed_after_epoch": resume.epochs_done if resume else None})
 
 
 def finish_arm(run_dir: Path, arm: str, groups: dict[str, list[dict[str, Any]]], manifest: pd.DataFrame,

@@ -1,15 +1,18 @@
-"""Stage `zeroshot`: BiomedCLIP without training, (a) as anatomy QC, (b) as a KL grader by prompts.
+"""Stage `zeroshot`: an image-text encoder without training (`zeroshot.encoder`, BiomedCLIP by default), (a) as
+anatomy QC, (b) as a KL grader by prompts.
 
 (a) Each image is scored against the label set `zeroshot.labels` with the model card's template
 ("this is a photo of {label}"); probabilities are softmax(logit_scale * cos(image, text)). An image is identified
 as a knee when the knee label (`zeroshot.knee_label`) is its top label, the rule behind the paper's 91.14%. The
-manifest gains `zs_knee_prob` and `zs_is_knee`; RUN_DIR/zeroshot_qc.json holds the share identified overall and by
-the `low_quality` flag (the paper's failure analysis) and the worst misses. The prediction table
-`biomedclip_zeroshot__knee_id` has y_true = 1 for every image and prob_1 = the knee label's probability.
+per-image result goes to the stage's own QC table, RUN_DIR/qc/zeroshot.parquet (`zs_knee_prob`, `zs_is_knee`,
+`top_label`; the manifest is never rewritten); RUN_DIR/zeroshot_qc.json holds the share identified overall and by
+the `low_quality` flag (the paper's failure analysis) and the worst misses (`kneeoa.runfolder.qc`). The prediction
+table `<prefix>_zeroshot__knee_id` has y_true = 1 for every image and prob_1 = the knee label's probability.
 (b) KL grade: the five `zeroshot.klg_prompts` (KL0..KL4, in order) under the same template, as
-`biomedclip_zeroshot__klg`.
+`<prefix>_zeroshot__klg`.
 
-Prompts are data (config); `prompts` and `zero_shot_probs` turn them into a classifier as pure functions.
+Which encoders can do this is their registry entry's `zero_shot` flag. Prompts are data (config); `prompts` and
+`zero_shot_probs` turn them into a classifier as pure functions.
 """
 
 from __future__ import annotations
@@ -23,27 +26,19 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from kneeoa.arms import record_arm
 from kneeoa.config import Config, ZeroShotCfg
-from kneeoa.data.manifest import load_knee, read_manifest, write_manifest
 from kneeoa.errors import ConfigError, WeightsNotFoundError
-from kneeoa.io import write_json
-from kneeoa.models.foundation import (
-    ClipEncoder,
-    create_encoder,
-    embedding_matrix,
-    embeddings_path,
-    get_encoder_spec,
-    weights_for,
-)
-from kneeoa.predictions import make_prediction_table, write_predictions
+from kneeoa.models.encoders import ClipEncoder
+from kneeoa.models.foundation import create_encoder, weights_for, zero_shot_spec
+from kneeoa.runfolder.arms import record_arm
+from kneeoa.runfolder.embeddings import embedding_matrix, embeddings_path, read_embedding_info, read_embeddings
+from kneeoa.runfolder.manifest import load_knee, read_manifest
+from kneeoa.runfolder.predictions import make_prediction_table, write_predictions
+from kneeoa.runfolder.qc import write_zeroshot_qc
 from kneeoa.tasks import available_tasks, get_task
 
 _log = logging.getLogger(__name__)
 
-ARM = "biomedclip_zeroshot"
-ENCODER = "biomedclip"
-QC_FILE = "zeroshot_qc.json"
 #: Embedding provenance that must match for the embed stage's vectors to stand in for a fresh pass.
 _SAME_VECTORS = ("model_id", "checksum", "features", "precision", "preprocess")
 
@@ -97,15 +92,13 @@ def _check(zc: ZeroShotCfg) -> None:
 
 def _image_features(run_dir: Path, manifest: pd.DataFrame, enc: ClipEncoder, batch_size: int) -> np.ndarray:
     """Projected image embeddings: the embed stage's table when the same model made it, else a fresh pass."""
-    path = embeddings_path(run_dir, ENCODER)
-    info = path.with_suffix(".json")
-    if path.exists() and info.exists():
-        made = json.loads(info.read_text())
-        ours = json.loads(json.dumps(enc.describe()))
+    made = read_embedding_info(run_dir, enc.spec.name)
+    if made is not None and embeddings_path(run_dir, enc.spec.name).exists():
+        ours = json.loads(json.dumps(enc.describe()))  # tuples -> lists, as read back from JSON
         if all(made.get(k) == ours[k] for k in _SAME_VECTORS if k != "features") and made["features"] == "projected":
-            table = pd.read_parquet(path).set_index("image_id")
+            table = read_embeddings(run_dir, enc.spec.name)[0].set_index("image_id")
             if manifest["image_id"].isin(table.index).all():
-                _log.info("Zero-shot reuses %s", path)
+                _log.info("Zero-shot reuses %s", embeddings_path(run_dir, enc.spec.name))
                 return embedding_matrix(table.loc[manifest["image_id"]].reset_index())
     out = []
     for lo in tqdm(range(0, len(manifest), batch_size), desc="zeroshot", unit="batch"):
@@ -119,10 +112,19 @@ def _share(mask: pd.Series) -> dict[str, Any]:
             "share": float(mask.mean()) if len(mask) else float("nan")}
 
 
-def _qc_summary(manifest: pd.DataFrame, probs: np.ndarray, zc: ZeroShotCfg, n_failures: int = 12) -> dict[str, Any]:
-    top = np.asarray(zc.labels)[probs.argmax(axis=1)]
+def qc_table(manifest: pd.DataFrame, probs: np.ndarray, zc: ZeroShotCfg) -> pd.DataFrame:
+    """Per image: the knee label's probability, whether it is the top label, and the top label."""
+    knee = zc.labels.index(zc.knee_label)
+    return pd.DataFrame({"image_id": manifest["image_id"].to_numpy(), "zs_knee_prob": probs[:, knee],
+                         "zs_is_knee": probs.argmax(axis=1) == knee,
+                         "top_label": np.asarray(zc.labels)[probs.argmax(axis=1)]})
+
+
+def _qc_summary(manifest: pd.DataFrame, qc: pd.DataFrame, zc: ZeroShotCfg, n_failures: int = 12) -> dict[str, Any]:
+    manifest = manifest.merge(qc, on="image_id", validate="one_to_one")
+    top = manifest["top_label"]
     is_knee = manifest["zs_is_knee"]
-    misses = manifest.assign(top_label=top)[~is_knee].sort_values("zs_knee_prob").head(n_failures)
+    misses = manifest[~is_knee].sort_values("zs_knee_prob").head(n_failures)
     return {
         "rule": "top-1 label over zeroshot.labels is the knee label",
         "template": zc.template, "labels": zc.labels, "knee_label": zc.knee_label,
@@ -136,31 +138,31 @@ def _qc_summary(manifest: pd.DataFrame, probs: np.ndarray, zc: ZeroShotCfg, n_fa
 
 
 def run(run_dir: Path, cfg: Config) -> None:
-    """Anatomy QC and KL grading by prompts with BiomedCLIP; without weights the arm is recorded as not run."""
+    """Anatomy QC and KL grading by prompts; without weights the arm is recorded as not run."""
     run_dir, zc, fc = Path(run_dir), cfg.zeroshot, cfg.foundation
+    spec = zero_shot_spec(zc.encoder)
+    arm = spec.zeroshot_arm
     if not zc.enabled:
-        record_arm(run_dir, ARM, status="not_run", reason="zeroshot.enabled is false in the config.")
+        record_arm(run_dir, arm, status="not_run", reason="zeroshot.enabled is false in the config.")
         return
     _check(zc)
     try:
-        enc = create_encoder(ENCODER, weights_for(fc, ENCODER), features="projected", precision=fc.precision,
+        enc = create_encoder(spec.name, weights_for(fc, spec.name), features="projected", precision=fc.precision,
                              device=fc.device)
     except WeightsNotFoundError as e:
         _log.warning("Skipping zero-shot: %s", e)
-        record_arm(run_dir, ARM, status="not_run", reason=str(e))
+        record_arm(run_dir, arm, status="not_run", reason=str(e))
         return
     manifest = read_manifest(run_dir)
     img = _image_features(run_dir, manifest, enc, fc.batch_size)
     probs = zero_shot_probs(img, enc.encode_text(prompts(zc.labels, zc.template)), enc.logit_scale)
-    knee = probs[:, zc.labels.index(zc.knee_label)]
-    manifest["zs_knee_prob"] = knee
-    manifest["zs_is_knee"] = probs.argmax(axis=1) == zc.labels.index(zc.knee_label)
-    write_manifest(manifest, run_dir)
-    qc = {"model_id": enc.model_id, "revision": enc.revision, "checksum": enc.checksum,
-          **_qc_summary(manifest, probs, zc)}
-    write_json(qc, run_dir / QC_FILE)
+    qc = qc_table(manifest, probs, zc)
+    summary = {"arm": arm, "encoder": spec.name, "model_id": enc.model_id, "revision": enc.revision,
+               "checksum": enc.checksum, **_qc_summary(manifest, qc, zc)}
+    write_zeroshot_qc(qc, summary, run_dir)
+    knee = qc["zs_knee_prob"].to_numpy()
     write_predictions(make_prediction_table(manifest["image_id"], manifest["split"], np.ones(len(manifest)),
-                                            np.stack([1 - knee, knee], axis=1)), run_dir, ARM, "knee_id")
+                                            np.stack([1 - knee, knee], axis=1)), run_dir, arm, "knee_id")
     tasks = ["knee_id"]
     if available_tasks(manifest, ["klg"]):
         graded = manifest["klg"].notna().to_numpy()
@@ -168,10 +170,10 @@ def run(run_dir: Path, cfg: Config) -> None:
                                     enc.logit_scale)
         rows = manifest[graded]
         write_predictions(make_prediction_table(rows["image_id"], rows["split"], rows["klg"].to_numpy(dtype=int),
-                                                klg_probs), run_dir, ARM, "klg")
+                                                klg_probs), run_dir, arm, "klg")
         tasks.append("klg")
-    record_arm(run_dir, ARM, status="ran",
+    record_arm(run_dir, arm, status="ran",
                weights=f"{enc.model_id} revision {enc.revision} sha256 {enc.checksum[:12]}",
-               details={"encoder": get_encoder_spec(ENCODER).name, "template": zc.template, "labels": zc.labels,
+               details={"encoder": spec.name, "template": zc.template, "labels": zc.labels,
                         "knee_label": zc.knee_label, "klg_prompts": zc.klg_prompts, "tasks": tasks,
-                        "share_identified_as_knee": qc["overall"]["share"]})
+                        "share_identified_as_knee": summary["overall"]["share"]})

@@ -5,7 +5,7 @@ outline (positive inside). Edges are anti-aliased over one pixel, the cortex is 
 distance, and the image is the projected attenuation of soft tissue, bones, osteophytes and sclerotic bands passed
 through `1 - exp(-A)`, so denser bone is brighter (MONOCHROME2). Everything is vectorised numpy on the output grid.
 
-Geometry (a right knee; `phantom_anatomy` explains the frame): the tibia has a flat lateral and a concave medial
+Geometry (a right knee; `anatomy` explains the frame): the tibia has a flat lateral and a concave medial
 plateau with two tibial spines, the fibular head overlaps its lateral margin; the femur ends in two rounded condyles
 around the intercondylar notch and is placed so that each condyle stands `JSN_FRACTION[grade] * normal gap` above
 the plateau (unequal gaps tilt the femur: the varus/valgus deformity of advanced disease follows from the grades).
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from kneeoa.data.phantom_anatomy import Anatomy
-from kneeoa.data.phantom_grades import KneeGrades
-from kneeoa.data.phantom_quality import expose, resolve_quality
+from kneeoa.data.phantom.anatomy import Anatomy
+from kneeoa.data.phantom.grades import KneeGrades
+from kneeoa.data.phantom.quality import expose, resolve_quality
 from kneeoa.errors import ConfigError
 from kneeoa.tasks import JSN_SITES, OSTEOPHYTE_SITES, SCLEROSIS_SITES
 
@@ -53,7 +53,7 @@ class RenderedKnee:
             `joint` is the joint space of both compartments, present in every knee.
         joint_center_px: (row, col) of the joint centre (middle of the normal joint space at the notch), float.
         pixel_spacing_mm: the detector pixel size (fov_mm / out_px).
-        quality: the complete acquisition dict that was applied (see `phantom_quality`).
+        quality: the complete acquisition dict that was applied (see `quality`).
     """
 
     image: np.ndarray
@@ -200,7 +200,7 @@ def render_knee(grades: KneeGrades, anatomy: Anatomy, side: str, *, out_px: int,
         out_px: output size, pixels per side (>= MIN_OUT_PX).
         fov_mm: field of view, mm per side (140: a knee crop around the joint; 250: the shafts reach the edges).
         rng: draws the trabecular texture, spur jitter, noise and (when `quality` is None) the acquisition.
-        quality: acquisition dict (`phantom_quality.NEUTRAL_QUALITY` keys; missing keys are neutral), or None
+        quality: acquisition dict (`quality.NEUTRAL_QUALITY` keys; missing keys are neutral), or None
             for a routine acquisition drawn from `rng`.
         center_offset_mm: (down, right) position of the joint centre relative to the image centre, mm.
 

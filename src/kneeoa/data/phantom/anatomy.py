@@ -1,6 +1,6 @@
 """Patient-specific phantom knee anatomy: sizes and shapes in mm, shared by both knees (mirrored) and every visit.
 
-Coordinates used by the renderer (`phantom_render`) are those of a RIGHT knee seen in a PA radiograph: x in mm to
+Coordinates used by the renderer (`render`) are those of a RIGHT knee seen in a PA radiograph: x in mm to
 the image right is medial (the lateral side, with the fibula, is on the image left), y in mm points down (distal).
 The tibial plateau sits at y = 0 and the intercondylar notch at x = 0. Sizes follow adult knees (femoral condylar
 width about 80 mm, tibial plateau about 84 mm, normal radiographic joint space 6-7 mm) scaled by a per-patient size
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kneeoa.data.phantom_grades import MEDIAL_SHARE
+from kneeoa.data.phantom.grades import MEDIAL_SHARE
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """The synthetic knee-radiograph phantom: the embedded default dataset, with known grades and feature masks.
 
-A cohort of patients, each with a patient-specific anatomy (`phantom_anatomy`), two knees and several visits; each
-knee's KL grade and OARSI grades are drawn by `phantom_grades` and progress over visits; every image is rendered by
-`phantom_render.render_knee` (PA view, radiographic orientation) under a routine or deliberately poor acquisition
-(`phantom_quality`). `import_phantom` is the "phantom" importer: it writes RUN_DIR/crops/<image_id>.png (16-bit)
+A cohort of patients, each with a patient-specific anatomy (`anatomy`), two knees and several visits; each
+knee's KL grade and OARSI grades are drawn by `grades` and progress over visits; every image is rendered by
+`render.render_knee` (PA view, radiographic orientation) under a routine or deliberately poor acquisition
+(`quality`). `import_phantom` is the "phantom" importer: it writes RUN_DIR/crops/<image_id>.png (16-bit)
 and RUN_DIR/masks/<image_id>.npz (boolean masks at crop resolution) and returns the manifest rows.
 
 Determinism: patient i draws its anatomy and baseline grades from `SeedSequence(seed, spawn_key=(i,))`, each knee
@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from kneeoa.data.images import save_gray16
 from kneeoa.data.importers import ImportResult
-from kneeoa.data.phantom_anatomy import Anatomy, sample_anatomy
-from kneeoa.data.phantom_grades import KneeGrades, progress, sample_grades
-from kneeoa.data.phantom_quality import DEGRADATIONS, sample_quality
-from kneeoa.data.phantom_render import MIN_OUT_PX, RenderedKnee, render_knee
+from kneeoa.data.phantom.anatomy import Anatomy, sample_anatomy
+from kneeoa.data.phantom.grades import KneeGrades, progress, sample_grades
+from kneeoa.data.phantom.quality import DEGRADATIONS, sample_quality
+from kneeoa.data.phantom.render import MIN_OUT_PX, RenderedKnee, render_knee
 from kneeoa.errors import ConfigError
 from kneeoa.io import atomic_path
 

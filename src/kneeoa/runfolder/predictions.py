@@ -12,7 +12,7 @@ RUN_DIR/predictions/<arm>__<task>.parquet with columns:
 
 K is the task's number of classes (`kneeoa.tasks`). A table written without `y_pred` (an older run) reads as the
 argmax of the probabilities. Every metric of hard predictions uses `y_pred`. Arms with no result write nothing;
-the reason they did not run lives in RUN_DIR/arms/<arm>.json (see `kneeoa.arms`).
+the reason they did not run lives in RUN_DIR/arms/<arm>.json (see `kneeoa.runfolder.arms`).
 """
 
 from __future__ import annotations

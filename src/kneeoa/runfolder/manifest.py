@@ -1,0 +1,40 @@
+"""RUN_DIR/manifest.parquet (owner: `prepare`) and RUN_DIR/data_report.json, as every later stage reads them.
+
+The manifest's schema and validator belong to the importers' contract (`kneeoa.data.manifest`: one row per knee
+image, validated on every read and write); this module is where stages and the report get them from, so none of
+them reaches into the data package or the prepare stage for a file name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kneeoa.data.manifest import (
+    MANIFEST_NAME,
+    load_knee,
+    read_manifest,
+    resolve_image_path,
+    validate_manifest,
+    write_manifest,
+)
+from kneeoa.io import write_json
+
+DATA_REPORT = "data_report.json"
+QUARANTINE = "quarantine.parquet"
+SKIPPED = "skipped.parquet"  # files found in the source and not used, with reasons
+
+__all__ = ["DATA_REPORT", "MANIFEST_NAME", "QUARANTINE", "SKIPPED", "load_knee", "read_data_report",
+           "read_manifest",
+           "resolve_image_path", "validate_manifest", "write_data_report", "write_manifest"]
+
+
+def write_data_report(report: dict[str, Any], run_dir: Path) -> Path:
+    return write_json(report, Path(run_dir) / DATA_REPORT)
+
+
+def read_data_report(run_dir: Path) -> dict[str, Any] | None:
+    """The import's data report, or None for a run whose manifest was made without `prepare`."""
+    path = Path(run_dir) / DATA_REPORT
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,334 @@
+"""Contracts between the parts: imports that never reach into a stage, run-folder files with one owner, stages that
+read only their declared inputs and write only their declared outputs, and registries that take new entries at
+runtime with no other edit."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import shutil
+from fnmatch import fnmatch
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import kneeoa
+from kneeoa.config import Config
+from kneeoa.errors import MissingInputError
+from kneeoa.runfolder import RUN_FILES
+from kneeoa.runfolder.predictions import list_predictions, prediction_path
+from kneeoa.stages import STAGES, get_stage
+from kneeoa.study import run_study
+
+PACKAGE = Path(kneeoa.__file__).parent
+
+# ------------------------------------------------------------------------------------------------------ imports
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """kneeoa modules `path` imports anywhere (functions included, `if TYPE_CHECKING:` blocks excluded), with the
+    packages whose __init__ an import runs."""
+    found: set[str] = set()
+
+    def add(name: str) -> None:
+        parts = name.split(".")
+        for i in range(2, len(parts) + 1):
+            if ".".join(parts[:i]) in modules:
+                found.add(".".join(parts[:i]))
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            add(node.module)
+            for alias in node.names:
+                add(f"{node.module}.{alias.name}")
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the kneeoa modules it imports. A module's own parent packages are left out: they are always
+    initialised before it, so importing them again is never a cycle."""
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {name: _imports(path, set(files)) for name, path in files.items()}
+    return {name: {d for d in deps if d != name and not name.startswith(d + ".")} for name, deps in graph.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return out
+
+
+def test_the_import_walk_sees_function_level_imports_and_cycles(tmp_path):
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    source = tmp_path / "m.py"
+    source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from kneeoa import cli\n\n"
+                      "def f():\n    from kneeoa.commands_models import embed_cmd\n")
+    modules = {"kneeoa.cli", "kneeoa.commands_models"}
+    assert _imports(source, modules) == {"kneeoa.commands_models"}
+
+
+def test_no_import_cycle():
+    found = cycles(import_graph())
+    assert not found, f"import cycles: {found}"
+
+
+def test_stages_and_the_report_never_import_a_stage():
+    graph = import_graph()
+    offenders = {name: sorted(d for d in deps if d == "kneeoa.stages" or d.startswith("kneeoa.stages."))
+                 for name, deps in graph.items()
+                 if name.startswith(("kneeoa.stages.", "kneeoa.report"))}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_no_module_is_over_the_size_limit():
+    """Files this layout owns stay small enough to read in one sitting (about 400 lines)."""
+    owned = ["runfolder", "stages", "report", "bootstrap.py", "comparisons.py", "weighted.py", "metrics.py",
+             "models/foundation.py", "models/encoders.py", "models/encoder_loaders.py", "models/preprocess.py",
+             "models/device.py", "commands_common.py", "commands_models.py"]
+    paths = [p for o in owned for p in ((PACKAGE / o).rglob("*.py") if (PACKAGE / o).is_dir() else [PACKAGE / o])]
+    long = {str(p.relative_to(PACKAGE)): n for p in paths if (n := len(p.read_text().splitlines())) > 420}
+    assert not long
+
+
+# ------------------------------------------------------------------------------------------- run-folder owners
+
+
+def test_each_file_is_written_by_exactly_the_stages_that_own_it():
+    for name, f in RUN_FILES.items():
+        writers = {s for s, spec in STAGES.items() if name in spec.writes}
+        assert writers == set(f.owners) - {"run"}, name
+
+
+def test_stage_declarations_name_only_registered_files():
+    from kneeoa.stages import StageSpec
+
+    with pytest.raises(Exception, match="Unknown run-folder file 'manifests'. .*Did you mean 'manifest'"):
+        StageSpec("x:y", needs=("manifests",))
+
+
+# --------------------------------------------------------------------------------- a finished tiny phantom run
+
+
+def _config(weights: dict[str, Path]) -> Config:
+    cfg = Config(name="contract")
+    cfg.data.patients, cfg.data.visits, cfg.data.image_size = 16, 1, 64
+    cfg.cnn.backbones, cfg.cnn.epochs, cfg.cnn.image_size = ["resnet18"], 1, 32
+    cfg.cnn.pretrained, cfg.cnn.batch_size = "none", 8
+    cfg.foundation.weights = {k: str(v) for k, v in weights.items()}
+    cfg.foundation.precision, cfg.foundation.batch_size, cfg.foundation.linear_probe = "fp32", 8, False
+    cfg.foundation.xgb_grid, cfg.foundation.xgb_n_estimators = {"max_depth": [2]}, 20
+    cfg.stats.n_boot = 20
+    cfg.explain.per_grade, cfg.explain.max_score_images = 1, 4
+    cfg.pretrain.image_size, cfg.pretrain.epochs, cfg.pretrain.batch_size = 32, 2, 8
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, standin_snapshots) -> tuple[Path, Config]:
+    run = tmp_path_factory.mktemp("contract") / "run"
+    cfg = _config(standin_snapshots)
+    run_study(cfg, run)
+    return run, cfg
+
+
+def _files(run: Path) -> dict[str, str]:
+    return {p.relative_to(run).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _declared(rel: str, names) -> bool:
+    return any(fnmatch(rel, RUN_FILES.get(n).pattern) for n in names)
+
+
+def test_every_file_of_a_finished_run_is_a_registered_run_file(finished_run):
+    run, _ = finished_run
+    undeclared = [rel for rel in _files(run) if not _declared(rel, RUN_FILES.names())]
+    assert not undeclared
+    assert {"biomedclip_zeroshot", "raddino_xgb", "resnet18"} <= {p.name.split("__")[0]
+                                                                  for p in list_predictions(run)}
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES if s != "prepare"])
+def test_a_stage_alone_reads_only_its_inputs_and_writes_only_its_outputs(stage, finished_run, tmp_path):
+    """Every file the stage does not declare it needs or reads is removed first, and so are its own earlier outputs
+    (it starts afresh); it must still run, change only files it declares it writes, and (where it is deterministic)
+    write what it wrote inside the whole study."""
+    full, cfg = finished_run
+    spec = STAGES.get(stage)
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    for rel in _files(run):
+        if not _declared(rel, (*spec.needs, *spec.reads)) or (_declared(rel, spec.writes)
+                                                               and not _declared(rel, spec.needs)):
+            (run / rel).unlink()
+    before = _files(run)
+    get_stage(stage)(run, cfg)
+    after = _files(run)
+    changed = {rel for rel in before.keys() | after.keys() if before.get(rel) != after.get(rel)}
+    assert changed, f"{stage} wrote nothing"
+    stray = sorted(rel for rel in changed if not _declared(rel, spec.writes))
+    assert not stray, f"{stage} changed files it does not declare: {stray}"
+    for rel in ("metrics/evaluate.csv", "metrics/stats.csv", "comparisons.csv", "metrics/explain.csv"):
+        if _declared(rel, spec.writes):
+            assert after[rel] == _files(full)[rel], f"{stage}: {rel} differs from the study's"
+
+
+@pytest.mark.parametrize(("stage", "need"), [(s, n) for s, spec in STAGES.items() for n in spec.needs])
+def test_a_stage_without_an_input_refuses_and_writes_nothing(stage, need, finished_run, tmp_path):
+    full, cfg = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    for path in RUN_FILES.get(need).paths(run):
+        path.unlink()
+    before = _files(run)
+    with pytest.raises(MissingInputError, match=rf"{stage}.*{RUN_FILES.get(need).pattern.split('*')[0]}"):
+        get_stage(stage)(run, cfg)
+    assert _files(run) == before
+
+
+def test_a_study_is_refused_before_it_writes_when_a_stage_would_lack_an_input(tmp_path):
+    cfg = Config()
+    with pytest.raises(MissingInputError, match="`kneeoa evaluate`"):
+        run_study(cfg, tmp_path / "run", stages=["evaluate", "report"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_stats_then_evaluate_keeps_every_interval_and_zeroshot_keeps_the_manifest(finished_run, tmp_path):
+    full, cfg = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    manifest = (run / "manifest.parquet").read_bytes()
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert metrics["ci_low"].notna().mean() > 0.5
+    for stage in ("zeroshot", "stats", "evaluate"):
+        get_stage(stage)(run, cfg)
+    assert (run / "manifest.parquet").read_bytes() == manifest
+    pd.testing.assert_frame_equal(pd.read_csv(run / "metrics.csv"), metrics)
+
+
+# ------------------------------------------------------------------------- new registry entries, added at runtime
+
+
+class _ToyNet(nn.Module):
+    """Two convolutions and global pooling: a backbone small enough to train in a second."""
+
+    def __init__(self, in_chans: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_chans, 8, 3, padding=1)
+        self.block = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.num_features = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.block(torch.relu(self.stem(x)))).mean(dim=(2, 3))
+
+
+def _toy_encoder_parts(spec, snap, features, device):
+    from kneeoa.models.encoders import Encoder
+    from kneeoa.models.preprocess import Preprocess
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, spec.features[features])).to(device)
+    pre = Preprocess(32, (32, 32), (0.5,) * 3, (0.25,) * 3, "bilinear", "squash", str(snap.path / "toy.json"))
+    return {"cls": Encoder, "model": model, "forward": model, "preprocess": pre, "dim": spec.features[features]}
+
+
+@pytest.fixture
+def toy_entries(tmp_path):
+    """A backbone, an encoder (with its library loader) and a task, registered for the test and removed after."""
+    from kneeoa.models.cnn import BACKBONES, Backbone
+    from kneeoa.models.encoder_loaders import LOADERS, Library
+    from kneeoa.models.foundation import ENCODERS, EncoderSpec
+    from kneeoa.models.hub import Layout
+    from kneeoa.tasks import JSN_SITES, TASKS, Task
+
+    snapshot = tmp_path / "toy-encoder"
+    snapshot.mkdir()
+    (snapshot / "toy.json").write_text("{}")
+    (snapshot / "weights.bin").write_bytes(b"toy")
+    added = [
+        (BACKBONES, "toynet", Backbone("toynet", None, False, {"last": lambda m: m.block, "penultimate": lambda m:
+                                                               m.stem}, build=lambda n, s, t, c: _ToyNet(c))),
+        (LOADERS, "toylib", Library(_toy_encoder_parts)),
+        (ENCODERS, "toyenc", EncoderSpec("toyenc", "Toy encoder", "example/toy", "toylib", "toyenc", {"pooled": 8},
+                                         Layout(("toy.json",), (("weights.bin",),)), ("weights.bin",), "toy.json",
+                                         "none", "none")),
+        (TASKS, "jsn_severe", Task("jsn_severe", "binary", ("absent", "present"), JSN_SITES, "any", threshold=2,
+                                   headline="balanced_accuracy", masks=("jsn",))),
+    ]
+    for registry, name, entry in added:
+        registry.add(name, entry)
+    try:
+        yield snapshot
+    finally:
+        for registry, name, _ in added:
+            registry.remove(name)
+
+
+def test_a_new_backbone_encoder_and_task_need_no_other_edit(toy_entries, tmp_path):
+    run = tmp_path / "run"
+    cfg = _config({})
+    cfg.tasks.names = ["klg", "jsn_severe"]
+    cfg.cnn.backbones = ["toynet"]
+    cfg.foundation.encoders, cfg.foundation.weights = ["toyenc"], {"toyenc": str(toy_entries)}
+    cfg.zeroshot.enabled = False
+    run_study(cfg, run)
+    for arm in ("toynet", "toyenc_xgb"):
+        assert prediction_path(run, arm, "jsn_severe").exists(), arm
+    metrics = pd.read_csv(run / "metrics.csv")
+    toy = metrics[(metrics["task"] == "jsn_severe") & (metrics["split"] == "test")]
+    assert {"toynet", "toyenc_xgb"} <= set(toy["arm"]) and "balanced_accuracy" in set(toy["metric"])
+    assert set(metrics.loc[metrics["metric"].str.startswith("cam_"), "task"]) >= {"jsn_severe"}  # its masks
+    report = (run / "report.html").read_text()
+    assert "jsn_severe (balanced_accuracy)" in report and "Toy encoder" in report
+    assert np.isfinite(toy.loc[toy["metric"] == "balanced_accuracy", "value"]).all()

@@ -1,0 +1,113 @@
+"""Kill -9 during CNN training, rerun the same command: it resumes from the last epoch checkpoint and completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_tiny_run
+from kneeoa.config import Config, dump_config
+from kneeoa.models.resume import LAST, STATE, find_resume_point, fingerprint, mark_started
+from kneeoa.runfolder.arms import read_arms
+
+EPOCHS = 10
+KILL_AFTER = 2  # epochs completed when the first run is killed
+
+
+def _config() -> Config:
+    cfg = Config()
+    cfg.tasks.names = ["klg"]
+    cfg.cnn.backbones = ["resnet18"]
+    cfg.cnn.image_size, cfg.cnn.epochs, cfg.cnn.batch_size, cfg.cnn.patience = 64, EPOCHS, 8, 100
+    cfg.cnn.pretrained, cfg.cnn.precision, cfg.cnn.ema = "none", "32-true", 0.9
+    return cfg
+
+
+def _train(run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "250"}
+    return subprocess.Popen([sys.executable, "-c", "from kneeoa.cli import app; app()", "train", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _epochs_done(last: Path) -> int | None:
+    try:
+        return int(torch.load(last, map_location="cpu", weights_only=False, mmap=True)["epoch"]) + 1
+    except Exception:  # absent, or being written right now
+        return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_killed_training_resumes_from_its_last_epoch(tmp_path):
+    run = tmp_path / "run"
+    make_tiny_run(run, patients=24, size=64)
+    (run / "config.yaml").write_text(dump_config(_config()))
+    member = run / "checkpoints" / "resnet18" / "lightning" / "multitask-seed0"
+
+    first = _train(run)
+    deadline = time.monotonic() + 1500  # a loaded machine may take minutes to start the run
+    while (_epochs_done(member / LAST) or 0) < KILL_AFTER:
+        assert first.poll() is None, f"training ended before it could be killed:\n{first.stdout.read()}"
+        assert time.monotonic() < deadline, "no epoch checkpoint appeared"
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = _epochs_done(member / LAST)  # the checkpoint as the kill left it (a later epoch may have landed)
+    assert first.returncode == -signal.SIGKILL and KILL_AFTER <= killed_at < EPOCHS
+    assert not (run / "arms" / "resnet18.json").exists()
+
+    second = _train(run)
+    out, _ = second.communicate(timeout=1500)
+    assert second.returncode == 0, out
+    said = f"resuming from {member / LAST} after epoch {killed_at} of {EPOCHS}"
+    assert "".join(said.split()) in "".join(out.split())  # the log wraps long lines
+    extra = read_arms(run)["resnet18"]["details"]["members"]["multitask"][0]
+    assert extra["resumed_after_epoch"] == killed_at and extra["epochs_run"] == EPOCHS
+    logged = sorted(run.glob("logs/resnet18-multitask-seed0/version_*/metrics.csv"))
+    assert len(logged) == 2  # the killed run's log and the resumed run's
+    resumed_epochs = sorted(pd.read_csv(logged[1])["epoch"].dropna().astype(int).unique())
+    assert resumed_epochs == list(range(killed_at, EPOCHS))  # no epoch trained twice, none skipped
+    assert not (member / LAST).exists() and not (member / STATE).exists()  # finished: nothing left to resume
+    assert not list(run.rglob(".*.tmp"))
+    print(f"timeline: killed (SIGKILL) after epoch {killed_at} of {EPOCHS}; rerun resumed after epoch "
+          f"{extra['resumed_after_epoch']}, trained epochs {resumed_epochs[0] + 1}-{resumed_epochs[-1] + 1}, "
+          f"finished with {extra['epochs_run']} epochs")
+
+
+def test_checkpoint_from_other_settings_is_not_resumed(tmp_path):
+    cfg = _config().cnn
+    key = fingerprint(cfg, seed=0)
+    mark_started(tmp_path, key)
+    torch.save({"epoch": 3}, tmp_path / LAST)
+    assert find_resume_point(tmp_path, key).epochs_done == 4
+    cfg.lr = 0.5
+    assert find_resume_point(tmp_path, fingerprint(cfg, seed=0)) is None
+    assert not (tmp_path / LAST).exists()  # removed, so it cannot be resumed by mistake later
+
+
+def test_unreadable_checkpoint_starts_afresh(tmp_path):
+    key = fingerprint(_config().cnn)
+    mark_started(tmp_path, key)
+    (tmp_path / LAST).write_bytes(b"\x80\x02truncated")
+    assert find_resume_point(tmp_path, key) is None
+    assert json.loads((tmp_path / STATE).read_text())["fingerprint"] == key
+
+
+def test_schedule_time_spent_before_a_kill_counts_after_resume():
+    from kneeoa.stages.train import TrainingBudget
+
+    now = [0.0]
+    fresh = TrainingBudget(1000, max_minutes=1.0, clock=lambda: now[0])
+    resumed = TrainingBudget(1000, max_minutes=1.0, clock=lambda: now[0], spent_s=45.0)
+    assert fresh.progress(0) == 0.0 and resumed.progress(0) == 0.75
+    now[0] = 15.0
+    assert resumed.elapsed() == 60.0 and resumed.progress(1) == 1.0  # the cap is reached on time, not 45 s late
