@@ -26,6 +26,7 @@ from kneeoa.data.importers import ImportResult
 from kneeoa.data.localize import FILM_KINDS, FilmJob, run_film_jobs
 from kneeoa.data.manifest import SPLIT_ALIASES, SPLITS
 from kneeoa.errors import ConfigError, DataError
+from kneeoa.runfolder.manifest import PREPARE_JOURNAL
 from kneeoa.tasks import RAW_GRADE_COLUMNS, TASKS
 
 REQUIRED = ("image_path", "patient_id", "side")
@@ -172,7 +173,8 @@ def import_csv(source: Path, run_dir: Path, cfg) -> ImportResult:
                             default_spacing_mm=d.default_spacing_mm, expect_knee=resolved != "crop"))
         job_lines.append(group["line"].tolist())
     crops = []
-    for outcome, lines in zip(run_film_jobs(jobs, workers=d.workers, desc="CSV images"), job_lines, strict=True):
+    outcomes = run_film_jobs(jobs, workers=d.workers, desc="CSV images", journal=run_dir / PREPARE_JOURNAL / "films")
+    for outcome, lines in zip(outcomes, job_lines, strict=True):
         if outcome.reason:
             quarantine.append({"item": f"{source.name} line(s) {', '.join(map(str, lines))}",
                                "reason": f"{outcome.job.path}: {outcome.reason}"})

@@ -27,8 +27,12 @@ missed one is reported with its own reason.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +44,10 @@ from kneeoa.data.images import load_gray, resize, save_gray16
 from kneeoa.data.overview import draw_overview
 from kneeoa.data.pool import process_map
 from kneeoa.errors import DataError
+from kneeoa.io import atomic_path
 from kneeoa.registry import Registry
+
+_logger = logging.getLogger(__name__)
 
 WORK_MM = 1.0  # resolution the profile localiser works at
 
@@ -420,10 +427,47 @@ def with_overviews(jobs: list[FilmJob], overview_dir: Path, sample: int = OVERVI
                     overview_if_missed=i not in chosen) for i, job in enumerate(jobs)]
 
 
-def run_film_jobs(jobs: Iterable[FilmJob], *, workers: int, desc: str = "films") -> list[FilmOutcome]:
+def _job_key(job: FilmJob) -> str:
+    """A film job's journal name: its every setting plus the file's size and modification time."""
+    stat = Path(job.path).stat() if Path(job.path).exists() else None
+    text = repr((job, stat and (stat.st_size, stat.st_mtime_ns)))
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _journaled_film(job: FilmJob, journal: Path) -> FilmOutcome:
+    """process_film, then its outcome recorded under `journal` (after the crops are on disk, atomically)."""
+    outcome = process_film(job)
+    with atomic_path(journal / f"{_job_key(job)}.pkl") as tmp:
+        tmp.write_bytes(pickle.dumps(outcome))
+    return outcome
+
+
+def run_film_jobs(jobs: Iterable[FilmJob], *, workers: int, desc: str = "films",
+                  journal: Path | None = None) -> list[FilmOutcome]:
     """Process films on `workers` processes (file-level work: decoding and localisation), with a progress bar.
 
     Outcomes come back in job order; `kneeoa.data.pool.process_map` runs them (spawned workers once torch is
-    loaded, so a script calling this needs an `if __name__ == "__main__":` guard).
+    loaded, so a script calling this needs an `if __name__ == "__main__":` guard). With a `journal` folder each
+    finished film's outcome is recorded there, and a rerun after a kill takes the films already done from it
+    (same settings, same unchanged file) instead of processing them again; the caller removes the journal once its
+    import is complete.
     """
-    return process_map(process_film, jobs, workers=workers, desc=desc, unit="film", min_per_worker=1)
+    jobs = list(jobs)
+    if journal is None:
+        return process_map(process_film, jobs, workers=workers, desc=desc, unit="film", min_per_worker=1)
+    journal = Path(journal)
+    journal.mkdir(parents=True, exist_ok=True)
+    done = {}
+    for i, job in enumerate(jobs):
+        entry = journal / f"{_job_key(job)}.pkl"
+        if entry.is_file():
+            outcome = pickle.loads(entry.read_bytes())
+            if all(Path(c["crop_file"]).is_file() for c in outcome.crops):
+                done[i] = outcome
+    if done:
+        _logger.warning("resuming: %d of %d films already processed (%s)", len(done), len(jobs), journal)
+    todo = [i for i in range(len(jobs)) if i not in done]
+    fresh = process_map(partial(_journaled_film, journal=journal), [jobs[i] for i in todo], workers=workers,
+                        desc=desc, unit="film", min_per_worker=1)
+    done.update(zip(todo, fresh, strict=True))
+    return [done[i] for i in range(len(jobs))]

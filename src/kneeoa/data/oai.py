@@ -34,6 +34,7 @@ import pandas as pd
 from kneeoa.data.importers import ImportResult
 from kneeoa.data.localize import OVERVIEW_DIR, FilmJob, run_film_jobs, with_overviews
 from kneeoa.errors import DataError
+from kneeoa.runfolder.manifest import PREPARE_JOURNAL
 from kneeoa.tasks import RAW_GRADE_COLUMNS
 
 #: OAI visit code -> visit number. The X-ray readings exist for these visits (months 0, 12, 24, 36, 48, 72, 96).
@@ -253,7 +254,8 @@ def import_oai(source: Path, run_dir: Path, cfg) -> ImportResult:
             unmatched.append({"kind": "reading_without_image", "item": _image_id(r.patient_id, r.side, r.visit),
                               "detail": f"READPRJ {r.readprj:g}: no Bilateral PA Fixed Flexion Knee film listed"})
     crops = []
-    for outcome in run_film_jobs(with_overviews(jobs, run_dir / OVERVIEW_DIR), workers=d.workers, desc="OAI films"):
+    for outcome in run_film_jobs(with_overviews(jobs, run_dir / OVERVIEW_DIR), workers=d.workers, desc="OAI films",
+                                 journal=run_dir / PREPARE_JOURNAL / "films"):
         if outcome.reason:
             quarantine.append({"item": str(outcome.job.path), "reason": f"{outcome.reason} (knees "
                                f"{', '.join(outcome.job.image_ids.values())})"})

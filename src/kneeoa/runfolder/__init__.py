@@ -73,6 +73,8 @@ _add(
     RunFile("crops", "crops/*", ("prepare",), "knee crops (16-bit PNG)"),
     RunFile("masks", "masks/*.npz", ("prepare",), "phantom feature masks"),
     RunFile("localize_overview", "figures/localize/*", ("prepare",), "films with their knee crops drawn (OAI)"),
+    RunFile("prepare_journal", ".prepare/films/*", ("prepare",),
+            "outcomes of the films an unfinished prepare has done, for resuming; removed when prepare completes"),
     RunFile("image_cache", "cache/*", ("train", "pretrain"), "decoded uint8 images at the training size"),
     RunFile("encoders", "encoders/*/*", ("pretrain",), "self-supervised encoders: weights, config, model card"),
     RunFile("pretrain_state", "pretrain/*", ("pretrain",), "resume state of an unfinished pretraining run"),

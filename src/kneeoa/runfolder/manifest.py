@@ -24,6 +24,7 @@ from kneeoa.io import write_json
 DATA_REPORT = "data_report.json"
 QUARANTINE = "quarantine.parquet"
 SKIPPED = "skipped.parquet"  # files found in the source and not used, with reasons
+PREPARE_JOURNAL = Path(".prepare")  # per-film outcomes of an unfinished prepare (films/), removed when it completes
 
 __all__ = ["DATA_REPORT", "MANIFEST_NAME", "QUARANTINE", "SKIPPED", "load_knee", "read_data_report",
            "read_manifest",

@@ -48,7 +48,7 @@ _METRIC_PARTS = ("metrics_evaluate", "metrics_stats", "metrics_explain")
 STAGES.update({
     "prepare": StageSpec("kneeoa.stages.prepare:run",
                          writes=("config", "manifest", "data_report", "quarantine", "skipped", "crops", "masks",
-                                 "localize_overview")),
+                                 "localize_overview", "prepare_journal")),
     "train": StageSpec("kneeoa.stages.train:run", needs=("manifest",),
                        reads=("crops", "image_cache", "checkpoints", "lightning"),
                        writes=("image_cache", "checkpoints", "lightning", "train_logs", "predictions", "arms")),

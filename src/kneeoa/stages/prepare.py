@@ -2,15 +2,18 @@
 and the data report (counts per split / grade / visit, quarantined items with reasons, files not used with reasons,
 unmatched readings and images, label missingness per task).
 
-A new prepare replaces the previous one whole: the quarantine and skipped tables are rewritten or removed, crops
-and masks that the new manifest does not list are deleted, and RUN_DIR/config.yaml records the config used (source
-and path included), so a following `kneeoa train RUN_DIR` trains on what was imported, with the same settings.
+Film imports (OAI, CSV) record each finished film under RUN_DIR/.prepare/, so the same command rerun after a kill
+continues where it stopped (and says so); the record is removed when the import completes. A new prepare replaces
+the previous one whole: the quarantine and skipped tables are rewritten or removed, crops and masks that the new
+manifest does not list are deleted, and RUN_DIR/config.yaml records the config used (source and path included), so
+a following `kneeoa train RUN_DIR` trains on what was imported, with the same settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from kneeoa.data.manifest import mark_mirrored, validate_manifest, write_manifes
 from kneeoa.data.splits import assign_splits
 from kneeoa.errors import DataError
 from kneeoa.io import write_parquet, write_text
-from kneeoa.runfolder.manifest import DATA_REPORT, QUARANTINE, SKIPPED, write_data_report
+from kneeoa.runfolder.manifest import DATA_REPORT, PREPARE_JOURNAL, QUARANTINE, SKIPPED, write_data_report
 from kneeoa.runlock import run_lock
 from kneeoa.tasks import TASKS, add_task_labels
 
@@ -110,6 +113,7 @@ def prepare(run_dir: Path, cfg: Config, source: str | None = None, path: str | P
         used = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=source,
                                                                  path=str(path) if path else None))
         write_text(dump_config(used), run_dir / "config.yaml")
+        shutil.rmtree(run_dir / PREPARE_JOURNAL, ignore_errors=True)  # complete: nothing left to resume
     if removed:
         _logger.info("removed %d crop/mask file(s) of an earlier import that this manifest does not list", removed)
     if len(result.quarantine) or len(result.skipped):
