@@ -111,3 +111,39 @@ def test_schedule_time_spent_before_a_kill_counts_after_resume():
     assert fresh.progress(0) == 0.0 and resumed.progress(0) == 0.75
     now[0] = 15.0
     assert resumed.elapsed() == 60.0 and resumed.progress(1) == 1.0  # the cap is reached on time, not 45 s late
+
+
+def test_ensemble_members_finished_before_a_kill_are_reused_not_trained_again(tiny_run, monkeypatch):
+    import lightning as L
+
+    from kneeoa.stages import train
+
+    cfg = Config()
+    cfg.tasks.names, cfg.cnn.backbones = ["klg"], ["twobranch"]
+    cfg.cnn.image_size, cfg.cnn.epochs, cfg.cnn.batch_size, cfg.cnn.pretrained = 32, 1, 8, "none"
+    cfg.cnn.ensemble_seeds = 2
+    real_fit, fits = L.Trainer.fit, []
+
+    class Killed(BaseException):
+        """Stands for kill -9 while the second seed trains."""
+
+    def fit_killed_on_the_second_member(self, *args, **kwargs):
+        fits.append(kwargs.get("ckpt_path"))
+        if len(fits) == 2:
+            raise Killed
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", fit_killed_on_the_second_member)
+    with pytest.raises(Killed):
+        train.run(tiny_run, cfg)
+    lightning = tiny_run / "checkpoints" / "twobranch" / "lightning"
+    assert [p.parent.name for p in lightning.glob("*/finished.pt")] == ["multitask-seed0"]
+
+    fits.clear()
+    monkeypatch.setattr(L.Trainer, "fit", lambda self, *a, **k: fits.append(1) or real_fit(self, *a, **k))
+    train.run(tiny_run, cfg)
+    assert len(fits) == 1  # only the seed that was killed trains; seed 0 comes from its finished result
+    assert {"twobranch", "twobranch_ens"} <= set(read_arms(tiny_run))
+    assert not list(lightning.glob("*/finished.pt"))  # the stage completed: nothing left to reuse
+    train.run(tiny_run, cfg)  # a completed stage run again trains again, as before
+    assert len(fits) == 3

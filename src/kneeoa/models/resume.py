@@ -5,8 +5,10 @@ Lightning writes `last.ckpt` after every epoch into the member's folder (checkpo
 counters, the early-stopping and best-checkpoint state, the wall-clock spent (`max_time`) and our schedule's
 `TrainingBudget` time. `resume.json` beside it holds a fingerprint of everything that shapes the run (the backbone's
 settings, tasks, seed and the train/val image ids); a rerun with the same fingerprint continues from `last.ckpt`, a
-rerun with a different one starts afresh (and says why). A member that finished removes both, so running a finished
-stage again retrains, as before.
+rerun with a different one starts afresh (and says why). A member that finished removes both and leaves its
+result as `finished.pt` (with the same fingerprint), so that when a later member of the stage is killed, the rerun
+takes the finished ones from there instead of training them again; the stage removes these once all its arms are
+written, so running a finished stage again retrains, as before.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ _logger = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
 STATE = "resume.json"
+FINISHED = "finished.pt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,3 +81,38 @@ def mark_finished(ckpt_dir: Path) -> None:
     """The member finished: its resume state is no longer needed (the best checkpoint stays)."""
     for name in (LAST, STATE):
         (Path(ckpt_dir) / name).unlink(missing_ok=True)
+
+
+def save_finished(ckpt_dir: Path, key: str, payload: dict[str, Any]) -> None:
+    """Keep a finished member's result (its checkpoint payload) until its stage has written its arms."""
+    import torch
+
+    from kneeoa.io import atomic_path
+
+    with atomic_path(Path(ckpt_dir) / FINISHED) as tmp:
+        torch.save({"fingerprint": key, "payload": payload}, tmp)
+
+
+def load_finished(ckpt_dir: Path, key: str) -> dict[str, Any] | None:
+    """The payload of a member an interrupted run finished with the same fingerprint `key`, else None (a result of
+    other settings is removed)."""
+    import torch
+
+    path = Path(ckpt_dir) / FINISHED
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: torch/pickle raise many types
+        _logger.warning("%s cannot be read (%s); training this model again", path, e)
+        saved = {}
+    if saved.get("fingerprint") != key:
+        path.unlink(missing_ok=True)
+        return None
+    return saved["payload"]
+
+
+def clear_finished(lightning_dir: Path) -> None:
+    """The stage wrote its arms: drop the finished members' results under checkpoints/<backbone>/lightning/."""
+    for path in Path(lightning_dir).glob(f"*/{FINISHED}"):
+        path.unlink(missing_ok=True)

@@ -45,7 +45,15 @@ from kneeoa.models.cnn import (
 )
 from kneeoa.models.heads import HEADS, decode, tune_cutpoints
 from kneeoa.models.infer import CnnPredictor
-from kneeoa.models.resume import find_resume_point, fingerprint, mark_finished, mark_started
+from kneeoa.models.resume import (
+    clear_finished,
+    find_resume_point,
+    fingerprint,
+    load_finished,
+    mark_finished,
+    mark_started,
+    save_finished,
+)
 from kneeoa.runfolder.arms import record_arm
 from kneeoa.runfolder.checkpoints import CHECKPOINTS_DIR
 from kneeoa.runfolder.manifest import read_manifest
@@ -291,6 +299,10 @@ def train_member(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
                            enable_version_counter=False, save_last=True)
     key = fingerprint(hp, backbone=backbone, tasks=tasks, seed=seed, group=group,
                       images=manifest["image_id"].iloc[np.r_[train_idx, val_idx]].tolist())
+    finished = load_finished(ckpt_dir, key)
+    if finished is not None:
+        _logger.info("%s (seed %d): finished in an earlier, interrupted run; reusing it (%s)", backbone, seed, ckpt_dir)
+        return finished if is_rank_zero() else {}
     resume = find_resume_point(ckpt_dir, key)
     if resume is not None:
         _logger.info("%s (seed %d): resuming from %s after epoch %d of %d", backbone, seed, resume.path,
@@ -316,11 +328,13 @@ def train_member(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
     preprocess = {"image_size": hp.image_size, "in_chans": 1, "mean": mean, "std": std,
                   "mirror_left": bool(manifest.get("mirrored", pd.Series(False)).any()), "tta": hp.tta}
     score = float(best.best_model_score) if best.best_model_score is not None else None
-    return make_payload(net, backbone=backbone, preprocess=preprocess, weights_source=source_text,
-                        extra={"seed": seed, "epochs_run": int(trainer.current_epoch), "minutes": round(minutes, 2),
-                               "best_epoch_score": score, "selected_by": monitor, "precision": precision,
-                               "channels_last": channels_last,
-                               "resumed_after_epoch": resume.epochs_done if resume else None})
+    payload = make_payload(net, backbone=backbone, preprocess=preprocess, weights_source=source_text,
+                           extra={"seed": seed, "epochs_run": int(trainer.current_epoch), "minutes": round(minutes, 2),
+                                  "best_epoch_score": score, "selected_by": monitor, "precision": precision,
+                                  "channels_last": channels_last,
+                                  "resumed_after_epoch": resume.epochs_done if resume else None})
+    save_finished(ckpt_dir, key, payload)
+    return payload
 
 
 def finish_arm(run_dir: Path, arm: str, groups: dict[str, list[dict[str, Any]]], manifest: pd.DataFrame,
@@ -384,3 +398,5 @@ def run(run_dir: Path, cfg: Config) -> None:
             record_arm(run_dir, arm, status="ran", weights=first["weights_source"],
                        details={"members": details, "decoding": decoding, "head": hp.klg_head, "tta": hp.tta,
                                 "ema": hp.ema, "class_balance": hp.class_balance, "image_size": hp.image_size})
+    for backbone in cfg.cnn.backbones:  # every arm is written: a rerun of the stage trains afresh
+        clear_finished(Path(run_dir) / CHECKPOINTS_DIR / backbone / "lightning")
