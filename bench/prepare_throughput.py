@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from kneeoa.data.crop_films import VARIETY, write_crop_films
-from kneeoa.data.localize import FilmJob, run_film_jobs
+from kneeoa.data.films import FilmJob, run_film_jobs
 from kneeoa.data.localize_check import score_film_set
 from kneeoa.data.phantom.films import read_truth, write_phantom_release
 

@@ -13,14 +13,8 @@ from typer.testing import CliRunner
 from kneeoa.cli import app
 from kneeoa.data.crop_films import VARIETY, write_crop_films
 from kneeoa.data.dicom import write_dicom
-from kneeoa.data.localize import (
-    LIMITS,
-    LOCALIZERS,
-    FilmJob,
-    KneesMissing,
-    LocalizationError,
-    process_film,
-)
+from kneeoa.data.films import FilmJob, process_film
+from kneeoa.data.localize import LIMITS, LOCALIZERS, KneesMissing, LocalizationError
 from kneeoa.data.localize_check import score_film_set
 from kneeoa.data.localize_heatmap import (
     WEIGHTS,

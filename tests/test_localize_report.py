@@ -10,7 +10,7 @@ from PIL import Image
 
 from kneeoa.config import Config
 from kneeoa.data.dicom import read_dicom, write_dicom
-from kneeoa.data.localize import OVERVIEW_DIR, FilmJob, process_film, with_overviews
+from kneeoa.data.films import OVERVIEW_DIR, FilmJob, process_film, with_overviews
 from kneeoa.data.oai import import_oai
 from kneeoa.data.phantom.films import chest_film, read_truth, write_phantom_release
 from kneeoa.report.localize_sections import localize_section

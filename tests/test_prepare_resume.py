@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from kneeoa.config import Config
-from kneeoa.data import localize
+from kneeoa.data import films
 from kneeoa.data.phantom.films import write_phantom_release
 from kneeoa.runfolder.manifest import PREPARE_JOURNAL
 from kneeoa.stages.prepare import prepare
@@ -28,7 +28,7 @@ def test_a_killed_film_import_resumes_with_the_films_not_yet_done_and_equals_a_c
     cfg.data.workers = 1
     clean = prepare(tmp_path / "clean", cfg, source="oai", path=release)
 
-    real, seen = localize.process_film, []
+    real, seen = films.process_film, []
 
     def dies_part_way(job):
         if len(seen) == KILLED_AT:
@@ -37,15 +37,15 @@ def test_a_killed_film_import_resumes_with_the_films_not_yet_done_and_equals_a_c
         return real(job)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(localize, "process_film", dies_part_way)
+    monkeypatch.setattr(films, "process_film", dies_part_way)
     with pytest.raises(Killed):
         prepare(run, cfg, source="oai", path=release)
     assert not (run / "manifest.parquet").exists()
     assert len(list((run / PREPARE_JOURNAL / "films").glob("*.pkl"))) == KILLED_AT
 
     seen.clear()
-    monkeypatch.setattr(localize, "process_film", lambda job: seen.append(job.path) or real(job))
-    with caplog.at_level(logging.WARNING, logger="kneeoa.data.localize"):
+    monkeypatch.setattr(films, "process_film", lambda job: seen.append(job.path) or real(job))
+    with caplog.at_level(logging.WARNING, logger="kneeoa.data.films"):
         resumed = prepare(run, cfg, source="oai", path=release)
     assert len(seen) == FILMS - KILLED_AT  # only the films the killed run had not finished
     assert f"resuming: {KILLED_AT} of {FILMS} films already processed" in caplog.text
@@ -61,7 +61,7 @@ def test_a_recorded_film_is_processed_again_when_its_setting_changed_or_its_crop
     cfg = Config()
     cfg.data.workers = 1
     run = tmp_path / "run"
-    real, seen = localize.process_film, []
+    real, seen = films.process_film, []
 
     def second_dies(job):
         seen.append(job.path)
@@ -69,7 +69,7 @@ def test_a_recorded_film_is_processed_again_when_its_setting_changed_or_its_crop
             raise Killed
         return real(job)
 
-    monkeypatch.setattr(localize, "process_film", second_dies)
+    monkeypatch.setattr(films, "process_film", second_dies)
     with pytest.raises(Killed):
         prepare(run, cfg, source="oai", path=release)
     assert len(list((run / PREPARE_JOURNAL / "films").glob("*.pkl"))) == 1
@@ -79,6 +79,6 @@ def test_a_recorded_film_is_processed_again_when_its_setting_changed_or_its_crop
         for crop in (run / "crops").glob("*.png"):
             crop.unlink()
     seen.clear()
-    monkeypatch.setattr(localize, "process_film", lambda job: seen.append(job.path) or real(job))
+    monkeypatch.setattr(films, "process_film", lambda job: seen.append(job.path) or real(job))
     prepare(run, cfg, source="oai", path=release)
     assert len(seen) == 2

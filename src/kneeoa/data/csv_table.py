@@ -22,8 +22,8 @@ from pathlib import Path
 import pandas as pd
 
 from kneeoa.data.dicom import is_dicom
+from kneeoa.data.films import FILM_KINDS, FilmJob, run_film_jobs
 from kneeoa.data.importers import ImportResult
-from kneeoa.data.localize import FILM_KINDS, FilmJob, run_film_jobs
 from kneeoa.data.manifest import SPLIT_ALIASES, SPLITS
 from kneeoa.errors import ConfigError, DataError
 from kneeoa.runfolder.manifest import PREPARE_JOURNAL

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kneeoa.data.localize import FILM_KINDS, LOCALIZERS, FilmJob, FilmOutcome, run_film_jobs
+from kneeoa.data.films import FILM_KINDS, FilmJob, FilmOutcome, run_film_jobs
+from kneeoa.data.localize import LOCALIZERS
 from kneeoa.errors import ConfigError
 from kneeoa.io import write_text
 

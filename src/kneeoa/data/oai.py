@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kneeoa.data.films import OVERVIEW_DIR, FilmJob, run_film_jobs, with_overviews
 from kneeoa.data.importers import ImportResult
-from kneeoa.data.localize import OVERVIEW_DIR, FilmJob, run_film_jobs, with_overviews
 from kneeoa.errors import DataError
 from kneeoa.runfolder.manifest import PREPARE_JOURNAL
 from kneeoa.tasks import RAW_GRADE_COLUMNS

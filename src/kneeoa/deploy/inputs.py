@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kneeoa.data.localize import FILM_KINDS
+from kneeoa.data.films import FILM_KINDS
 from kneeoa.errors import ConfigError, DataError
 
 #: File suffixes taken from folders (DICOM files without a suffix are taken when they carry the DICOM preamble).

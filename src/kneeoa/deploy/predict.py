@@ -1,6 +1,6 @@
 """Grading new films with a model package: localise -> crop -> every task per knee -> a table, and CAM overlays.
 
-Films go through the importers' own path (`kneeoa.data.localize.process_film`): the package's localiser, crop size
+Films go through the importers' own path (`kneeoa.data.films.process_film`): the package's localiser, crop size
 in mm and crop resolution, the crop written as a 16-bit PNG and read back. So a crop graded here is the crop a run
 would have trained and predicted on, and `predict` on a run's own crops gives the run's own prediction tables.
 
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kneeoa.data.films import FilmJob, process_film
 from kneeoa.data.images import load_gray
-from kneeoa.data.localize import FilmJob, process_film
 from kneeoa.deploy.inputs import InputFile, detect_kind, read_facts
 from kneeoa.deploy.package import KneeModel
 from kneeoa.errors import DataError

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from kneeoa.config import Config
-from kneeoa.data.localize import OVERVIEW_DIR
+from kneeoa.data.films import OVERVIEW_DIR
 from kneeoa.report.figures import png_tag
 
 #: At most this many overviews of films with a missed knee are shown (all are in the run folder).
