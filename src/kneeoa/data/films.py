@@ -15,7 +15,6 @@ import logging
 import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -208,10 +207,11 @@ def _job_key(job: FilmJob) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def _journaled_film(job: FilmJob, journal: Path) -> FilmOutcome:
-    """process_film, then its outcome recorded under `journal` (after the crops are on disk, atomically)."""
+def _journaled_film(item: tuple[FilmJob, Path]) -> FilmOutcome:
+    """process_film, then its outcome recorded at the job's journal entry (after the crops are on disk, atomically)."""
+    job, entry = item
     outcome = process_film(job)
-    with atomic_path(journal / f"{_job_key(job)}.pkl") as tmp:
+    with atomic_path(entry) as tmp:
         tmp.write_bytes(pickle.dumps(outcome))
     return outcome
 
@@ -231,9 +231,9 @@ def run_film_jobs(jobs: Iterable[FilmJob], *, workers: int, desc: str = "films",
         return process_map(process_film, jobs, workers=workers, desc=desc, unit="film", min_per_worker=1)
     journal = Path(journal)
     journal.mkdir(parents=True, exist_ok=True)
+    entries = [journal / f"{_job_key(job)}.pkl" for job in jobs]
     done = {}
-    for i, job in enumerate(jobs):
-        entry = journal / f"{_job_key(job)}.pkl"
+    for i, entry in enumerate(entries):
         if entry.is_file():
             outcome = pickle.loads(entry.read_bytes())
             if all(Path(c["crop_file"]).is_file() for c in outcome.crops):
@@ -241,7 +241,7 @@ def run_film_jobs(jobs: Iterable[FilmJob], *, workers: int, desc: str = "films",
     if done:
         _logger.warning("resuming: %d of %d films already processed (%s)", len(done), len(jobs), journal)
     todo = [i for i in range(len(jobs)) if i not in done]
-    fresh = process_map(partial(_journaled_film, journal=journal), [jobs[i] for i in todo], workers=workers,
-                        desc=desc, unit="film", min_per_worker=1)
+    fresh = process_map(_journaled_film, [(jobs[i], entries[i]) for i in todo], workers=workers, desc=desc,
+                        unit="film", min_per_worker=1)
     done.update(zip(todo, fresh, strict=True))
     return [done[i] for i in range(len(jobs))]

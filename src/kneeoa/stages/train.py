@@ -264,6 +264,21 @@ def train_member(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
                           f"Got {hp.class_balance!r}.")
     if hp.select_by not in ("metric", "loss"):
         raise ConfigError(f"cnn.select_by must be metric or loss. Got {hp.select_by!r}.")
+    split = manifest["split"].to_numpy()
+    train_idx = np.flatnonzero(split == "train")
+    if hp.max_train_images and len(train_idx) > hp.max_train_images:
+        train_idx = np.sort(np.random.default_rng(seed).choice(train_idx, hp.max_train_images, replace=False))
+    val_idx = np.flatnonzero(split == "val")
+    if not len(train_idx) or not len(val_idx):
+        raise ConfigError(f"Training {backbone} needs train and val images; the manifest has {len(train_idx)} train "
+                          f"and {len(val_idx)} val rows. Check data.split_fractions.")
+    ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR / backbone / "lightning" / f"{group}-seed{seed}"
+    key = fingerprint(hp, backbone=backbone, tasks=tasks, seed=seed, group=group,
+                      images=manifest["image_id"].iloc[np.r_[train_idx, val_idx]].tolist())
+    finished = load_finished(ckpt_dir, key)
+    if finished is not None:
+        _logger.info("%s (seed %d): finished in an earlier, interrupted run; reusing it (%s)", backbone, seed, ckpt_dir)
+        return finished if is_rank_zero() else {}
     bb = BACKBONES.get(backbone)
     L.seed_everything(seed, workers=True, verbose=False)
     source, source_text = resolve_pretrained(bb, hp.pretrained, hp.weights.get(backbone))
@@ -274,14 +289,6 @@ def train_member(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
     mean, std = norm_stats(module)
     channels_last = bb.channels_last if hp.channels_last == "auto" else hp.channels_last in ("true", "True", True)
     precision = resolve_precision(hp.precision, hp.accelerator)
-    split = manifest["split"].to_numpy()
-    train_idx = np.flatnonzero(split == "train")
-    if hp.max_train_images and len(train_idx) > hp.max_train_images:
-        train_idx = np.sort(np.random.default_rng(seed).choice(train_idx, hp.max_train_images, replace=False))
-    val_idx = np.flatnonzero(split == "val")
-    if not len(train_idx) or not len(val_idx):
-        raise ConfigError(f"Training {backbone} needs train and val images; the manifest has {len(train_idx)} train "
-                          f"and {len(val_idx)} val rows. Check data.split_fractions.")
     train_ds = KneeDataset(images, train_idx, task_labels(manifest.iloc[train_idx], tasks))
     val_ds = KneeDataset(images, val_idx, task_labels(manifest.iloc[val_idx], tasks))
     train_dl, val_dl = training_loaders(train_ds, val_ds, hp, seed=seed, mean=mean, std=std,
@@ -294,15 +301,8 @@ def train_member(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
         net = net.to(memory_format=torch.channels_last)
     lm = _make_module(net, weights, hp, steps_per_epoch=max(1, len(train_dl)))
     monitor, mode = ("val_score", "max") if hp.select_by == "metric" else ("val_loss", "min")
-    ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR / backbone / "lightning" / f"{group}-seed{seed}"
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
                            enable_version_counter=False, save_last=True)
-    key = fingerprint(hp, backbone=backbone, tasks=tasks, seed=seed, group=group,
-                      images=manifest["image_id"].iloc[np.r_[train_idx, val_idx]].tolist())
-    finished = load_finished(ckpt_dir, key)
-    if finished is not None:
-        _logger.info("%s (seed %d): finished in an earlier, interrupted run; reusing it (%s)", backbone, seed, ckpt_dir)
-        return finished if is_rank_zero() else {}
     resume = find_resume_point(ckpt_dir, key)
     if resume is not None:
         _logger.info("%s (seed %d): resuming from %s after epoch %d of %d", backbone, seed, resume.path,
