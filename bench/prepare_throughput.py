@@ -6,7 +6,8 @@ Two film sources:
   truth.csv; a film counts when both knees are within --tolerance-mm (5 mm).
 - real knees (--crop-films DIR): a film set from `kneeoa crop-films` (or, with --from-crops, one written here from a
   kneeKL224 folder at --spacing-mm), scored per knee: found within --tolerance-mm (10 mm), wrong crops (a crop of a
-  missing or implant knee, or beyond tolerance), side swaps, quarantined knees and their reasons.
+  missing or implant knee, or beyond tolerance), side swaps, quarantined knees and their reasons; each miss's offset in
+  its source crop's frame (down the leg, across), and the missed knees' source crops drawn to --out/misses.png.
 
 Either way the importer's film work (DICOM decode, localise, two 16-bit crops) runs with each --workers count and
 films/s are printed.
@@ -106,9 +107,40 @@ def real(args: argparse.Namespace) -> None:
           f"{(others['verdict'] == 'refused').sum()}/{len(others)}")
     errs = knees["err_mm"].dropna()
     print(f"knee error mm: median {errs.median():.2f}, p95 {errs.quantile(0.95):.2f}, max {errs.max():.2f}")
+    print(f"knee offset in the source crop's frame, mm: down the leg median {knees['down_mm'].median():+.2f}, "
+          f"across median {knees['across_mm'].median():+.2f}")
     misses = scored[scored["verdict"].isin(["wrong", "quarantined"])]
     if len(misses):
-        print(misses[["film", "side", "content", "verdict", "err_mm", "reason"]].to_string(max_colwidth=90))
+        print(misses[["film", "side", "content", "verdict", "err_mm", "down_mm", "across_mm", "reason"]]
+              .round(1).to_string(max_colwidth=80))
+        draw_misses(misses[misses["content"] == "knee"], args.out / "misses.png")
+
+
+def draw_misses(misses: pd.DataFrame, out: Path, size: int = 224) -> None:
+    """The source crops of the real knees missed or cropped off target, side by side: a white cross at the crop's
+    centre (the truth), a black ring where the localiser put the joint centre (none when quarantined)."""
+    from PIL import Image, ImageDraw
+
+    from kneeoa.data.crop_films import load_crop
+
+    if misses.empty:
+        return
+    sheet = Image.new("L", (size * len(misses), size))
+    for i, m in enumerate(misses.itertuples(index=False)):
+        tile = Image.fromarray((load_crop(m.crop_path) * 255).astype(np.uint8)).resize((size, size))
+        draw = ImageDraw.Draw(tile)
+        c = size / 2
+        draw.line([(c - 8, c), (c + 8, c)], fill=255, width=2)
+        draw.line([(c, c - 8), (c, c + 8)], fill=255, width=2)
+        if np.isfinite(m.down_mm):
+            px = size / m.crop_mm
+            r, q = c + m.down_mm * px, c + m.across_mm * px
+            draw.ellipse([(q - 7, r - 7), (q + 7, r + 7)], outline=0, width=2)
+        draw.text((4, 4), f"{Path(m.film).stem} {m.side} {m.verdict}", fill=255)
+        sheet.paste(tile, (size * i, 0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    print(f"missed knees' source crops -> {out}")
 
 
 def main() -> None:

@@ -3,9 +3,10 @@
 Bare step: forward, loss, backward and AdamW step on one pre-normalised batch held in memory (what the network alone
 costs). Real loop: `kneeoa.stages.train`'s Lightning module and loaders (decoded uint8 cache -> batch fetch ->
 batch augmentation -> normalisation, in `cnn.num_workers` worker processes), over a run folder's manifest or
-random images. The ratio says how far the loop is from data-bound; the target is >= 0.95.
+random images. The two are timed alternately, one step each (`paired_times`), and compared by their median step
+times. The ratio says how far the loop is from data-bound; the target is >= 0.95.
 
-    .venv/bin/python bench/train_throughput.py --backbone twobranch --size 224 --batch 64 [--run runs/kl]
+    .venv/bin/python bench/train_throughput.py --backbone twobranch --size 160 --batch 64 --steps 60 [--run runs/kl]
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 
 
-def bare_step_rate(net, hp, batch: int, size: int, steps: int, channels_last: bool) -> float:
+def bare_step(net, hp, batch: int, size: int, channels_last: bool):
+    """A function doing one bare training step (forward, loss, backward, AdamW) on a fixed pre-normalised batch."""
     from kneeoa.models.heads import HEADS
 
     opt = torch.optim.AdamW(net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
@@ -27,39 +29,57 @@ def bare_step_rate(net, hp, batch: int, size: int, steps: int, channels_last: bo
     y = torch.randint(0, 5, (batch,))
     head = HEADS.get(hp.klg_head)
     net.train()
-    for i in range(steps + 2):
-        if i == 2:
-            t0 = time.perf_counter()
+
+    def step() -> None:
         loss = head.loss(net(x)["klg"].float(), y, torch.ones(5), 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return batch * steps / (time.perf_counter() - t0)
+
+    return step
 
 
-def loop_rate(net, hp, images: np.ndarray, labels: np.ndarray, steps: int, channels_last: bool) -> float:
+def paired_times(loop_net, bare_net, hp, images: np.ndarray, labels: np.ndarray, steps: int,
+                 channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds per step of the real loop and of the bare step, measured alternately, step by step.
+
+    After each loop step a bare step runs, timed on its own; a loop step's time is the time from one batch start to
+    the next (fetch, augmentation, step, Lightning's own work) less the bare step in between. Pairing at step level
+    cancels the clock drift and the neighbours' load of a shared machine, which swing whole runs by +-15 %.
+    """
     import lightning as L
 
     from kneeoa.data.dataset import KneeDataset
+    from kneeoa.models.cnn import input_rows
     from kneeoa.stages.train import _make_module, training_loaders
 
-    class Clock(L.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if batch_idx == 2:
-                self.t0 = time.perf_counter()
+    step = bare_step(bare_net, hp, hp.batch_size, hp.image_size, channels_last)
 
-        def on_train_end(self, trainer, module):
-            self.t1 = time.perf_counter()
+    class Paired(L.Callback):
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+            self.bare: list[float] = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.starts.append(time.perf_counter())
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            t0 = time.perf_counter()
+            step()
+            self.bare.append(time.perf_counter() - t0)
 
     ds = KneeDataset(images, np.arange(len(images)), {"klg": labels})
-    dl, _ = training_loaders(ds, ds, hp, seed=0, mean=0.5, std=0.25, hflip=False, channels_last=channels_last)
-    module = _make_module(net, {"klg": torch.ones(5)}, hp, steps_per_epoch=len(dl))
-    clock = Clock()
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=steps + 2, limit_val_batches=0, logger=False,
+    dl, _ = training_loaders(ds, ds, hp, seed=0, mean=0.5, std=0.25, hflip=False, channels_last=channels_last,
+                             rows=input_rows(loop_net.backbone, hp.image_size))
+    module = _make_module(loop_net, {"klg": torch.ones(5)}, hp, steps_per_epoch=len(dl))
+    clock = Paired()
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=steps + 3, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[clock], accelerator="cpu", precision=hp.precision)
     trainer.fit(module, dl)
-    return hp.batch_size * steps / (clock.t1 - clock.t0)
+    starts, bare = np.array(clock.starts), np.array(clock.bare)
+    loop = np.diff(starts) - bare[:-1]
+    return loop[2:], bare[2:-1]  # the first two steps warm up
 
 
 def main() -> None:
@@ -67,8 +87,7 @@ def main() -> None:
     ap.add_argument("--backbone", default="twobranch")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating bare / loop measurements")
+    ap.add_argument("--steps", type=int, default=60, help="paired loop / bare steps measured")
     ap.add_argument("--head", default="corn")
     ap.add_argument("--policy", default="strong")
     ap.add_argument("--no-augment", action="store_true", help="cnn.augment: false (what augmentation costs)")
@@ -86,7 +105,7 @@ def main() -> None:
         hp.num_workers = args.workers
     hp.precision = resolve_precision(hp.precision, hp.accelerator)
     channels_last = BACKBONES.get(args.backbone).channels_last
-    n = args.batch * (args.steps + 3)
+    n = args.batch * (args.steps + 4)
     if args.run:
         from kneeoa.data.cache import image_cache
         from kneeoa.data.manifest import read_manifest
@@ -104,17 +123,17 @@ def main() -> None:
         net = MultiTaskNet(create_backbone(args.backbone, source=None)[0], {"klg": 5}, {"klg": args.head})
         return net.to(memory_format=torch.channels_last) if channels_last else net
 
-    # Alternate the two measurements: a CPU's clock drifts under sustained load, which would bias whichever ran last.
-    bare, loop = [], []
-    for _ in range(args.rounds):
-        bare.append(bare_step_rate(fresh(), hp, args.batch, args.size, args.steps, channels_last))
-        loop.append(loop_rate(fresh(), hp, images, labels, args.steps, channels_last))
+    loop, bare = paired_times(fresh(), fresh(), hp, images, labels, args.steps, channels_last)
     print(f"backbone {args.backbone}, {args.size} px, batch {args.batch}, precision {hp.precision}, "
           f"augmentation {args.policy if hp.augment else 'off'}, threads {torch.get_num_threads()}, loader workers "
-          f"{hp.num_workers}, {args.rounds} alternating rounds of {args.steps} steps")
-    print(f"bare model step: {np.mean(bare):7.1f} images/s  ({', '.join(f'{r:.0f}' for r in bare)})")
-    print(f"training loop:   {np.mean(loop):7.1f} images/s  ({', '.join(f'{r:.0f}' for r in loop)})")
-    print(f"ratio loop/bare: {np.mean(loop) / np.mean(bare):.3f}")
+          f"{hp.num_workers}, {len(loop)} paired steps")
+    for name, t in (("bare model step", bare), ("training loop", loop)):
+        q1, q3 = np.percentile(t, [25, 75])
+        print(f"{name + ':':17s}{args.batch / np.median(t):7.1f} images/s  (median {1000 * np.median(t):.0f} ms/step, "
+              f"quartiles {1000 * q1:.0f}-{1000 * q3:.0f})")
+    ratios = bare / loop
+    print(f"ratio loop/bare: {np.median(bare) / np.median(loop):.3f} (median step times); per-step ratios median "
+          f"{np.median(ratios):.3f}, quartiles {np.percentile(ratios, 25):.3f}-{np.percentile(ratios, 75):.3f}")
 
 
 if __name__ == "__main__":

@@ -200,3 +200,22 @@ def test_retraining_needs_enough_patients(tmp_path):
 
 def test_variety_defaults_match_the_issue():
     assert VARIETY.spacing_mm == (0.14, 0.35) and VARIETY.rotation_deg == 10.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_crop_frame_offset_turns_a_film_offset_back_into_the_source_crop(seed):
+    """A mark 20 mm below and 10 mm right of a crop's centre is found there again from its place on the film."""
+    from kneeoa.data.crop_films import compose_film
+    from kneeoa.data.localize_check import crop_frame_offset
+
+    crop = np.full((200, 200), 0.3, np.float32)  # 100 mm at 0.5 mm per pixel
+    crop[139:142, 119:122] = 1.0  # centre of the mark: row 140, column 120
+    variety = replace(VARIETY, crop_mm=(100.0, 100.0), rotation_deg=10.0, marker_share=0.0, collimation_share=0.0,
+                      noise=(0.0, 0.0))
+    rng = np.random.default_rng(seed)
+    film, centres, props = compose_film({"R": (crop, "knee")}, spacing_mm=0.25, rng=rng, variety=variety,
+                                        single=True)
+    row, col = np.unravel_index(int(np.argmax(film)), film.shape)
+    down, across = crop_frame_offset(row - centres["R"][0], col - centres["R"][1], props["rotation_deg_R"], 0.25)
+    assert abs(props["rotation_deg_R"]) > 0.5  # the leg is turned, so a sign error would show
+    assert down == pytest.approx(20.25, abs=0.6) and across == pytest.approx(10.25, abs=0.6)

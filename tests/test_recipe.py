@@ -219,3 +219,26 @@ def test_augmentation_folds_the_normalisation_in_exactly():
     folded = augment_batch(x, POLICIES.get("strong"), hflip=False, generator=torch.Generator().manual_seed(2),
                            mean=0.4, std=0.2)
     assert torch.allclose(folded, (plain - 0.4) / 0.2, atol=1e-5)
+
+
+def test_band_augmentation_gives_the_two_branch_net_what_a_whole_image_would():
+    from dataclasses import replace
+
+    from kneeoa.data.augment import POLICIES, BatchTransform, augment_batch
+    from kneeoa.models.cnn import create_backbone, input_rows
+
+    net = create_backbone("twobranch", source=None)[0].eval()
+    top, bottom = input_rows(net, 48)
+    assert 0 < top < bottom < 48 and input_rows(create_backbone("resnet18", source=None)[0], 48) is None
+    x = torch.randint(0, 256, (6, 1, 48, 48), dtype=torch.uint8)
+    policy = replace(POLICIES.get("strong"), blur_p=1.0)  # every image blurred: the band edges must match too
+    full = augment_batch(x, policy, hflip=True, generator=torch.Generator().manual_seed(4), mean=0.5, std=0.25)
+    band = augment_batch(x, policy, hflip=True, generator=torch.Generator().manual_seed(4), mean=0.5, std=0.25,
+                         rows=(top, bottom))
+    assert torch.equal(band[:, :, top:bottom], full[:, :, top:bottom])
+    assert (band[:, :, :top] == -2).all() and (band[:, :, bottom:] == -2).all()  # black outside the band
+    with torch.inference_mode():
+        assert torch.allclose(net(band), net(full), atol=1e-6)
+    torch.manual_seed(5)
+    collated, _ = BatchTransform(0.5, 0.25, policy, rows=(top, bottom))((x, {}))
+    assert (collated[:, :, :top] == -2).all() and not (collated[:, :, top:bottom] == -2).all()

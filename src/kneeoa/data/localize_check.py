@@ -76,13 +76,23 @@ def check_films(films: list[Path], out: Path, *, kind: str = "bilateral", side: 
     return table
 
 
+def crop_frame_offset(d_row: float, d_col: float, rotation_deg: float, spacing_mm: float) -> tuple[float, float]:
+    """A film offset (pixels) from a composed knee's centre, in mm in its source crop's frame: (down the leg, towards
+    the crop's right edge). `compose_film` turns each leg by rotation_deg about its centre; this turns it back."""
+    theta = np.deg2rad(rotation_deg)
+    return (float(np.cos(theta) * d_row + np.sin(theta) * d_col) * spacing_mm,
+            float(-np.sin(theta) * d_row + np.cos(theta) * d_col) * spacing_mm)
+
+
 def score_film_set(folder: Path, crops_dir: Path, *, localizer: str = "heatmap", tolerance_mm: float = 10.0,
                    crop_mm: float = 140.0, workers: int = 1) -> pd.DataFrame:
     """Localise every film of a film set with truth.csv (`kneeoa crop-films`) and score each knee position.
 
     Returns:
         One row per knee position of truth.csv, plus: found (a crop was written), err_mm (distance from the true
-        joint centre), swapped (the crop is nearer the other side's true centre), reason, and verdict:
+        joint centre), down_mm and across_mm (the same offset in the source crop's frame: down the leg and towards
+        the crop's right edge; they tell a localiser that missed the knee from one that found a joint lying off
+        its crop's centre), swapped (the crop is nearer the other side's true centre), reason, and verdict:
         "ok" (a knee found within tolerance_mm), "wrong" (a crop of a missing or implant knee, or beyond
         tolerance), "quarantined" (a real knee not cropped, with its reason), "refused" (a missing or implant knee
         not cropped: correct).
@@ -102,10 +112,11 @@ def score_film_set(folder: Path, crops_dir: Path, *, localizer: str = "heatmap",
     rows = []
     for t in truth.itertuples(index=False):
         crop, reason = found[(t.film, t.side)]
-        err, swapped = np.nan, False
+        err, swapped, down, across = np.nan, False, np.nan, np.nan
         if crop is not None:
-            err = float(np.hypot(crop["joint_row_px"] - t.centre_row_px, crop["joint_col_px"] - t.centre_col_px)
-                        ) * t.spacing_mm
+            d_row, d_col = crop["joint_row_px"] - t.centre_row_px, crop["joint_col_px"] - t.centre_col_px
+            err = float(np.hypot(d_row, d_col)) * t.spacing_mm
+            down, across = crop_frame_offset(d_row, d_col, t.rotation_deg, t.spacing_mm)
             other = centres.get((t.film, "L" if t.side == "R" else "R"))
             if other is not None:
                 swapped = bool(np.hypot(crop["joint_row_px"] - other[0], crop["joint_col_px"] - other[1])
@@ -114,6 +125,7 @@ def score_film_set(folder: Path, crops_dir: Path, *, localizer: str = "heatmap",
             verdict = "quarantined" if crop is None else "ok" if err <= tolerance_mm else "wrong"
         else:
             verdict = "refused" if crop is None else "wrong"
-        rows.append({**t._asdict(), "found": crop is not None, "err_mm": err, "swapped": swapped,
+        rows.append({**t._asdict(), "found": crop is not None, "err_mm": err, "down_mm": down, "across_mm": across,
+                     "swapped": swapped,
                      "reason": "" if crop is not None else reason, "verdict": verdict})
     return pd.DataFrame(rows)

@@ -153,6 +153,13 @@ def norm_stats(module: nn.Module) -> tuple[float, float]:
     return float(np.mean(cfg.get("mean", (0.5,)))), float(np.mean(cfg.get("std", (0.5,))))
 
 
+def input_rows(module: nn.Module, size: int) -> tuple[int, int] | None:
+    """The rows [top, bottom) of a size x size input that a backbone reads (`input_rows` of backbones that look at
+    a band only, such as the two-branch net), or None when it reads the whole image."""
+    rows = getattr(module, "input_rows", None)
+    return rows(size) if rows else None
+
+
 class MultiTaskNet(nn.Module):
     """A backbone and one linear head per task; forward returns {task: (B, n_outputs) raw outputs}.
 

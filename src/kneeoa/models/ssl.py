@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kneeoa.data.augment import Policy, augment_batch
+from kneeoa.models.cnn import input_rows
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
@@ -73,16 +74,18 @@ class SimCLR(nn.Module):
         return self.head(self.backbone(x))
 
 
-def two_views(x: torch.Tensor, policy: Policy, *, mean: float, std: float,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two independent augmentations of a uint8 batch (B, 1, H, W), normalised as the backbone expects."""
-    return tuple(augment_batch(x, policy, hflip=False, generator=generator, mean=mean, std=std)
+def two_views(x: torch.Tensor, policy: Policy, *, mean: float, std: float, generator: torch.Generator | None = None,
+              rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent augmentations of a uint8 batch (B, 1, H, W), normalised as the backbone expects; only the
+    `rows` the backbone reads are computed (`augment_batch`)."""
+    return tuple(augment_batch(x, policy, hflip=False, generator=generator, mean=mean, std=std, rows=rows)
                  for _ in range(2))  # type: ignore[return-value]
 
 
 def simclr_step(model: SimCLR, x: torch.Tensor, policy: Policy, *, mean: float, std: float, temperature: float,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """The loss of one batch: both views through the network in one pass (shared batch-norm statistics)."""
-    v1, v2 = two_views(x, policy, mean=mean, std=std, generator=generator)
+    v1, v2 = two_views(x, policy, mean=mean, std=std, generator=generator,
+                       rows=input_rows(model.backbone, x.shape[-2]))
     z = model(torch.cat([v1, v2]))
     return nt_xent(z[:len(x)], z[len(x):], temperature)

@@ -64,10 +64,20 @@ class TwoBranchNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def input_rows(self, height: int) -> tuple[int, int]:
+        """The rows [top, bottom) of an input `height` rows high that `forward` reads: the patch band.
+
+        The training loaders augment only these rows (`kneeoa.data.augment.BatchTransform`); the others never reach
+        the network.
+        """
+        rows = max(self.stride, round(height * self.patch_height))
+        top = (height - rows) // 2
+        return top, top + rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, height, width = x.shape
-        rows = max(self.stride, round(height * self.patch_height))
-        top, half = (height - rows) // 2, width // 2
+        top, bottom = self.input_rows(height)
+        rows, half = bottom - top, width // 2
         lateral = x[:, :, top:top + rows, :half]
         medial = x[:, :, top:top + rows, width - half:].flip(-1)
         feats = self.trunk(torch.cat([lateral, medial]))

@@ -37,6 +37,7 @@ from kneeoa.models.cnn import (
     MultiTaskNet,
     checkpoint_path,
     create_backbone,
+    input_rows,
     make_payload,
     net_from_payload,
     norm_stats,
@@ -235,17 +236,19 @@ def _train_sampler(labels: dict[str, np.ndarray], hp: CnnCfg, seed: int):
 
 
 def training_loaders(train_ds: KneeDataset, val_ds: KneeDataset, hp: CnnCfg, *, seed: int, mean: float, std: float,
-                     hflip: bool, channels_last: bool) -> tuple[DataLoader, DataLoader]:
+                     hflip: bool, channels_last: bool, rows: tuple[int, int] | None = None
+                     ) -> tuple[DataLoader, DataLoader]:
     """The train and val DataLoaders: batches read from the cache, augmented (train) and normalised.
 
     With `cnn.num_workers` > 0 the training batches are fetched and augmented in that many persistent worker
     processes, overlapping the model step; validation batches only need normalising and stay in the main process.
+    `rows` (the backbone's `input_rows`, when it reads only a band of the image) limits augmentation to that band.
     """
     policy = POLICIES.get(hp.augment_policy) if hp.augment else None
     workers = hp.num_workers
     train_dl = DataLoader(train_ds, batch_size=hp.batch_size, sampler=_train_sampler(train_ds.labels, hp, seed),
                           drop_last=len(train_ds) > hp.batch_size, num_workers=workers, persistent_workers=workers > 0,
-                          collate_fn=BatchTransform(mean, std, policy, hflip, channels_last),
+                          collate_fn=BatchTransform(mean, std, policy, hflip, channels_last, rows),
                           generator=torch.Generator().manual_seed(seed))
     val_dl = DataLoader(val_ds, batch_size=hp.batch_size, collate_fn=BatchTransform(mean, std, None, False,
                                                                                      channels_last))
@@ -292,7 +295,8 @@ def train_member(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
     train_ds = KneeDataset(images, train_idx, task_labels(manifest.iloc[train_idx], tasks))
     val_ds = KneeDataset(images, val_idx, task_labels(manifest.iloc[val_idx], tasks))
     train_dl, val_dl = training_loaders(train_ds, val_ds, hp, seed=seed, mean=mean, std=std,
-                                        hflip=_uses_hflip(hp, manifest), channels_last=channels_last)
+                                        hflip=_uses_hflip(hp, manifest), channels_last=channels_last,
+                                        rows=input_rows(module, hp.image_size))
     weights = {t: (class_weights(train_ds.labels[t], get_task(t).n_classes) if hp.class_balance == "weighted_loss"
                    else torch.ones(get_task(t).n_classes)) for t in tasks}
     heads = {t: (hp.klg_head if get_task(t).kind == "ordinal" else "ce") for t in tasks}
