@@ -6,7 +6,7 @@ cross-fitted on val (tuned on one half of the val patients, applied to the other
 the stored decoding tunes its cut-points on all of val, so its val kappa is optimistic; the cross-fitted figure is
 not. Test rows are never read.
 
-    .venv/bin/python bench/kl_summary.py RUN_DIR [RUN_DIR ...]
+    .venv/bin/python bench/kl_summary.py RUN_DIR [RUN_DIR ...] [--cut-boot N] [--accuracy-weight W] [--halvings K]
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 
-def cross_fitted(y: np.ndarray, probs: np.ndarray, patients: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Classes from cut-points tuned on the other half of the patients (two folds by patient)."""
+def cross_fitted(y: np.ndarray, probs: np.ndarray, patients: np.ndarray, seed: int = 0, n_boot: int = 0,
+                 accuracy_weight: float = 0.0) -> np.ndarray:
+    """Classes from cut-points tuned on the other half of the patients (two folds by patient), the way the run tunes
+    them (`n_boot`, `accuracy_weight`: its `cnn.cutpoint_bootstrap` and `cnn.cutpoint_accuracy_weight`)."""
     from kneeoa.models.heads import apply_cutpoints, tune_cutpoints
 
     ids = np.unique(patients)
@@ -27,18 +30,28 @@ def cross_fitted(y: np.ndarray, probs: np.ndarray, patients: np.ndarray, seed: i
     fold = np.array([p in half for p in patients])
     pred = np.empty(len(y), dtype="int64")
     for f in (True, False):
-        cuts = tune_cutpoints(y[fold != f], probs[fold != f])
+        cuts = tune_cutpoints(y[fold != f], probs[fold != f], groups=patients[fold != f], n_boot=n_boot,
+                              accuracy_weight=accuracy_weight)
         pred[fold == f] = apply_cutpoints(probs[fold == f], cuts)
     return pred
 
 
-def rows(run_dir: Path, n_boot: int = 1000) -> list[dict]:
+def rows(run_dir: Path, n_boot: int = 1000, cut_boot: int | None = None, accuracy_weight: float | None = None,
+         halvings: int = 1) -> list[dict]:
+    """The table's rows for one run folder. `cut_boot`, `accuracy_weight`: how the cross-fitted row tunes its
+    cut-points (default: as the run did, `cnn.cutpoint_bootstrap` and `cnn.cutpoint_accuracy_weight`); `halvings` > 1
+    adds that row's kappa, accuracy and KL1 recall averaged over as many random patient halvings (one halving is a
+    noisy estimate)."""
     from kneeoa import bootstrap
     from kneeoa.data.manifest import read_manifest
     from kneeoa.metrics import METRICS
     from kneeoa.runfolder.predictions import prob_columns, read_predictions
 
     patients = read_manifest(run_dir).set_index("image_id")["patient_id"]
+    cnn = yaml.safe_load((run_dir / "config.yaml").read_text()).get("cnn") or {}
+    cut_boot = cnn.get("cutpoint_bootstrap", 0) if cut_boot is None else cut_boot
+    accuracy_weight = cnn.get("cutpoint_accuracy_weight", 0.0) if accuracy_weight is None else accuracy_weight
+    tuning = {"n_boot": cut_boot, "accuracy_weight": accuracy_weight}
     out = []
     for path in sorted((run_dir / "predictions").glob("*__klg.parquet")):
         arm, _, table = read_predictions(path)
@@ -49,7 +62,7 @@ def rows(run_dir: Path, n_boot: int = 1000) -> list[dict]:
         w = bootstrap.bootstrap_weights(codes, n_pat, n_boot, np.random.default_rng(0))
         kappa = METRICS.get("kappa_quadratic").fn
         for decoding, pred in (("stored", val["y_pred"].to_numpy()), ("argmax", probs.argmax(1)),
-                               ("cross-fitted cut-points", cross_fitted(y, probs, pid))):
+                               ("cross-fitted cut-points", cross_fitted(y, probs, pid, **tuning))):
             ci = bootstrap.bootstrap_ci(y, probs, w, point=kappa, weighted=METRICS.get("kappa_quadratic").weighted_fn,
                                     pred=pred)
             out.append({"run": run_dir.name, "arm": arm, "decoding": decoding, "kappa": round(ci.value, 3),
@@ -57,14 +70,25 @@ def rows(run_dir: Path, n_boot: int = 1000) -> list[dict]:
                         "balanced_accuracy": round(METRICS.get("balanced_accuracy").fn(y, probs, pred), 3),
                         "KL1_recall": round(float(np.mean(pred[y == 1] == 1)), 3),
                         "KL4_recall": round(float(np.mean(pred[y == 4] == 4)), 3), "n": len(y)})
+        if halvings > 1:
+            preds = [cross_fitted(y, probs, pid, seed=s, **tuning) for s in range(halvings)]
+            figures = np.array([(kappa(y, probs, pred=p), np.mean(p == y), np.mean(p[y == 1] == 1)) for p in preds])
+            for name, value in zip(("kappa", "accuracy", "KL1_recall"), figures.mean(axis=0), strict=True):
+                out[-1][f"{halvings}_halvings_{name}"] = round(float(value), 3)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--cut-boot", type=int, default=None,
+                    help="cut-point bagging for the cross-fitted row (default: the run's cnn.cutpoint_bootstrap)")
+    ap.add_argument("--accuracy-weight", type=float, default=None,
+                    help="accuracy weight of the cross-fitted row's cut-points (default: the run's)")
+    ap.add_argument("--halvings", type=int, default=1, help="also average the cross-fitted row over this many halvings")
     args = ap.parse_args()
-    table = pd.DataFrame([r for run in args.runs for r in rows(run)])
+    tuning = {"cut_boot": args.cut_boot, "accuracy_weight": args.accuracy_weight, "halvings": args.halvings}
+    table = pd.DataFrame([r for run in args.runs for r in rows(run, **tuning)])
     print(table.to_string(index=False))
 
 

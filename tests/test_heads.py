@@ -86,6 +86,45 @@ def test_cutpoints_apply_and_tuning_never_lowers_kappa():
     assert tune_cutpoints(y, probs) == cuts  # deterministic
 
 
+def _biased_model(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grades and probabilities of a model whose expected grade is shifted up by 0.8 (midpoint cuts over-grade)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 5, n)
+    score = np.clip(y + 0.8 + rng.normal(0, 0.6, n), 0, 4)
+    probs = np.exp(-((np.arange(5)[None, :] - score[:, None]) ** 2) / 0.5)
+    return y, probs / probs.sum(1, keepdims=True)
+
+
+def test_bagged_cutpoints_resample_whole_patients_and_vary_less_between_samples():
+    y, probs = _biased_model(240, 1)
+    patients = np.arange(240) // 2  # two knees a patient
+    bagged = tune_cutpoints(y, probs, groups=patients, n_boot=15)
+    assert bagged == sorted(bagged) and bagged == tune_cutpoints(y, probs, groups=patients, n_boot=15)
+    # One patient holding every knee: each resample is the whole set, so the median is the plain search.
+    assert tune_cutpoints(y, probs, groups=np.zeros(240), n_boot=3) == tune_cutpoints(y, probs)
+    # Tuned on six different samples of knees, the bagged cut-points move less than the plain ones.
+    plain, bag = [], []
+    for seed in range(6):
+        ys, ps = _biased_model(120, 10 + seed)
+        plain.append(tune_cutpoints(ys, ps))
+        bag.append(tune_cutpoints(ys, ps, groups=np.arange(120), n_boot=15))
+    assert np.std(bag, axis=0).sum() < np.std(plain, axis=0).sum()
+
+
+def test_accuracy_weight_trades_some_kappa_for_accuracy():
+    # KL-like grades: many KL0, a noisy model. Kappa alone tolerates near misses that cost accuracy.
+    rng = np.random.default_rng(1)
+    y = rng.choice(5, 400, p=[0.4, 0.18, 0.26, 0.13, 0.03])
+    score = np.clip(y + rng.normal(0, 0.8, 400), 0, 4)
+    probs = np.exp(-((np.arange(5)[None, :] - score[:, None]) ** 2) / 0.5)
+    probs /= probs.sum(1, keepdims=True)
+    kappa_only = apply_cutpoints(probs, tune_cutpoints(y, probs))
+    weighted = apply_cutpoints(probs, tune_cutpoints(y, probs, accuracy_weight=1.0))
+    kappa = lambda pred: cohen_kappa_score(y, pred, weights="quadratic")  # noqa: E731
+    assert np.mean(weighted == y) > np.mean(kappa_only == y) + 0.02
+    assert kappa(kappa_only) - 0.03 < kappa(weighted) < kappa(kappa_only)
+
+
 def test_decode_rejects_unknown_methods():
     assert decode(np.eye(3), None).tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="Unknown decoding method 'median'"):

@@ -101,3 +101,9 @@ def test_learning_rate_anneals_within_the_time_cap():
     assert capped.lr_factor(50) == pytest.approx(0.01)
     now[0] = 300.0
     assert 0.4 < capped.lr_factor(50) < 0.7  # halfway through the time budget: mid-decay
+    # Before the warm-up share of the time is spent, the clock does not count: slow first steps change nothing.
+    early = TrainingBudget(1000, 10.0, clock=lambda: now[0])
+    now[0] = 0.0
+    early.lr_factor(0)
+    now[0] = 60.0  # 10 % of the cap after 10 steps (1 %): by the clock this would be a 10 % schedule
+    assert early.lr_factor(10) == pytest.approx(by_steps.lr_factor(1))

@@ -69,6 +69,8 @@ class CnnCfg:
     class_balance: str = "weighted_loss"  # none | weighted_loss (inverse-frequency class weights) | balanced_sampling
     klg_head: str = "ce"  # output head for ordinal tasks (KLG): ce | corn | regression (kneeoa.models.heads)
     klg_decode: str = "argmax"  # argmax | cutpoints (expected grade, cut-points tuned on val for quadratic kappa)
+    cutpoint_bootstrap: int = 0  # >0: each cut-point is the median over that many val-patient bootstrap tunings
+    cutpoint_accuracy_weight: float = 0.0  # cut-points maximise quadratic kappa + this x accuracy (0: kappa alone)
     select_by: str = "metric"  # model selection / early stopping: metric (mean headline val metric) | loss (val loss)
     patience: int = 6  # early stopping on the selection criterion, in epochs
     max_minutes: float | None = None  # wall-clock cap per model (Lightning max_time); None = no cap

@@ -91,6 +91,8 @@ CNN_CHECKS: dict[str, OneOf | Range] = {
     "class_balance": OneOf(words=("none", "weighted_loss", "balanced_sampling")),
     "klg_head": OneOf("kneeoa.models.heads:HEADS"),
     "klg_decode": OneOf(words=("argmax", "cutpoints")),
+    "cutpoint_bootstrap": NON_NEGATIVE,
+    "cutpoint_accuracy_weight": NON_NEGATIVE,
     "select_by": OneOf(words=("metric", "loss")),
     "patience": NON_NEGATIVE,
     "max_minutes": POSITIVE,

@@ -1,11 +1,13 @@
-"""Training-time augmentation of whole batches, on the tensor, in one vectorised pass.
+"""Training-time augmentation of whole batches: random draws for the batch at once, pixels image by image in OpenCV.
 
-Per-image PIL/torchvision transforms cost more than a small CNN's step on two CPU cores. Here the intensity changes
-that matter for radiographs -- gamma (exposure curve), contrast and brightness -- are one 256-entry lookup table per
-image applied to the uint8 grey levels, one `affine_grid` + `grid_sample` call moves the whole batch (rotation,
-scale, shift, optional flip), then Gaussian noise (from a bank of noise fields) and a light blur on a random share.
+Per-image PIL/torchvision transforms cost more than a small CNN's step on two CPU cores, and so do whole-batch torch
+ops (`grid_sample`, a gather for the intensity table), whose memory passes over a cold cache cost twice their
+arithmetic. Here the draws (rotation, scale, shift, optional flip; gamma, contrast and brightness; noise; blur) are
+made for the whole batch with one torch generator, and each image is then warped on its uint8 grey levels, mapped
+to float through its 256-entry intensity table (gamma is the exposure curve that matters for radiographs), given
+noise from a bank of fields and sometimes a light blur, in a few single-threaded OpenCV calls that keep it in cache.
 No colour jitter: radiographs are grayscale. For a network that reads only a band of rows (the two-branch net reads
-the middle half) only that band is warped, noised and blurred (`rows`), which saves a third of the transform.
+the middle half) only that band is computed (`rows`).
 
 Policies are registry entries (`cnn.augment_policy`): `standard` is mild geometry and contrast; `strong` is the
 Tiulpin et al. 2018 family (larger rotations, gamma, noise, blur), for training small networks from scratch; `ssl`
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -82,11 +85,28 @@ def affine_grid(theta: torch.Tensor, size: tuple[int, int], rows: tuple[int, int
     return (row_terms[:, :, :, None] + col_terms[:, :, None, :]).permute(0, 2, 3, 1)
 
 
-def blur3(x: torch.Tensor) -> torch.Tensor:
-    """3x3 binomial blur ([1, 2, 1] x [1, 2, 1] / 16, edges replicated) of (B, 1, H, W), as two separable passes."""
-    x = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    x = x[..., :-2] + 2 * x[..., 1:-1] + x[..., 2:]
-    return (x[..., :-2, :] + 2 * x[..., 1:-1, :] + x[..., 2:, :]) / 16
+def pixel_matrices(theta: torch.Tensor, size: tuple[int, int], row0: int = 0) -> np.ndarray:
+    """(B, 2, 3) float64 maps from output pixel (column, row - `row0`) to source pixel (x, y), for `cv2.warpAffine`
+    with `WARP_INVERSE_MAP`: the same sampling points as `F.grid_sample(x, affine_grid(theta, size),
+    align_corners=False)`, whose `theta` works in normalised [-1, 1] coordinates."""
+    h, w = size
+    t = theta.double().numpy()
+    m = np.empty_like(t)
+    m[:, 0, 0], m[:, 0, 1] = t[:, 0, 0], t[:, 0, 1] * w / h
+    m[:, 1, 0], m[:, 1, 1] = t[:, 1, 0] * h / w, t[:, 1, 1]
+    u0, v0 = 1 / w - 1, (2 * row0 + 1) / h - 1  # normalised centre of output pixel (0, row0)
+    m[:, 0, 2] = (t[:, 0, 0] * u0 + t[:, 0, 1] * v0 + t[:, 0, 2] + 1) * w / 2 - 0.5
+    m[:, 1, 2] = (t[:, 1, 0] * u0 + t[:, 1, 1] * v0 + t[:, 1, 2] + 1) * h / 2 - 0.5
+    return m
+
+
+def _cv2():
+    """OpenCV, held to one thread: its per-image calls here are too small to split, and splitting them competes with
+    the training step's own threads."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    return cv2
 
 
 def augment_batch(x: torch.Tensor, policy: Policy, *, hflip: bool, generator: torch.Generator | None = None,
@@ -94,28 +114,32 @@ def augment_batch(x: torch.Tensor, policy: Policy, *, hflip: bool, generator: to
                   rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Augment a batch of uint8 images; returns float images in [0, 1], normalised as `(image - mean) / std`.
 
-    Intensity changes are one per-image 256-entry lookup table applied to the grey levels (cheaper than computing a
-    power over every pixel), then one resampling moves the whole batch. The normalisation is folded into the table,
-    the noise amplitude and the final clamp (every later step is linear), so it costs no pass of its own.
+    The random draws are made for the whole batch at once (torch generator); the pixels are then worked image by
+    image with OpenCV on one core, which on a small CPU costs about half of the same work as whole-batch torch ops
+    (`bench/train_throughput.py`): the uint8 image is warped (rotation, scale, shift, optional flip; bilinear, edges
+    replicated, as `grid_sample` with border padding), then one 256-entry table per image maps the warped grey
+    levels to float intensity (gamma, contrast, brightness, with the normalisation folded in), noise from a bank of
+    fields is added, a share of images is blurred, and the result is clamped into the output.
 
     Args:
         x: (B, 1, H, W) uint8.
         policy: ranges to draw from.
         hflip: also flip half of the images left-right (off for mirrored data: it would undo the mirroring).
         generator: CPU random generator (seeded by the caller for reproducibility).
-        noise_bank: (N >= B, 1, H, W) unit Gaussian noise fields; a random run of B of them is used (default:
-            drawn here, per call).
+        noise_bank: (N >= B, 1, H, W) float32 unit Gaussian noise fields; a random run of B of them is used
+            (default: drawn here, per call).
         mean, std: normalisation of the output.
         rows: (top, bottom): compute only output rows [top, bottom), the rows a network reads
-            (`TwoBranchNet.input_rows`), and fill the others with black. Those rows equal the same rows of a
+            (`TwoBranchNet.input_rows`), and fill the others with black. Those rows match the same rows of a
             whole-image call with the same generator (the same random draws; one row more each side is warped so the
-            blur matches), at a fraction of the cost.
+            blur matches; OpenCV's fixed-point sampling may round a grey level the other way), at a fraction of the
+            cost.
     """
-    b, h = x.shape[0], x.shape[-2]
+    cv2 = _cv2()
+    b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
     top, bottom = rows or (0, h)
     lo, hi = (max(top - 1, 0), min(bottom + 1, h)) if rows else (0, h)
-    lut = (intensity_lut(b, policy, generator) - mean) / std
-    x = torch.gather(lut, 1, x.reshape(b, -1).long()).view(x.shape)
+    lut = ((intensity_lut(b, policy, generator) - mean) / std).numpy()
     angle = _uniform(b, -policy.degrees, policy.degrees, generator) * math.pi / 180
     scale = _uniform(b, *policy.scale, generator)
     flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0) if hflip else torch.ones(b)
@@ -123,24 +147,28 @@ def augment_batch(x: torch.Tensor, policy: Policy, *, hflip: bool, generator: to
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
                          torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
-    shape = x.shape
-    x = F.grid_sample(x, affine_grid(theta, shape[-2:], (lo, hi)), mode="bilinear", padding_mode="border",
-                      align_corners=False)
+    maps = pixel_matrices(theta, (h, w), lo)
+    noise, amps = None, None
     if policy.noise:
-        if noise_bank is None or noise_bank.shape[1:] != shape[1:] or len(noise_bank) < b:
-            noise_bank = torch.randn((2 * b, *shape[1:]), generator=generator)
+        if noise_bank is None or noise_bank.shape[1:] != x.shape[1:] or len(noise_bank) < b:
+            noise_bank = torch.randn((2 * b, *x.shape[1:]), generator=generator)
         start = int(torch.randint(0, len(noise_bank) - b + 1, (1,), generator=generator))
-        x.addcmul_(_uniform(b, 0, policy.noise / std, generator).view(b, 1, 1, 1),
-                   noise_bank[start:start + b, :, lo:hi])
-    if policy.blur_p:
-        pick = torch.nonzero(torch.rand(b, generator=generator) < policy.blur_p).flatten()
-        if len(pick):
-            x[pick] = blur3(x[pick])
-    x = x.clamp_(-mean / std, (1 - mean) / std)
-    if not rows:
-        return x
-    out = x.new_full(shape, -mean / std)
-    out[:, :, top:bottom] = x[:, :, top - lo:bottom - lo]
+        noise = noise_bank[start:start + b, 0, lo:hi].numpy()
+        amps = _uniform(b, 0, policy.noise / std, generator).tolist()
+    blurred = (torch.rand(b, generator=generator) < policy.blur_p).tolist() if policy.blur_p else [False] * b
+    src = np.ascontiguousarray(x.numpy()[:, 0])
+    band = np.empty((b, hi - lo, w), dtype=np.float32)
+    flags, border, size = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, cv2.BORDER_REPLICATE, (w, hi - lo)
+    for i in range(b):
+        cv2.LUT(cv2.warpAffine(src[i], maps[i], size, flags=flags, borderMode=border), lut[i], dst=band[i])
+        if noise is not None:
+            cv2.scaleAdd(noise[i], amps[i], band[i], dst=band[i])
+        if blurred[i]:
+            cv2.GaussianBlur(band[i], (3, 3), 0, dst=band[i], borderType=border)
+    out = torch.empty((b, 1, h, w))
+    out[:, :, :top] = out[:, :, bottom:] = -mean / std
+    torch.clamp(torch.from_numpy(band[:, None, top - lo:bottom - lo]), -mean / std, (1 - mean) / std,
+                out=out[:, :, top:bottom])
     return out
 
 

@@ -92,7 +92,10 @@ class TrainingBudget:
     """Warm-up then cosine decay of the learning rate over the planned steps, or over `max_minutes` if that ends first.
 
     Progress is the larger of steps done / steps planned and minutes spent / `max_minutes`, so a run stopped by its
-    time cap (Lightning's `max_time`) has still annealed its learning rate instead of stopping at its peak.
+    time cap (Lightning's `max_time`) has still annealed its learning rate instead of stopping at its peak. The
+    clock only counts once it is past the warm-up share: the first steps are slow (allocation, caches) and would
+    otherwise let the clock lead for a few steps by chance, so that two runs with one seed differ. A run that keeps
+    pace with its plan is thus scheduled by steps alone, the same on every run.
     `spent_s` is the time an interrupted run had already spent (restored from its checkpoint on resume).
     """
 
@@ -109,8 +112,8 @@ class TrainingBudget:
         if self.start is None:
             self.start = self.clock()
         p = step / self.total_steps
-        if self.max_seconds:
-            p = max(p, self.elapsed() / self.max_seconds)
+        if self.max_seconds and (by_clock := self.elapsed() / self.max_seconds) >= self.warmup:
+            p = max(p, by_clock)
         return min(p, 1.0)
 
     def lr_factor(self, step: int) -> float:
@@ -172,6 +175,11 @@ def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg
             loss = self._loss(self.net(batch[0]), batch[1])
             self.log("train_loss", loss, prog_bar=True, on_epoch=True, on_step=False, batch_size=len(batch[0]))
             return loss
+
+        def transfer_batch_to_device(self, batch, device, dataloader_idx):
+            if device.type == "cpu":  # the loaders' batches are CPU tensors already: skip Lightning's walk over them
+                return batch
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
         def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
             if self.ema is not None:
@@ -356,7 +364,9 @@ def finish_arm(run_dir: Path, arm: str, groups: dict[str, list[dict[str, Any]]],
         y = manifest[t].to_numpy(dtype="float64", na_value=np.nan)
         keep = val & np.isfinite(y)
         if get_task(t).kind == "ordinal" and hp.klg_decode == "cutpoints" and keep.any():
-            decoding[t] = {"method": "cutpoints", "cuts": tune_cutpoints(y[keep].astype(int), pr[keep])}
+            cuts = tune_cutpoints(y[keep].astype(int), pr[keep], groups=manifest["patient_id"].to_numpy()[keep],
+                                  n_boot=hp.cutpoint_bootstrap, accuracy_weight=hp.cutpoint_accuracy_weight)
+            decoding[t] = {"method": "cutpoints", "cuts": cuts}
         elif hp.klg_decode not in ("argmax", "cutpoints"):
             raise ConfigError(f"cnn.klg_decode must be argmax or cutpoints. Got {hp.klg_decode!r}.")
         else:
