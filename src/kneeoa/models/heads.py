@@ -151,7 +151,7 @@ def tune_cutpoints(y: np.ndarray, probs: np.ndarray, *, rounds: int = 4, grid: i
     `n_boot` > 0 the search runs on that many bootstrap resamples of the `groups` (patients: a patient's knees are
     drawn together) and each cut-point is the median over them (bagging), which is steadier on unseen knees: on the
     kneeKL224 val set, tuned on half the patients and scored on the other half, it kept kappa and raised accuracy
-    by 0.01-0.02 (docs/results.md).
+    by 0.007-0.02 (docs/results.md).
     """
     if n_boot:
         groups = np.asarray(groups if groups is not None else np.arange(len(y)))
