@@ -107,3 +107,43 @@ def test_learning_rate_anneals_within_the_time_cap():
     early.lr_factor(0)
     now[0] = 60.0  # 10 % of the cap after 10 steps (1 %): by the clock this would be a 10 % schedule
     assert early.lr_factor(10) == pytest.approx(by_steps.lr_factor(1))
+
+
+def test_logged_train_loss_is_the_epochs_mean_step_loss(tmp_path):
+    """`train_loss` is summed per step and logged once per epoch: it must equal the batch-weighted mean of the
+    losses the steps returned, epoch by epoch."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from kneeoa.config import CnnCfg
+    from kneeoa.data.dataset import KneeDataset
+    from kneeoa.models.cnn import MultiTaskNet, create_backbone
+    from kneeoa.stages.train import _make_module, training_loaders
+
+    hp = CnnCfg(image_size=32, batch_size=5, epochs=2)
+    hp.augment = False
+    rng = np.random.default_rng(0)
+    ds = KneeDataset(rng.integers(0, 256, (13, 32, 32), dtype=np.uint8), np.arange(13), {"klg": rng.integers(0, 5, 13)})
+    dl, _ = training_loaders(ds, ds, hp, seed=0, mean=0.5, std=0.25, hflip=False, channels_last=False)
+    torch.manual_seed(0)
+    net = MultiTaskNet(create_backbone("twobranch", source=None)[0], {"klg": 5}, {"klg": "ce"})
+    module = _make_module(net, {"klg": torch.ones(5)}, hp, steps_per_epoch=len(dl))
+
+    class Record(L.Callback):
+        def __init__(self) -> None:
+            self.steps: list[tuple[float, int]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.steps.append((float(outputs["loss"]), len(batch[0])))
+
+    rec, logger = Record(), CSVLogger(tmp_path, name="log")
+    L.Trainer(max_epochs=2, limit_val_batches=0, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[rec], accelerator="cpu").fit(module, dl)
+    logged = pd.read_csv(tmp_path / "log" / "version_0" / "metrics.csv").dropna(subset=["train_loss"])
+    per_epoch = len(dl)
+    assert per_epoch == 2 and len(rec.steps) == 4  # 13 images in batches of 5, the last partial one dropped
+    assert logged["epoch"].tolist() == [0, 1]
+    for epoch, value in zip(logged["epoch"], logged["train_loss"]):
+        losses, sizes = zip(*rec.steps[epoch * per_epoch:(epoch + 1) * per_epoch])
+        assert value == pytest.approx(np.average(losses, weights=sizes), rel=1e-6)
+    assert logged["train_loss"].iloc[0] != logged["train_loss"].iloc[1]
