@@ -143,7 +143,7 @@ def test_logged_train_loss_is_the_epochs_mean_step_loss(tmp_path):
     per_epoch = len(dl)
     assert per_epoch == 2 and len(rec.steps) == 4  # 13 images in batches of 5, the last partial one dropped
     assert logged["epoch"].tolist() == [0, 1]
-    for epoch, value in zip(logged["epoch"], logged["train_loss"]):
-        losses, sizes = zip(*rec.steps[epoch * per_epoch:(epoch + 1) * per_epoch])
+    for epoch, value in zip(logged["epoch"], logged["train_loss"], strict=True):
+        losses, sizes = zip(*rec.steps[epoch * per_epoch:(epoch + 1) * per_epoch], strict=True)
         assert value == pytest.approx(np.average(losses, weights=sizes), rel=1e-6)
     assert logged["train_loss"].iloc[0] != logged["train_loss"].iloc[1]
