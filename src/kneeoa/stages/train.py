@@ -143,16 +143,15 @@ def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg
     import lightning as L
 
     class KneeModule(L.LightningModule):
-        """Sum of the tasks' head losses; AdamW, warm-up + cosine over the planned steps or the time cap.
-
-        Batches arrive augmented and normalised (`training_loaders`).
-        """
+        """Sum of the tasks' head losses; AdamW, warm-up + cosine over the planned steps or the time cap. Batches
+        arrive augmented and normalised (`training_loaders`); the training loss is logged once per epoch."""
 
         def __init__(self) -> None:
             super().__init__()
             self.net = net
             self.class_weights = weights
             self.ema = None
+            self._loss_sum, self._loss_n = 0.0, 0  # this epoch's training loss summed over images, and the images
             if hp.ema:
                 from timm.utils import ModelEmaV3
 
@@ -167,23 +166,18 @@ def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg
             total = 0.0
             for t, w in self.class_weights.items():
                 if (y[t] != MISSING_LABEL).any():
-                    total = total + HEADS.get(self.net.head_names[t]).loss(out[t].float(), y[t], w,
-                                                                           hp.label_smoothing)
+                    total = total + HEADS.get(self.net.head_names[t]).loss(out[t].float(), y[t], w, hp.label_smoothing)
             return total
-
-        def on_train_epoch_start(self) -> None:
-            self._loss_sum, self._loss_n = 0.0, 0
 
         def training_step(self, batch, _):
             loss = self._loss(self.net(batch[0]), batch[1])
-            # The epoch's mean loss is summed here and logged once at the end: `self.log` on every step costs about
-            # 1 % of a small network's CPU step (bench/train_throughput.py).
             self._loss_sum, self._loss_n = self._loss_sum + loss.detach() * len(batch[0]), self._loss_n + len(batch[0])
             return loss
 
-        def on_train_epoch_end(self) -> None:
+        def on_train_epoch_end(self) -> None:  # logged once an epoch: `self.log` each step costs ~1 % of a CPU step
             if self._loss_n:
                 self.log("train_loss", self._loss_sum / self._loss_n, prog_bar=True)
+            self._loss_sum, self._loss_n = 0.0, 0
 
         def transfer_batch_to_device(self, batch, device, dataloader_idx):
             if device.type == "cpu":  # the loaders' batches are CPU tensors already: skip Lightning's walk over them
