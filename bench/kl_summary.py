@@ -61,8 +61,9 @@ def rows(run_dir: Path, n_boot: int = 1000, cut_boot: int | None = None, accurac
         codes, n_pat = bootstrap.patient_codes(pid)
         w = bootstrap.bootstrap_weights(codes, n_pat, n_boot, np.random.default_rng(0))
         kappa = METRICS.get("kappa_quadratic").fn
+        crossed = [cross_fitted(y, probs, pid, seed=s, **tuning) for s in range(max(halvings, 1))]
         for decoding, pred in (("stored", val["y_pred"].to_numpy()), ("argmax", probs.argmax(1)),
-                               ("cross-fitted cut-points", cross_fitted(y, probs, pid, **tuning))):
+                               ("cross-fitted cut-points", crossed[0])):
             ci = bootstrap.bootstrap_ci(y, probs, w, point=kappa, weighted=METRICS.get("kappa_quadratic").weighted_fn,
                                     pred=pred)
             out.append({"run": run_dir.name, "arm": arm, "decoding": decoding, "kappa": round(ci.value, 3),
@@ -71,8 +72,7 @@ def rows(run_dir: Path, n_boot: int = 1000, cut_boot: int | None = None, accurac
                         "KL1_recall": round(float(np.mean(pred[y == 1] == 1)), 3),
                         "KL4_recall": round(float(np.mean(pred[y == 4] == 4)), 3), "n": len(y)})
         if halvings > 1:
-            preds = [cross_fitted(y, probs, pid, seed=s, **tuning) for s in range(halvings)]
-            figures = np.array([(kappa(y, probs, pred=p), np.mean(p == y), np.mean(p[y == 1] == 1)) for p in preds])
+            figures = np.array([(kappa(y, probs, pred=p), np.mean(p == y), np.mean(p[y == 1] == 1)) for p in crossed])
             for name, value in zip(("kappa", "accuracy", "KL1_recall"), figures.mean(axis=0), strict=True):
                 out[-1][f"{halvings}_halvings_{name}"] = round(float(value), 3)
     return out

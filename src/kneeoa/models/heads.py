@@ -158,10 +158,11 @@ def tune_cutpoints(y: np.ndarray, probs: np.ndarray, *, rounds: int = 4, grid: i
         ids, codes = np.unique(groups, return_inverse=True)
         members = [np.flatnonzero(codes == c) for c in range(len(ids))]
         rng = np.random.default_rng(seed)
+        y, probs = np.asarray(y), np.asarray(probs)
         draws = []
         for _ in range(n_boot):
             rows = np.concatenate([members[c] for c in rng.integers(0, len(ids), len(ids))])
-            draws.append(tune_cutpoints(np.asarray(y)[rows], np.asarray(probs)[rows], rounds=rounds, grid=grid,
+            draws.append(tune_cutpoints(y[rows], probs[rows], rounds=rounds, grid=grid,
                                         accuracy_weight=accuracy_weight))
         return [float(c) for c in np.median(draws, axis=0)]
     y = np.asarray(y, dtype="int64")
