@@ -6,7 +6,10 @@ batch augmentation -> normalisation, in `cnn.num_workers` worker processes), ove
 random images. The two are timed alternately, one step each (`paired_times`), and compared by their median step
 times. The ratio says how far the loop is from data-bound; the target is >= 0.95.
 
-    .venv/bin/python bench/train_throughput.py --backbone twobranch --size 160 --batch 64 --steps 60 [--run runs/kl]
+    .venv/bin/python bench/train_throughput.py --config examples/kneekl224.yaml --steps 60 [--run runs/kneekl224]
+
+`--config` takes the network and its training settings (backbone, size, batch, head, augmentation) from a study
+config; flags given beside it override those settings.
 """
 
 from __future__ import annotations
@@ -39,8 +42,21 @@ def bare_step(net, hp, batch: int, size: int, channels_last: bool):
     return step
 
 
+class ReadyBatch:
+    """collate_fn that prepares the first batch and hands its images back ever after (with each batch's labels): the
+    real loop with no data work left, to tell Lightning's own per-step cost from the data path's."""
+
+    def __init__(self, collate) -> None:
+        self.collate, self.x = collate, None
+
+    def __call__(self, batch):
+        x, y = self.collate(batch) if self.x is None else (self.x, batch[1])
+        self.x = x
+        return x, y
+
+
 def paired_times(loop_net, bare_net, hp, images: np.ndarray, labels: np.ndarray, steps: int,
-                 channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
+                 channels_last: bool, ready_batch: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Seconds per step of the real loop and of the bare step, measured alternately, step by step.
 
     After each loop step a bare step runs, timed on its own; a loop step's time is the time from one batch start to
@@ -71,6 +87,8 @@ def paired_times(loop_net, bare_net, hp, images: np.ndarray, labels: np.ndarray,
     ds = KneeDataset(images, np.arange(len(images)), {"klg": labels})
     dl, _ = training_loaders(ds, ds, hp, seed=0, mean=0.5, std=0.25, hflip=False, channels_last=channels_last,
                              rows=input_rows(loop_net.backbone, hp.image_size))
+    if ready_batch:
+        dl.collate_fn = ReadyBatch(dl.collate_fn)
     module = _make_module(loop_net, {"klg": torch.ones(5)}, hp, steps_per_epoch=len(dl))
     clock = Paired()
     trainer = L.Trainer(max_epochs=1, limit_train_batches=steps + 3, limit_val_batches=0, logger=False,
@@ -84,23 +102,35 @@ def paired_times(loop_net, bare_net, hp, images: np.ndarray, labels: np.ndarray,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="twobranch")
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--config", default=None, help="study config whose cnn section sets everything below")
+    ap.add_argument("--backbone", default=None, help="default: the config's first backbone, else twobranch")
+    ap.add_argument("--size", type=int, default=None, help="default: the config's, else 224")
+    ap.add_argument("--batch", type=int, default=None, help="default: the config's, else 64")
     ap.add_argument("--steps", type=int, default=60, help="paired loop / bare steps measured")
-    ap.add_argument("--head", default="corn")
-    ap.add_argument("--policy", default="strong")
+    ap.add_argument("--head", default=None, help="default: the config's, else corn")
+    ap.add_argument("--policy", default=None, help="default: the config's, else strong")
+    ap.add_argument("--group", type=int, default=None, help="cnn.augment_group (default: the config's, else 1)")
     ap.add_argument("--no-augment", action="store_true", help="cnn.augment: false (what augmentation costs)")
+    ap.add_argument("--ready-batch", action="store_true",
+                    help="feed the loop one prepared batch over and over (what the loop costs without data work)")
     ap.add_argument("--workers", type=int, default=None, help="cnn.num_workers (default: the config default)")
     ap.add_argument("--run", default=None, help="run folder whose manifest images feed the real loop (else random)")
     args = ap.parse_args()
 
     from kneeoa.config import CnnCfg
+    from kneeoa.config_checks import load_config
     from kneeoa.models.cnn import BACKBONES, MultiTaskNet, create_backbone
     from kneeoa.stages.train import resolve_precision
 
-    hp = CnnCfg(image_size=args.size, batch_size=args.batch, klg_head=args.head, augment_policy=args.policy)
-    hp.augment = not args.no_augment
+    hp = (load_config(args.config).cnn if args.config
+          else CnnCfg(batch_size=64, klg_head="corn", augment_policy="strong", backbones=["twobranch"]))
+    for flag, key in (("size", "image_size"), ("batch", "batch_size"), ("head", "klg_head"),
+                      ("policy", "augment_policy"), ("group", "augment_group")):
+        if getattr(args, flag) is not None:
+            setattr(hp, key, getattr(args, flag))
+    args.backbone = args.backbone or hp.backbones[0]
+    args.size, args.batch, args.head, args.policy = hp.image_size, hp.batch_size, hp.klg_head, hp.augment_policy
+    hp.augment = hp.augment and not args.no_augment
     if args.workers is not None:
         hp.num_workers = args.workers
     hp.precision = resolve_precision(hp.precision, hp.accelerator)
@@ -123,9 +153,11 @@ def main() -> None:
         net = MultiTaskNet(create_backbone(args.backbone, source=None)[0], {"klg": 5}, {"klg": args.head})
         return net.to(memory_format=torch.channels_last) if channels_last else net
 
-    loop, bare = paired_times(fresh(), fresh(), hp, images, labels, args.steps, channels_last)
+    loop, bare = paired_times(fresh(), fresh(), hp, images, labels, args.steps, channels_last, args.ready_batch)
+    augmentation = f"{args.policy}, group {hp.augment_group}" if hp.augment else "off"
+    augmentation += ", one ready batch" if args.ready_batch else ""
     print(f"backbone {args.backbone}, {args.size} px, batch {args.batch}, precision {hp.precision}, "
-          f"augmentation {args.policy if hp.augment else 'off'}, threads {torch.get_num_threads()}, loader workers "
+          f"augmentation {augmentation}, threads {torch.get_num_threads()}, loader workers "
           f"{hp.num_workers}, {len(loop)} paired steps")
     for name, t in (("bare model step", bare), ("training loop", loop)):
         q1, q3 = np.percentile(t, [25, 75])

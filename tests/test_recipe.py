@@ -277,3 +277,51 @@ def test_band_augmentation_gives_the_two_branch_net_what_a_whole_image_would():
     torch.manual_seed(5)
     collated, _ = BatchTransform(0.5, 0.25, policy, rows=(top, bottom))((x, {}))
     assert (collated[:, :, :top] == -2).all() and not (collated[:, :, top:bottom] == -2).all()
+
+
+def test_grouped_geometry_moves_batch_neighbours_alike_and_keeps_their_own_intensity():
+    from dataclasses import replace
+
+    from kneeoa.data.augment import POLICIES, Policy, augment_batch
+
+    one = torch.randint(0, 256, (1, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = one.expand(10, 1, 32, 32).contiguous()  # ten copies of one image: any difference is the augmentation's
+    geometry = Policy(degrees=15.0, scale=(0.8, 1.2), translate=0.1, contrast=(1.0, 1.0), brightness=0.0)
+
+    def run(policy, group, rows=None):
+        return augment_batch(x, policy, hflip=True, generator=torch.Generator().manual_seed(6), group=group,
+                             rows=rows)
+
+    grouped, single = run(geometry, 4), run(geometry, 1)
+    assert grouped.shape == (10, 1, 32, 32)
+    for members in ((0, 1, 2, 3), (4, 5, 6, 7), (8, 9)):  # the last group is a partial one
+        assert all(torch.equal(grouped[members[0]], grouped[i]) for i in members[1:])
+    assert not torch.equal(grouped[0], grouped[4]) and not torch.equal(grouped[4], grouped[8])
+    assert not torch.equal(single[0], single[1])
+    # Intensity, noise and blur stay per image: neighbours sharing a warp still differ.
+    strong = run(POLICIES.get("strong"), 4)
+    assert not torch.equal(strong[0], strong[1])
+    # The band of a grouped call is the band of the same call over whole images, as with single draws.
+    linear = replace(POLICIES.get("strong"), gamma=(1.0, 1.0), contrast=(1.0, 1.0), brightness=0.0, blur_p=1.0)
+    assert (run(linear, 4, (8, 24))[:, :, 8:24] - run(linear, 4)[:, :, 8:24]).abs().max() <= 1 / 255 + 1e-5
+
+
+@pytest.mark.parametrize("group", [0, 5])
+def test_augment_group_outside_one_to_four_is_refused(group):
+    from kneeoa.config_checks import config_problems
+    from kneeoa.data.augment import POLICIES, augment_batch
+
+    with pytest.raises(ValueError, match=f"group must be 1-4 .* got {group}"):
+        augment_batch(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), POLICIES.get("strong"), hflip=False, group=group)
+    problems = config_problems(_cfg(augment_group=group))
+    assert any("cnn.augment_group" in p and "[1, 4]" in p for p in problems), problems
+
+
+def test_training_loader_hands_the_configured_group_to_the_augmentation():
+    from kneeoa.data.dataset import KneeDataset
+    from kneeoa.stages.train import training_loaders
+
+    ds = KneeDataset(np.zeros((8, 16, 16), dtype=np.uint8), np.arange(8), {"klg": np.zeros(8, dtype=int)})
+    hp = _cfg(augment_policy="strong", augment_group=3).cnn
+    train_dl, val_dl = training_loaders(ds, ds, hp, seed=0, mean=0.5, std=0.25, hflip=False, channels_last=False)
+    assert train_dl.collate_fn.group == 3 and val_dl.collate_fn.policy is None

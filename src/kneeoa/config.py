@@ -76,6 +76,7 @@ class CnnCfg:
     max_minutes: float | None = None  # wall-clock cap per model (Lightning max_time); None = no cap
     augment: bool = True
     augment_policy: str = "standard"  # standard | strong (kneeoa.data.augment.POLICIES)
+    augment_group: int = 1  # 1-4 batch neighbours share one geometric draw, warped in one call (cheaper on CPU)
     hflip: str = "auto"  # horizontal-flip augmentation: auto (only when the data are not mirrored) | true | false
     ema: float | None = None  # decay of an exponential moving average of the weights (e.g. 0.998); None = off
     tta: bool = False  # test-time augmentation: average the probabilities over small shifts and scales

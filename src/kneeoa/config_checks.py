@@ -97,6 +97,7 @@ CNN_CHECKS: dict[str, OneOf | Range] = {
     "patience": NON_NEGATIVE,
     "max_minutes": POSITIVE,
     "augment_policy": OneOf("kneeoa.data.augment:POLICIES"),
+    "augment_group": Range(1, 4),
     "hflip": OneOf(words=("auto", "true", "false")),
     "ema": Range(0, 1, open_lo=True, open_hi=True),
     "ensemble_seeds": AT_LEAST_ONE,

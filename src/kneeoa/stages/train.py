@@ -259,7 +259,7 @@ def training_loaders(train_ds: KneeDataset, val_ds: KneeDataset, hp: CnnCfg, *, 
     workers = hp.num_workers
     train_dl = DataLoader(train_ds, batch_size=hp.batch_size, sampler=_train_sampler(train_ds.labels, hp, seed),
                           drop_last=len(train_ds) > hp.batch_size, num_workers=workers, persistent_workers=workers > 0,
-                          collate_fn=BatchTransform(mean, std, policy, hflip, channels_last, rows),
+                          collate_fn=BatchTransform(mean, std, policy, hflip, channels_last, rows, hp.augment_group),
                           generator=torch.Generator().manual_seed(seed))
     val_dl = DataLoader(val_ds, batch_size=hp.batch_size, collate_fn=BatchTransform(mean, std, None, False,
                                                                                      channels_last))
