@@ -128,40 +128,39 @@ def main() -> None:
                       ("policy", "augment_policy"), ("group", "augment_group")):
         if getattr(args, flag) is not None:
             setattr(hp, key, getattr(args, flag))
-    args.backbone = args.backbone or hp.backbones[0]
-    args.size, args.batch, args.head, args.policy = hp.image_size, hp.batch_size, hp.klg_head, hp.augment_policy
+    backbone, size, batch = args.backbone or hp.backbones[0], hp.image_size, hp.batch_size
     hp.augment = hp.augment and not args.no_augment
     if args.workers is not None:
         hp.num_workers = args.workers
     hp.precision = resolve_precision(hp.precision, hp.accelerator)
-    channels_last = BACKBONES.get(args.backbone).channels_last
-    n = args.batch * (args.steps + 4)
+    channels_last = BACKBONES.get(backbone).channels_last
+    n = batch * (args.steps + 4)
     if args.run:
         from kneeoa.data.cache import image_cache
         from kneeoa.data.manifest import read_manifest
 
         manifest = read_manifest(args.run)
-        images = image_cache(args.run, manifest, args.size)
+        images = image_cache(args.run, manifest, size)
         labels = manifest["klg"].fillna(-1).to_numpy(dtype="int64")
     else:
         rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (n, args.size, args.size), dtype=np.uint8)
+        images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
         labels = rng.integers(0, 5, n)
 
     def fresh():
         torch.manual_seed(0)
-        net = MultiTaskNet(create_backbone(args.backbone, source=None)[0], {"klg": 5}, {"klg": args.head})
+        net = MultiTaskNet(create_backbone(backbone, source=None)[0], {"klg": 5}, {"klg": hp.klg_head})
         return net.to(memory_format=torch.channels_last) if channels_last else net
 
     loop, bare = paired_times(fresh(), fresh(), hp, images, labels, args.steps, channels_last, args.ready_batch)
-    augmentation = f"{args.policy}, group {hp.augment_group}" if hp.augment else "off"
+    augmentation = f"{hp.augment_policy}, group {hp.augment_group}" if hp.augment else "off"
     augmentation += ", one ready batch" if args.ready_batch else ""
-    print(f"backbone {args.backbone}, {args.size} px, batch {args.batch}, precision {hp.precision}, "
+    print(f"backbone {backbone}, {size} px, batch {batch}, precision {hp.precision}, "
           f"augmentation {augmentation}, threads {torch.get_num_threads()}, loader workers "
           f"{hp.num_workers}, {len(loop)} paired steps")
     for name, t in (("bare model step", bare), ("training loop", loop)):
         q1, q3 = np.percentile(t, [25, 75])
-        print(f"{name + ':':17s}{args.batch / np.median(t):7.1f} images/s  (median {1000 * np.median(t):.0f} ms/step, "
+        print(f"{name + ':':17s}{batch / np.median(t):7.1f} images/s  (median {1000 * np.median(t):.0f} ms/step, "
               f"quartiles {1000 * q1:.0f}-{1000 * q3:.0f})")
     ratios = bare / loop
     print(f"ratio loop/bare: {np.median(bare) / np.median(loop):.3f} (median step times); per-step ratios median "
