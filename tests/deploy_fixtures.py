@@ -28,9 +28,9 @@ def deploy_run(tmp_path_factory) -> Path:
     from kneeoa.stages import get_stage
 
     run = tmp_path_factory.mktemp("deploy") / "run"
-    make_tiny_run(run, patients=12, size=48)
+    make_tiny_run(run, patients=12, size=64)
     cfg = Config(name="deploy-test")
-    cfg.data.image_size = 48
+    cfg.data.image_size = 64
     cfg.cnn.backbones, cfg.cnn.epochs, cfg.cnn.image_size = [ARM], 1, 32
     cfg.cnn.pretrained, cfg.cnn.batch_size = "none", 8
     cfg.stats.n_boot = 50
@@ -99,5 +99,16 @@ def live_server(cnn_package):
     from kneeoa.deploy.serve import create_app
 
     server = LiveServer(create_app(cnn_package, max_upload_mb=2.0)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def builtin_server():
+    """The real app on the built-in grader (what `kneeoa serve` with no --model serves)."""
+    from kneeoa.deploy.builtin import resolve_model
+    from kneeoa.deploy.serve import create_app
+
+    server = LiveServer(create_app(resolve_model(), max_upload_mb=8.0)).start()
     yield server
     server.stop()

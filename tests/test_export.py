@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from kneeoa.cli import app
+from kneeoa.data.images import save_gray16
 from kneeoa.deploy.package import FORMAT, PackageError, export_arm, load_model, read_info
 from kneeoa.errors import ConfigError
 
@@ -94,3 +96,32 @@ def test_package_missing_its_weights(cnn_package, tmp_path):
     (broken / "weights" / "member0.safetensors").unlink()
     with pytest.raises(PackageError, match="member0.safetensors"):
         load_model(broken)
+
+
+def test_export_fits_a_knee_check_that_refuses_what_the_run_never_saw(deploy_run, tmp_path):
+    from kneeoa.deploy.inputs import collect_inputs
+    from kneeoa.deploy.predict import predict_files
+
+    out = export_arm(deploy_run, "resnet18", tmp_path / "m", knee_check_alpha=0.25)
+    info = read_info(out)
+    assert info["knee_check"]["method"] == "gaussian" and (out / "knee_check.safetensors").exists()
+    assert "knee_score` below 0.25 is not graded" in (out / "README.md").read_text()
+    model = load_model(out)
+    yy, xx = np.mgrid[0:64, 0:64] / 64
+    strange = {"gradient": xx * 0.8 + 0.1, "stripes": 0.5 + 0.4 * np.sign(np.sin(yy * 40))}
+    for name, img in strange.items():
+        save_gray16(img, tmp_path / f"{name}.png")
+    table = predict_files(model, collect_inputs([tmp_path / "gradient.png", tmp_path / "stripes.png"], side="R"),
+                          tmp_path / "p", progress=False)
+    assert table["error"].str.contains("knee check").all() and table["klg"].isna().all()
+    assert (table["knee_score"] < 0.25).all()
+    crops = sorted((deploy_run / "crops").glob("*.png"))
+    own = predict_files(model, collect_inputs(crops, side="R"), tmp_path / "q", progress=False)
+    assert own["error"].fillna("").eq("").mean() >= 0.5 and own["knee_score"].between(0, 1).all()
+
+
+def test_a_run_too_small_to_calibrate_gets_no_fitted_check_and_says_so(cnn_package):
+    entry = read_info(cnn_package)["knee_check"]
+    assert entry["method"] == "none" and "too few" in entry["reason"]
+    assert load_model(cnn_package).knee_check is None
+    assert "No fitted knee check" in (cnn_package / "README.md").read_text()

@@ -73,8 +73,8 @@ def test_bad_files_are_reported_and_the_rest_go_on(model, phantom_films, tmp_pat
 
 
 def test_cli_on_a_folder(cnn_package, deploy_run, tmp_path):
-    res = CliRunner().invoke(app, ["predict", str(cnn_package), str(deploy_run / "crops"), "--out", str(tmp_path),
-                                   "--side", "R"])
+    res = CliRunner().invoke(app, ["predict", str(deploy_run / "crops"), "--model", str(cnn_package),
+                                   "--out", str(tmp_path), "--side", "R"])
     assert res.exit_code == 0, res.output
     table = pd.read_csv(tmp_path / "predictions.csv")
     assert len(table) == len(list((deploy_run / "crops").glob("*.png"))) and (table["kind"] == "crop").all()

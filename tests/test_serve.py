@@ -11,6 +11,7 @@ import pytest
 from kneeoa.deploy.inputs import collect_inputs
 from kneeoa.deploy.package import load_model
 from kneeoa.deploy.predict import predict_files
+from real_data import NONKNEE, needs_kneekl224, needs_nonknee, real_film
 
 pytest_plugins = ["deploy_fixtures"]
 TIMEOUT = httpx.Timeout(120.0)
@@ -86,3 +87,22 @@ def test_server_writes_nothing_outside_its_temp_folder(live_server, phantom_film
     before = sorted(p.relative_to(cnn_package) for p in cnn_package.rglob("*"))
     assert _post(live_server.url, "film.dcm", phantom_films[0].read_bytes()).status_code == 200
     assert sorted(p.relative_to(cnn_package) for p in cnn_package.rglob("*")) == before
+
+
+@needs_kneekl224
+def test_builtin_server_grades_a_real_film_and_says_why_the_missing_knee_is_not_graded(builtin_server, tmp_path):
+    film, _ = real_film(tmp_path / "film.dcm", missing="L")
+    answer = _post(builtin_server.url, "film.dcm", film.read_bytes())
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert [k["side"] for k in body["knees"]] == ["R"] and body["knees"][0]["knee_score"] > 0
+    assert [r["side"] for r in body["not_graded"]] == ["L"] and body["not_graded"][0]["reason"]
+
+
+@needs_nonknee
+def test_builtin_server_refuses_a_chest_radiograph_with_its_reason(builtin_server):
+    chest = sorted((NONKNEE / "chest_openist").glob("*.jp*g"))[0]
+    answer = _post(builtin_server.url, chest.name, chest.read_bytes())
+    assert answer.status_code == 422, answer.text
+    body = answer.json()
+    assert "knee check" in body["error"] and body["not_graded"][0]["knee_score"] < 0.005

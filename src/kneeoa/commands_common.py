@@ -27,6 +27,15 @@ def guard(fn, *args, **kwargs):
         raise typer.Exit(2) from e
 
 
+def fail(error: KneeoaError) -> None:
+    """Report a user-fixable error found by a command itself (a bad option combination) as `guard` does: exit 2."""
+
+    def raise_it() -> None:
+        raise error
+
+    guard(raise_it)
+
+
 def config_or_defaults(path: Path | None) -> Config:
     """The config file `path` (a bad one exits 2 with its error), else the built-in defaults."""
     return guard(load_config, path) if path else Config()

@@ -17,6 +17,12 @@ def _guard(fn, *args, **kwargs):
     return guard(fn, *args, **kwargs)
 
 
+def _fail(error) -> None:
+    from kneeoa.commands_common import fail
+
+    fail(error)
+
+
 def localize_cmd(
     films: Annotated[list[Path], typer.Argument(help="Film files: DICOM, PNG or JPEG.")],
     out: Annotated[Path, typer.Option("--out", "-o",
@@ -47,12 +53,18 @@ def crop_films_cmd(
     seed: Annotated[int, typer.Option(help="Seed (same seed, same films).")] = 0,
     oai: Annotated[bool, typer.Option("--oai", help="Write an OAI-shaped release for `kneeoa prepare oai`.")] = False,
     workers: Annotated[int, typer.Option(help="Processes writing films.")] = 1,
+    exposure: Annotated[str, typer.Option(help="Exposure range: standard, or wide (underexposed, washed-out and "
+                                               "saturated films too).")] = "standard",
 ) -> None:
     """Compose bilateral PA DICOM films from real knee crops, with the true joint centres in OUT/truth.csv."""
-    from kneeoa.data.crop_films import write_crop_films, write_crop_release
+    from kneeoa.data.crop_films import VARIETIES, write_crop_films, write_crop_release
+    from kneeoa.errors import ConfigError
 
+    if exposure not in VARIETIES:
+        _fail(ConfigError(f"--exposure is {exposure!r}; expected one of {', '.join(VARIETIES)}."))
     write = write_crop_release if oai else write_crop_films
-    truth = _guard(write, crops, out, split=split, films=films, seed=seed, workers=workers)
+    truth = _guard(write, crops, out, split=split, films=films, seed=seed, workers=workers,
+                   variety=VARIETIES[exposure])
     typer.echo(f"{truth['film'].nunique()} film(s), {int((truth['content'] == 'knee').sum())} knee(s) -> {out}; "
                f"truth: {Path(out) / 'truth.csv'}")
 

@@ -36,9 +36,17 @@ def models_list(weights_root: Annotated[Path | None, typer.Option(help="Folder w
                 config: ConfigOpt = None,
                 run: Annotated[Path | None, typer.Option(help="Also list the encoders pretrained in this run folder "
                                                          "(RUN_DIR/encoders/, `kneeoa pretrain`).")] = None) -> None:
-    """Show the weights a study needs (encoders, CNN backbones) and where each would load from now (no download)."""
+    """Show the built-in graders with their figures, and the weights a study needs (encoders, CNN backbones) and
+    where each would load from now (no download)."""
+    from kneeoa.deploy.builtin import builtin_table
     from kneeoa.models.foundation import features_for, get_encoder_spec, weights_for
     from kneeoa.models.hub import locate_snapshot
+
+    graders = Table("built-in grader", "tasks", "val figures (patient-bootstrap 95% CI)", "knee check", "folder",
+                    title="Graders shipped with kneeoa (`kneeoa predict --model NAME`)")
+    for row in builtin_table():
+        graders.add_row(*row)
+    console.print(graders)
 
     cfg = _config(None, config).foundation
     if weights_root:

@@ -45,6 +45,9 @@ class DataCfg:
     localizer: str = "heatmap"  # knee localiser for films (kneeoa.data.localize.LOCALIZERS): heatmap | profile
     default_spacing_mm: float | None = None  # films without pixel spacing: assume this (mm); None quarantines them
     csv_kind: str = "auto"  # csv importer without a `kind` column: auto | crop | single | bilateral
+    # The knee check prepare runs on every imported image (manifest columns knee_score, not_knee; a report
+    # section): builtin (the default built-in grader's), a built-in's name, a model package folder, or none.
+    knee_check: str = "builtin"
     # importer -> its own options, for importers whose options are not fields above (kneeoa.data.importers)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 

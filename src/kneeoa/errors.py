@@ -27,3 +27,7 @@ class DataError(KneeoaError, ValueError):
 
 class MissingInputError(KneeoaError, FileNotFoundError):
     """A stage's input file is not in the run folder (names the file and the command that makes it)."""
+
+
+class NotKneeError(DataError):
+    """A file or image is not a frontal knee radiograph (its tags or pixels say so); it gets a reason, not a grade."""

@@ -14,7 +14,8 @@ so a localiser can be tuned and measured on real knee texture:
 - the patient's right knee goes on the image left (PA display); legs are rotated up to +-10 degrees about their joint
   centre, separated by 160-260 mm and offset in height.
 - film variety: spacing 0.14-0.35 mm, collimation borders (bright or black), burned-in "R"/"L" and text, exposure
-  (gamma, gain, offset) and noise, MONOCHROME1/2 and compressed transfer syntaxes when written as DICOM.
+  (gamma, gain, offset; `WIDE_EXPOSURE` adds underexposed, washed-out and saturated films) and noise,
+  MONOCHROME1/2 and compressed transfer syntaxes when written as DICOM.
 - unusual films: single-knee films, films with one leg missing, films with one knee replaced by a bright
   implant-like blob (a knee that must be quarantined, never cropped as a gradable knee).
 
@@ -64,9 +65,18 @@ class FilmVariety:
     collimation_share: float = 0.5
     marker_share: float = 0.8
     noise: tuple[float, float] = (0.003, 0.025)
+    # Exposure: film = offset + gain * film ** gamma (then clipped to [0, 1]: a gain above 1 saturates the bone).
+    gain: tuple[float, float] = (0.7, 1.0)
+    offset: tuple[float, float] = (0.0, 0.1)
+    gamma: tuple[float, float] = (0.7, 1.4)
 
 
 VARIETY = FilmVariety()
+#: Films over a wider exposure range: underexposed and low-contrast (gain down to 0.25), washed out (offset up to
+#: 0.35) and saturated (gain up to 1.8, bone clipped white), with gamma 0.45-2.2.
+WIDE_EXPOSURE = FilmVariety(gain=(0.25, 1.8), offset=(0.0, 0.35), gamma=(0.45, 2.2))
+#: Named film varieties (`kneeoa crop-films --exposure`).
+VARIETIES = {"standard": VARIETY, "wide": WIDE_EXPOSURE}
 
 
 def scan_crops(root: Path, split: str | None) -> pd.DataFrame:
@@ -226,7 +236,7 @@ def compose_film(knees: dict[str, tuple[np.ndarray, str]], *, spacing_mm: float,
         if rng.random() < 0.5:
             texts.append((str(rng.choice(["PA FLEX", "STANDING", "WB", "BILAT"])), height - 25, rng.uniform(10, 60)))
         _burn_text(film, spacing_mm, texts, rng.uniform(0.8, 1.0))
-    gain, offset, gamma = rng.uniform(0.7, 1.0), rng.uniform(0.0, 0.1), rng.uniform(0.7, 1.4)
+    gain, offset, gamma = rng.uniform(*variety.gain), rng.uniform(*variety.offset), rng.uniform(*variety.gamma)
     film = offset + gain * np.clip(film, 0, 1) ** gamma + rng.normal(0, rng.uniform(*variety.noise), film.shape)
     centres = {s: (r / spacing_mm - 0.5, c / spacing_mm - 0.5) for s, (r, c) in centres_mm.items()}
     return np.clip(film, 0, 1).astype(np.float32), centres, props

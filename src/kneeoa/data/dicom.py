@@ -120,6 +120,22 @@ def _window(arr: np.ndarray, ds) -> np.ndarray:
     return np.clip((out - lo) / (hi - lo), 0, 1).astype(np.float32)
 
 
+def read_header(path: Path):
+    """A DICOM file's tags without its pixel data (a pydicom Dataset).
+
+    Raises:
+        DataError: the file is missing or not a readable DICOM file; the message names the file.
+    """
+    pydicom = require_pydicom("read_header")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"DICOM file {path} does not exist. Check the path in the source table.")
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as e:  # pydicom raises many types on damaged headers
+        raise DataError(f"{path} is not a readable DICOM file ({type(e).__name__}: {e}). Replace or remove it.") from e
+
+
 def read_dicom(path: Path) -> DicomImage:
     """Read one radiograph DICOM into a float image (bright = bone) and its tags.
 

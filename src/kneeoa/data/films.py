@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kneeoa.data.dicom import is_dicom, read_dicom
+from kneeoa.data.dicom import is_dicom, read_dicom, read_header
 from kneeoa.data.images import load_gray, save_gray16
+from kneeoa.data.knee_gate import file_reason, image_reason, tag_reason
 from kneeoa.data.localize import (
     LOCALIZERS,
     KneeLocation,
@@ -32,7 +33,7 @@ from kneeoa.data.localize import (
 )
 from kneeoa.data.overview import draw_overview
 from kneeoa.data.pool import process_map
-from kneeoa.errors import DataError
+from kneeoa.errors import DataError, NotKneeError
 from kneeoa.io import atomic_path
 
 _logger = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ class FilmJob:
         crops_dir: folder the crops go to (``<image_id>.png``).
         crop_mm, image_size, mirror_left, localizer: from the data config.
         default_spacing_mm: spacing assumed when the file has none; None quarantines such films.
-        expect_knee: reject DICOM whose BodyPartExamined names another body part.
+        expect_knee: refuse files that say they are no knee radiograph (`kneeoa.data.knee_gate`: DICOM tags,
+            colour, size, flat pixels).
         dicom: True when the file is known to be DICOM (OAI's suffix-less `001`); None detects it.
         overview: PNG to draw the film to, with each found knee's crop square (`draw_overview`), plus a JSON of the
             same name with what was found and missed; None draws nothing.
@@ -108,18 +110,26 @@ def locate_knees(image: np.ndarray, spacing_mm: tuple[float, float], *, localize
         return found, missed
 
 
-#: BodyPartExamined values a knee film may carry (DICOM PS3.16 CID 4031 and common vendor spellings).
-KNEE_BODY_PARTS = {"KNEE", "LEG", "LOWER LIMB", "LOWER EXTREMITY", "LOWEXTREMITY", "EXTREMITY", "LOWER_LIMB"}
-
-
 def load_film(job: FilmJob) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """The film of a job as float [0, 1] bright = bone, and its pixel spacing (None when the file has none)."""
-    if job.dicom or (job.dicom is None and is_dicom(job.path)):
+    """The film of a job as float [0, 1] bright = bone, and its pixel spacing (None when the file has none).
+
+    With `job.expect_knee`, a file whose DICOM tags, colour or size say it is no knee radiograph is refused with
+    `NotKneeError` (`kneeoa.data.knee_gate`); DICOM tags are read before any pixel is decoded.
+    """
+    dicom = job.dicom or (job.dicom is None and is_dicom(job.path))
+    if job.expect_knee:
+        reason = tag_reason(read_header(job.path)) if dicom else file_reason(job.path, dicom=False)
+        if reason:
+            raise NotKneeError(reason)
+    if dicom:
         dcm = read_dicom(job.path)
-        if job.expect_knee and dcm.body_part and dcm.body_part not in KNEE_BODY_PARTS:
-            raise LocalizationError(f"BodyPartExamined is {dcm.body_part!r}, not a knee")
-        return dcm.image, dcm.pixel_spacing_mm
-    return load_gray(job.path), None
+        image, spacing = dcm.image, dcm.pixel_spacing_mm
+    else:
+        image, spacing = load_gray(job.path), None
+    reason = image_reason(image) if job.expect_knee else None
+    if reason:
+        raise NotKneeError(reason)
+    return image, spacing
 
 
 def process_film(job: FilmJob) -> FilmOutcome:

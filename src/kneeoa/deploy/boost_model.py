@@ -87,10 +87,14 @@ class EmbedXgbModel:
     def __init__(self, encoder: Any, heads: dict[str, XGBHead], info: dict[str, Any]) -> None:
         self.encoder, self.heads, self.info = encoder, heads, info
 
-    def predict_proba(self, crops: list[np.ndarray], sides: list[str]) -> dict[str, np.ndarray]:
+    def features(self, crops: list[np.ndarray], sides: list[str]) -> np.ndarray:
+        """The encoder's embeddings of the crops (left knees flipped as the run flipped them)."""
         mirror = self.info["preprocess"]["mirror_left"]
-        X = self.encoder.encode([orient(np.asarray(c, dtype=np.float32), s, mirror_left=mirror)
-                                 for c, s in zip(crops, sides, strict=True)])
+        return self.encoder.encode([orient(np.asarray(c, dtype=np.float32), s, mirror_left=mirror)
+                                    for c, s in zip(crops, sides, strict=True)])
+
+    def predict_proba(self, crops: list[np.ndarray], sides: list[str]) -> dict[str, np.ndarray]:
+        X = self.features(crops, sides)
         return {t: head.predict_proba(X) for t, head in self.heads.items()}
 
     def decode(self, task: str, probs: np.ndarray) -> np.ndarray:

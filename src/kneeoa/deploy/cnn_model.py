@@ -71,6 +71,9 @@ class CnnModel:
     def predict_proba(self, crops: list[np.ndarray], sides: list[str]) -> dict[str, np.ndarray]:
         return self.predictor.predict_proba(self._oriented(crops, sides))
 
+    def features(self, crops: list[np.ndarray], sides: list[str]) -> np.ndarray:
+        return self.predictor.features(self._oriented(crops, sides))
+
     def decode(self, task: str, probs: np.ndarray) -> np.ndarray:
         return np.asarray(self.predictor.decode(task, probs), dtype=int)
 

@@ -38,8 +38,24 @@ def _data(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def model_card(info: dict[str, Any], metrics: pd.DataFrame, summary: dict[str, Any]) -> str:
-    """Markdown model card from model.json's entries, the arm's metrics rows and the run's data report."""
+def _knee_check(info: dict[str, Any]) -> str:
+    entry = info.get("knee_check") or {"method": "none"}
+    rules = ("DICOM files whose Modality, BodyPartExamined or ViewPosition say they are no frontal knee radiograph, "
+             "colour images, images under 64 px and flat images are refused before any model sees them.")
+    if entry.get("method", "none") == "none":
+        return ("No fitted knee check (" + entry.get("reason", "exported without one") + "): only the rules refuse "
+                "images that are not knees. " + rules)
+    views = ", ".join(f"{name} ({v['calibration_knees']} calibration knees)" for name, v in entry["views"].items())
+    fitted_on = entry.get("fitted_on", "the training knees")
+    return (f"Every knee is scored by a `{entry['method']}` knee check fitted on {fitted_on}: one Gaussian per "
+            f"view ({views}), calibrated on held-out training patients. A knee "
+            f"with `knee_score` below {entry['threshold']:g} is not graded (about {entry['alpha']:g} of knees like "
+            f"the training ones). {rules}")
+
+
+def model_card(info: dict[str, Any], metrics: pd.DataFrame, summary: dict[str, Any], *, notes: str = "") -> str:
+    """Markdown model card from model.json's entries, the arm's metrics rows and the run's data report, with
+    `notes` (provenance, attribution, how to rebuild) before the limits."""
     tasks = "\n".join(f"- `{t}` ({e['kind']}): classes {', '.join(e['classes'])}; decoding "
                       f"{e['decoding'].get('method', 'argmax')}" for t, e in info["tasks"].items())
     loc = info["localizer"]
@@ -66,10 +82,14 @@ DICOM films (bilateral PA or single knee) or knee crops (PNG, JPEG, DICOM). Film
 
 {_data(summary)}
 
+## Knee check
+
+{_knee_check(info)}
+
 ## Metrics (validation and test splits of the run, patient-bootstrap 95% CIs)
 
 {_metrics_table(metrics)}
-
+{notes}
 ## Limits
 
 {_LIMITS}

@@ -6,6 +6,7 @@ MODEL_DIR/
   weights/            the kind's weights (CNN: one safetensors + JSON per ensemble member; embed+XGBoost: one
                       booster JSON per task and the encoder reference)
   metrics.csv         the run's val and test metrics of this arm, with confidence intervals
+  knee_check.safetensors  the knee check fitted on the run's training knees (`kneeoa.models.knee_check`)
   data_summary.json   the run's data report (counts, splits, quarantine)
   README.md           the model card
 ```
@@ -32,6 +33,7 @@ from kneeoa.config import Config
 from kneeoa.config_checks import load_config
 from kneeoa.errors import ConfigError, KneeoaError
 from kneeoa.io import write_json, write_text
+from kneeoa.models.knee_check import DEFAULT_ALPHA
 from kneeoa.registry import Registry
 from kneeoa.tasks import get_task
 
@@ -40,6 +42,7 @@ _logger = logging.getLogger(__name__)
 FORMAT = "kneeoa-model/1"
 MODEL_JSON = "model.json"
 WEIGHTS_DIR = "weights"
+KNEE_CHECK_FILE = "knee_check.safetensors"
 
 
 class PackageError(KneeoaError):
@@ -54,9 +57,13 @@ class KneeModel(Protocol):
     """
 
     info: dict[str, Any]
+    knee_check: Any  # the fitted knee check (`kneeoa.models.knee_check`), or None; set by `load_model`
 
     def predict_proba(self, crops: list[np.ndarray], sides: list[str]) -> dict[str, np.ndarray]:
         """{task: (n, K) float probabilities}."""
+
+    def features(self, crops: list[np.ndarray], sides: list[str]) -> np.ndarray:
+        """(n, D) the features the model grades from (what the knee check scores)."""
 
     def decode(self, task: str, probs: np.ndarray) -> np.ndarray:
         """(n,) int classes from (n, K) probabilities, by the arm's own decoding (argmax or tuned cut-points)."""
@@ -146,7 +153,8 @@ def _localizer(cfg: Config) -> dict[str, Any]:
             "default_spacing_mm": d.default_spacing_mm}
 
 
-def export_arm(run_dir: Path, arm: str, out: Path, *, overwrite: bool = False) -> Path:
+def export_arm(run_dir: Path, arm: str, out: Path, *, overwrite: bool = False, card_notes: str = "",
+               knee_check_alpha: float = DEFAULT_ALPHA) -> Path:
     """Write one trained arm of a run folder as a model package at `out`.
 
     Args:
@@ -154,6 +162,10 @@ def export_arm(run_dir: Path, arm: str, out: Path, *, overwrite: bool = False) -
         arm: the arm's name (`resnet18`, `raddino_xgb`, ...).
         out: the package folder to create; it is built beside `out` and moved into place when complete.
         overwrite: replace an existing package at `out`.
+        card_notes: Markdown added to the model card (provenance, attribution, how to rebuild).
+        knee_check_alpha: share of knees like the training ones that the package's knee check may refuse; it needs
+            at least 1 / alpha calibration knees (a fifth of the training patients' knees), else the package gets no
+            fitted check.
 
     Returns:
         `out`.
@@ -179,12 +191,14 @@ def export_arm(run_dir: Path, arm: str, out: Path, *, overwrite: bool = False) -
                 "source": {"run_dir": str(run_dir.resolve()), "study": cfg.name, "seed": cfg.seed,
                            "weights": record.get("weights", "")},
                 **entries}
+        info["knee_check"] = fit_knee_check(kind.load(tmp, info), run_dir, tmp, seed=cfg.seed,
+                                            alpha=knee_check_alpha)
         write_json(info, tmp / MODEL_JSON)
         metrics = _arm_metrics(run_dir, arm)
         metrics.to_csv(tmp / "metrics.csv", index=False)
         summary = _data_summary(run_dir, list(info["tasks"]))
         write_json(summary, tmp / "data_summary.json")
-        write_text(model_card(info, metrics, summary), tmp / "README.md")
+        write_text(model_card(info, metrics, summary, notes=card_notes), tmp / "README.md")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -220,6 +234,70 @@ def read_info(model_dir: Path) -> dict[str, Any]:
     return info
 
 
+def fit_knee_check(model: KneeModel, run_dir: Path, out_dir: Path, *, seed: int = 0, alpha: float = DEFAULT_ALPHA
+                   ) -> dict[str, Any]:
+    """Fit the knee check on the run's training knees through `model`'s own features; write it into `out_dir`.
+
+    Returns:
+        model.json's "knee_check" entry: the method and its settings, or {"method": "none", "reason": ...} when the
+        run has too few training knees to fit one (the package then grades with the tag and pixel rules only).
+    """
+    from safetensors.numpy import save_file
+    from tqdm.auto import tqdm
+
+    from kneeoa.data.images import load_gray
+    from kneeoa.data.manifest import read_manifest, resolve_image_path
+    from kneeoa.models.knee_check import FILM_COPIES, KNEE_CHECKS, film_like, layout
+
+    method = KNEE_CHECKS.get("layout_features")
+    train = read_manifest(run_dir).query("split == 'train'")
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {}
+    films: list[np.ndarray] = []
+    for start in tqdm(range(0, len(train), 256), desc="fitting the knee check", leave=False):
+        rows = train.iloc[start:start + 256]
+        crops = [load_gray(resolve_image_path(run_dir, p)) for p in rows["image_path"]]
+        for view, x in method.describe(crops, list(rows["side"]), model.features).items():
+            parts.setdefault(view, []).append(x)
+        right = [c[:, ::-1] if side == "L" else c for c, side in zip(crops, rows["side"], strict=True)]
+        films += [np.stack([layout(film_like(c, rng)) for c in right]) for _ in range(FILM_COPIES)]
+    groups = train["patient_id"].to_numpy()
+    film_groups = np.concatenate([groups[start:start + 256] for start in range(0, len(train), 256)
+                                  for _ in range(FILM_COPIES)]) if films else None
+    try:
+        check = method.fit({v: np.concatenate(x) for v, x in parts.items()}, groups,
+                           film_layouts=np.concatenate(films) if films else None, film_groups=film_groups,
+                           seed=seed, alpha=alpha)
+    except ValueError as e:
+        _logger.warning("no knee check in this package: %s", e)
+        return {"method": "none", "reason": str(e)}
+    arrays, meta = check.state()
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()},
+              str(Path(out_dir) / KNEE_CHECK_FILE))
+    return {**meta, "fitted_on": f"{len(train)} training knees of {train['patient_id'].nunique()} patients"}
+
+
+def load_knee_check(model_dir: Path, info: dict[str, Any]):
+    """The package's fitted knee check, or None when the package has none (exported before it existed, or from a
+    run too small to fit one).
+
+    Raises:
+        PackageError: model.json names a check whose file is missing.
+    """
+    from safetensors.numpy import load_file
+
+    from kneeoa.models.knee_check import KNEE_CHECKS
+
+    entry = info.get("knee_check") or {"method": "none"}
+    if entry.get("method", "none") == "none":
+        return None
+    path = Path(model_dir) / KNEE_CHECK_FILE
+    if not path.exists():
+        raise PackageError(f"Model package {model_dir} lacks {path} (model.json names a "
+                           f"{entry['method']!r} knee check). Export the package again.")
+    return KNEE_CHECKS.get(entry["method"]).from_state(load_file(str(path)), entry)
+
+
 def load_model(model_dir: Path, *, encoder_weights: Path | None = None) -> KneeModel:
     """Load a model package for inference (weights, preprocessing, decoding); nothing from the run folder.
 
@@ -229,4 +307,6 @@ def load_model(model_dir: Path, *, encoder_weights: Path | None = None) -> KneeM
             loaded it from).
     """
     info = read_info(model_dir)
-    return MODEL_KINDS.load(info["kind"]).load(Path(model_dir), info, encoder_weights=encoder_weights)
+    model = MODEL_KINDS.load(info["kind"]).load(Path(model_dir), info, encoder_weights=encoder_weights)
+    model.knee_check = load_knee_check(model_dir, info)
+    return model

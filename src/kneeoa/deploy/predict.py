@@ -12,9 +12,14 @@ would have trained and predicted on, and `predict` on a run's own crops gives th
 | T, T_p0 .. T_p<K-1> | per task T: the decoded class and the class probabilities |
 | kind | bilateral, single or crop |
 | localizer_confidence | the localiser's joint confidence (NaN for crops) |
+| knee_score | the knee check's score, 0-1 (`kneeoa.models.knee_check`); below its threshold: not graded |
 | qc_flags | ";"-separated QC flags (see `QC_FLAGS`) |
 | crop, cam | the knee crop written under OUT/crops/, and its Grad-CAM overlays (OUT/cam/, with `--cam`) |
 | error | why the file, or this knee of it, was not graded (empty when it was) |
+
+Before any grade, the knee check runs: a file whose DICOM tags, colour or size say it is no knee radiograph is
+refused first (`kneeoa.data.knee_gate`), then every knee crop is scored by the package's fitted check and a knee
+too unlike the grader's training knees gets its reason in `error` and its `knee_score`, never a grade.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class Knee:
     crop_file: Path
     confidence: float
     flags: list[str] = field(default_factory=list)
+    knee_score: float = float("nan")
     probs: dict[str, np.ndarray] = field(default_factory=dict)
     classes: dict[str, int] = field(default_factory=dict)
     cams: dict[str, np.ndarray] = field(default_factory=dict)
@@ -72,6 +78,11 @@ class Film:
     knees: list[Knee] = field(default_factory=list)
     error: str | None = None
     missed: dict[str, str] = field(default_factory=dict)  # side -> why that knee of the film was not found
+    refused: list[Knee] = field(default_factory=list)  # knees the knee check refused (Knee.knee_score says how)
+
+    def reasons(self) -> dict[str, str]:
+        """side -> why that knee of the film was not graded (not found, or refused by the knee check)."""
+        return {**self.missed, **{k.side: refusal(k.knee_score) for k in self.refused}}
 
 
 def localise(item: InputFile, localizer: dict, crops_dir: Path, key: str) -> Film:
@@ -102,6 +113,30 @@ def localise(item: InputFile, localizer: dict, crops_dir: Path, key: str) -> Fil
     return film
 
 
+def refusal(score: float) -> str:
+    """The reason written for a knee the knee check refused."""
+    return (f"not a knee radiograph like those the grader learned from (knee check: knee_score {score:.4f}); not "
+            "graded")
+
+
+def check_knees(model: KneeModel, films: list[Film], *, refuse: bool = True) -> None:
+    """Score every knee of `films` with the package's knee check; knees below its threshold move to Film.refused
+    (with `refuse`; else they only get their score).
+
+    A package without a fitted check (`model.knee_check` None) leaves every knee as it is, with no score.
+    """
+    check = getattr(model, "knee_check", None)
+    knees = [k for f in films for k in f.knees]
+    if check is None or not knees:
+        return
+    scores = check.scores([k.crop for k in knees], [k.side for k in knees], model.features)
+    for knee, score in zip(knees, scores, strict=True):
+        knee.knee_score = float(score)
+    for film in films if refuse else []:
+        film.refused = [k for k in film.knees if k.knee_score < check.threshold]
+        film.knees = [k for k in film.knees if k.knee_score >= check.threshold]
+
+
 def grade(model: KneeModel, films: list[Film]) -> None:
     """Every task for every knee of `films`, in one batch (fills Knee.probs and Knee.classes)."""
     knees = [k for f in films for k in f.knees]
@@ -112,6 +147,18 @@ def grade(model: KneeModel, films: list[Film]) -> None:
         classes = model.decode(task, p)
         for i, knee in enumerate(knees):
             knee.probs[task], knee.classes[task] = p[i], int(classes[i])
+
+
+def grade_films(model: KneeModel, items: list[InputFile], crops_dir: Path, *, first: int = 0,
+                knee_check: bool = True) -> list[Film]:
+    """Localise, check and grade a batch of files: the one path `predict`, `serve` and the Python API share.
+
+    Crops are written to `crops_dir` as `<number>_<side>.png`, numbered from `first`.
+    """
+    films = [localise(item, model.info["localizer"], crops_dir, f"{first + i:05d}") for i, item in enumerate(items)]
+    check_knees(model, films, refuse=knee_check)
+    grade(model, films)
+    return films
 
 
 def explain(model: KneeModel, knee: Knee, tasks: list[str]) -> None:
@@ -141,7 +188,7 @@ def table_columns(info: dict) -> list[str]:
     cols = ["file", "side"]
     for task, entry in info["tasks"].items():
         cols += [task, *(f"{task}_p{k}" for k in range(len(entry["classes"])))]
-    return cols + ["kind", "localizer_confidence", "qc_flags", "crop", "cam", "error"]
+    return cols + ["kind", "localizer_confidence", "knee_score", "qc_flags", "crop", "cam", "error"]
 
 
 def _rows(film: Film, cam_files: dict[tuple[int, str], list[str]]) -> list[dict]:
@@ -149,9 +196,13 @@ def _rows(film: Film, cam_files: dict[tuple[int, str], list[str]]) -> list[dict]
         return [{"file": str(film.source.path), "side": "", "kind": film.kind, "error": film.error}]
     rows = [{"file": str(film.source.path), "side": side, "kind": film.kind, "error": reason}
             for side, reason in film.missed.items()]
+    rows += [{"file": str(film.source.path), "side": knee.side, "kind": film.kind,
+              "localizer_confidence": knee.confidence, "knee_score": knee.knee_score, "qc_flags": ";".join(knee.flags),
+              "crop": str(knee.crop_file), "error": refusal(knee.knee_score)} for knee in film.refused]
     for i, knee in enumerate(film.knees):
         row = {"file": str(film.source.path), "side": knee.side, "kind": film.kind,
-               "localizer_confidence": knee.confidence, "qc_flags": ";".join(knee.flags),
+               "localizer_confidence": knee.confidence, "knee_score": knee.knee_score,
+               "qc_flags": ";".join(knee.flags),
                "crop": str(knee.crop_file), "cam": ";".join(cam_files.get((i, knee.side), [])), "error": ""}
         for task, p in knee.probs.items():
             row[task] = knee.classes[task]
@@ -161,11 +212,12 @@ def _rows(film: Film, cam_files: dict[tuple[int, str], list[str]]) -> list[dict]
 
 
 def predict_files(model: KneeModel, inputs: list[InputFile], out: Path, *, cam: bool = False, batch_size: int = 16,
-                  progress: bool = True) -> pd.DataFrame:
+                  knee_check: bool = True, progress: bool = True) -> pd.DataFrame:
     """Grade every file of `inputs` and write OUT/predictions.csv (and OUT/cam/*.png with `cam`).
 
-    Files are localised and graded `batch_size` at a time; a file that cannot be read or localised gets one row
-    with its reason in `error` and the others go on.
+    Files are localised, checked and graded `batch_size` at a time; a file that cannot be read or localised, or
+    that the knee check refuses, gets a row with its reason in `error` and the others go on. `knee_check=False`
+    skips the fitted check's refusals (scores are still written); the tag and pixel rules always apply.
 
     Returns:
         The predictions table (also written to OUT/predictions.csv).
@@ -180,9 +232,8 @@ def predict_files(model: KneeModel, inputs: list[InputFile], out: Path, *, cam: 
     rows: list[dict] = []
     with tqdm(total=len(inputs), desc="predict", unit="file", disable=not progress) as bar:
         for start in range(0, len(inputs), batch_size):
-            films = [localise(item, model.info["localizer"], crops_dir, f"{start + i:05d}")
-                     for i, item in enumerate(inputs[start:start + batch_size])]
-            grade(model, films)
+            films = grade_films(model, inputs[start:start + batch_size], crops_dir, first=start,
+                                knee_check=knee_check)
             for film in films:
                 cam_files: dict[tuple[int, str], list[str]] = {}
                 for i, knee in enumerate(film.knees if cam else []):

@@ -4,13 +4,14 @@ Routes:
 - `GET /`: the upload page (`page.html`): drop a DICOM film or a knee image, see each knee's crop, its Grad-CAM
   overlay, the KL grade and the feature probabilities as bars, and the QC flags.
 - `POST /api/predict` (multipart field `file`): `{"file", "kind", "knees": [{"side", "tasks": {T: {"class",
-  "class_name", "probs"}}, "localizer_confidence", "qc_flags", "crop_png", "cam_png", "cam_task"}], "qc": {...}}`;
-  images are base64 PNG.
+  "class_name", "probs"}}, "localizer_confidence", "knee_score", "qc_flags", "crop_png", "cam_png", "cam_task"}],
+  "not_graded": [{"side", "reason", "knee_score"}], "qc": {...}}`; images are base64 PNG. `not_graded` lists every
+  knee of the file that was not graded: not found by the localiser, or refused by the knee check.
 - `GET /api/model`: model.json and the model card; `GET /healthz`: `{"status": "ok", "arm": ...}`.
 
 Errors answer `{"error": "..."}` with a 4xx status: 411 without a Content-Length, 413 over the upload limit,
-415 for files that are not DICOM, PNG or JPEG, 422 for files that cannot be decoded or localised, 400 for a request
-without a `file` field.
+415 for files that are not DICOM, PNG or JPEG, 422 for files that cannot be decoded or localised or that are not
+knee radiographs (with `not_graded` when the knee check refused them), 400 for a request without a `file` field.
 
 The model is loaded once, when the application is made. Uploads and crops live in a temporary folder removed after
 each request; nothing else is written. Requests are graded one at a time (a lock): Grad-CAM hooks the model's
@@ -33,9 +34,10 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kneeoa.data.films import SIDE_WORDS
 from kneeoa.deploy.inputs import InputFile
 from kneeoa.deploy.package import KneeModel, load_model
-from kneeoa.deploy.predict import QC_FLAGS, explain, grade, localise, overlay_png
+from kneeoa.deploy.predict import QC_FLAGS, explain, grade_films, overlay_png
 
 #: Default upload limit: a large uncompressed bilateral film is ~50 MB.
 MAX_UPLOAD_MB = 64.0
@@ -45,9 +47,9 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 class UploadRejected(Exception):
     """An upload the API answers with a 4xx status and a message."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, not_graded: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.not_graded = status, not_graded or []
 
 
 def _b64(png: bytes) -> str:
@@ -78,10 +80,16 @@ def grade_upload(model: KneeModel, data: bytes, filename: str) -> dict[str, Any]
         except DataError as e:
             raise UploadRejected(415, f"{filename or 'the upload'} is not an image kneeoa reads: expected a DICOM "
                                       f"film or a PNG or JPEG knee image ({e})") from e
-        film = localise(InputFile(path), info["localizer"], Path(tmp) / "crops", "upload")
+        film, = grade_films(model, [InputFile(path)], Path(tmp) / "crops")
         if film.error:
             raise UploadRejected(422, f"{filename or 'the upload'}: {film.error.replace(str(path), 'the file')}")
-        grade(model, [film])
+        not_graded = [{"side": side, "reason": reason,
+                       "knee_score": next((k.knee_score for k in film.refused if k.side == side), None)}
+                      for side, reason in film.reasons().items()]
+        if not film.knees:
+            raise UploadRejected(422, f"{filename or 'the upload'}: "
+                                      + "; ".join(f"{SIDE_WORDS.get(r['side'], r['side'])} knee: {r['reason']}"
+                                                  for r in not_graded), not_graded)
         knees = []
         for knee in film.knees:
             explain(model, knee, [shown])
@@ -90,12 +98,13 @@ def grade_upload(model: KneeModel, data: bytes, filename: str) -> dict[str, Any]
                 "tasks": {t: {"class": knee.classes[t], "class_name": info["tasks"][t]["classes"][knee.classes[t]],
                               "probs": [float(v) for v in p]} for t, p in knee.probs.items()},
                 "localizer_confidence": None if knee.confidence != knee.confidence else knee.confidence,
+                "knee_score": None if knee.knee_score != knee.knee_score else knee.knee_score,
                 "qc_flags": knee.flags,
                 "crop_png": _b64(overlay_png(knee.crop, None)),
                 "cam_png": _b64(overlay_png(knee.crop, knee.cams[shown])) if shown in knee.cams else None,
                 "cam_task": shown if shown in knee.cams else None})
     flags = sorted({f for k in film.knees for f in k.flags})
-    return {"file": filename, "kind": film.kind, "knees": knees,
+    return {"file": filename, "kind": film.kind, "knees": knees, "not_graded": not_graded,
             "qc": {"kind": film.kind, "knees_found": len(knees), "missed": film.missed, "flags": flags,
                    "flag_meanings": {f: QC_FLAGS[f] for f in flags}}}
 
@@ -110,8 +119,9 @@ def create_app(model_dir: Path, *, max_upload_mb: float = MAX_UPLOAD_MB,
     lock = threading.Lock()
     app = FastAPI(title=f"kneeoa: {model.info['arm']}", docs_url=None, redoc_url=None)
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def error(status: int, message: str, not_graded: list[dict[str, Any]] | None = None) -> JSONResponse:
+        return JSONResponse({"error": message, **({"not_graded": not_graded} if not_graded else {})},
+                            status_code=status)
 
     def locked_grade(data: bytes, filename: str) -> dict[str, Any]:
         with lock:
@@ -151,7 +161,7 @@ def create_app(model_dir: Path, *, max_upload_mb: float = MAX_UPLOAD_MB,
         try:
             return await run_in_threadpool(locked_grade, data, name)
         except UploadRejected as e:
-            return error(e.status, str(e))
+            return error(e.status, str(e), e.not_graded)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

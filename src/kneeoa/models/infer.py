@@ -30,6 +30,22 @@ from kneeoa.models.heads import decode
 from kneeoa.runfolder.checkpoints import CHECKPOINTS_DIR
 
 
+def _batches(images: np.ndarray, pre: dict[str, Any], batch_size: int, progress: bool = False):
+    """Normalised float batches (B, 1, S, S) of uint8 images."""
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(images), batch_size), desc="predicting", disable=not progress, leave=False):
+        yield normalise(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).unsqueeze(1),
+                        pre["mean"], pre["std"])
+
+
+def _formatted(x: torch.Tensor, pre: dict[str, Any]) -> torch.Tensor:
+    """`x` in the memory format the checkpoint's backbone was trained in."""
+    if "backbone" in pre and BACKBONES.get(pre["backbone"]).channels_last:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 @torch.no_grad()
 def member_probs(net: MultiTaskNet, images: np.ndarray, pre: dict[str, Any], *, batch_size: int = 64,
                  progress: bool = False) -> dict[str, np.ndarray]:
@@ -37,20 +53,13 @@ def member_probs(net: MultiTaskNet, images: np.ndarray, pre: dict[str, Any], *, 
 
     `pre` is the checkpoint's preprocessing, plus its `backbone` name (for the memory format it was trained in).
     """
-    from tqdm.auto import tqdm
-
     net.eval()
-    channels_last = "backbone" in pre and BACKBONES.get(pre["backbone"]).channels_last
     out: dict[str, list[np.ndarray]] = {}
-    for start in tqdm(range(0, len(images), batch_size), desc="predicting", disable=not progress, leave=False):
-        x = normalise(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).unsqueeze(1),
-                      pre["mean"], pre["std"])
+    for x in _batches(images, pre, batch_size, progress):
         views = tta_views(x) if pre.get("tta") else [x]
         acc: dict[str, torch.Tensor] = {}
         for v in views:
-            if channels_last:
-                v = v.contiguous(memory_format=torch.channels_last)
-            for t, p in net.probs(net(v)).items():
+            for t, p in net.probs(net(_formatted(v, pre))).items():
                 acc[t] = acc.get(t, 0) + p.double()
         for t, p in acc.items():
             out.setdefault(t, []).append((p / len(views)).numpy())
@@ -118,10 +127,26 @@ class CnnPredictor:
 
     def predict_proba(self, images: list[np.ndarray], *, batch_size: int = 64) -> dict[str, np.ndarray]:
         """Probabilities per task for float crops in [0, 1], already oriented (`orient`)."""
+        return self.predict_uint8(self._quantised(images), batch_size=batch_size)
+
+    def _quantised(self, images: list[np.ndarray]) -> np.ndarray:
+        """(n, S, S) uint8 model inputs of float crops, quantised exactly as the training cache quantises them."""
         size = self.preprocess["image_size"]
-        stack = np.stack([to_uint8(img, size) for img in images]) if len(images) else np.zeros((0, size, size),
-                                                                                             np.uint8)
-        return self.predict_uint8(stack, batch_size=batch_size)
+        return np.stack([to_uint8(img, size) for img in images]) if len(images) else np.zeros((0, size, size),
+                                                                                               np.uint8)
+
+    @torch.no_grad()
+    def features(self, images: list[np.ndarray], *, batch_size: int = 64) -> np.ndarray:
+        """(n, D) pooled backbone features of the first member for float crops in [0, 1], already oriented.
+
+        These are what the knee check (`kneeoa.models.knee_check`) scores: the features the grader itself reads.
+        """
+        net, payload = self.groups[0][0]
+        pre = {**payload["preprocess"], "backbone": payload["backbone"]}
+        stack = self._quantised(images)
+        net.eval()
+        parts = [net.backbone(_formatted(x, pre)).double().numpy() for x in _batches(stack, pre, batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, net.backbone.num_features))
 
     def decoding(self, task: str) -> dict[str, Any]:
         return self._group_of(task)[0][1].get("decoding", {}).get(task, {"method": "argmax"})

@@ -25,6 +25,7 @@ SECTIONS.update({
     "embeddings": "kneeoa.report.foundation_sections:embeddings_section",
     "four_way": "kneeoa.report.ssl_sections:four_way_section",
     "data": "kneeoa.report.core:data_section",
+    "knee_check": "kneeoa.report.knee_check_sections:knee_check_section",
     "localize": "kneeoa.report.localize_sections:localize_section",
     "confusion": "kneeoa.report.core:confusion_section",
     "roc": "kneeoa.report.core:roc_section",

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from kneeoa.config import Config, dump_config
@@ -49,7 +50,14 @@ def data_report(manifest: pd.DataFrame, result: ImportResult, task_names: list[s
             table = pd.crosstab(manifest[name], manifest["split"])
             per_grade[name] = {str(int(k)): v for k, v in table.to_dict(orient="index").items()}
     missing = {name: (float(manifest[name].isna().mean()) if name in manifest else 1.0) for name in task_names}
-    return {"counts": counts, "per_grade": per_grade, "label_missing_share": missing,
+    knee_check = None
+    if "not_knee" in manifest:
+        flagged = manifest[manifest["not_knee"]]
+        knee_check = {"checked": len(manifest), "not_knee": len(flagged),
+                      "per_split": flagged["split"].value_counts().sort_index().to_dict(),
+                      "images": flagged[["image_id", "split", "image_path", "knee_score"]].head(200)
+                      .to_dict(orient="records")}
+    return {"counts": counts, "per_grade": per_grade, "label_missing_share": missing, "knee_check": knee_check,
             "quarantine": result.quarantine.to_dict(orient="records"),
             "skipped": result.skipped.to_dict(orient="records"),
             "unmatched": result.unmatched.to_dict(orient="records"), "notes": result.notes}
@@ -83,6 +91,44 @@ def _remove_unlisted(run_dir: Path, manifest: pd.DataFrame) -> int:
     return removed
 
 
+def knee_check_columns(df: pd.DataFrame, run_dir: Path, check: str) -> pd.DataFrame:
+    """The manifest with `knee_score` (0-1) and `not_knee` (the check would refuse it) from a grader's knee check.
+
+    `check` is "none" (columns left out), "builtin" (the default built-in grader), a built-in's name or a model
+    package folder. Flagged images stay in the manifest: the data report shows them, nothing drops them.
+
+    Raises:
+        ConfigError: no such grader, or one without a fitted knee check.
+    """
+    from tqdm.auto import tqdm
+
+    from kneeoa.api import load_model
+    from kneeoa.data.manifest import resolve_image_path
+    from kneeoa.errors import ConfigError
+
+    if check == "none":
+        return df
+    grader = load_model(None if check == "builtin" else check)
+    model = grader._model
+    if model.knee_check is None:
+        raise ConfigError(f"data.knee_check: {check!r} ({grader.model_dir}) has no fitted knee check; name another "
+                          "grader or set data.knee_check: none.")
+    from kneeoa.data.images import load_gray
+
+    scores = []
+    for start in tqdm(range(0, len(df), 256), desc="knee check", leave=False):
+        rows = df.iloc[start:start + 256]
+        crops = [load_gray(resolve_image_path(run_dir, p)) for p in rows["image_path"]]
+        scores.append(model.knee_check.scores(crops, list(rows["side"]), model.features))
+    df = df.copy()
+    df["knee_score"] = np.concatenate(scores) if scores else np.zeros(0)
+    df["not_knee"] = df["knee_score"] < model.knee_check.threshold
+    if df["not_knee"].any():
+        _logger.warning("knee check (%s): %d of %d image(s) unlike the knees it was fitted on (manifest column "
+                        "not_knee; listed in the data report)", grader.info["arm"], int(df["not_knee"].sum()), len(df))
+    return df
+
+
 def prepare(run_dir: Path, cfg: Config, source: str | None = None, path: str | Path | None = None) -> pd.DataFrame:
     """Import `source` (default cfg.data.source) from `path` into RUN_DIR/manifest.parquet; returns the manifest.
 
@@ -104,6 +150,7 @@ def prepare(run_dir: Path, cfg: Config, source: str | None = None, path: str | P
             df["split"] = assign_splits(df, fractions=tuple(cfg.data.split_fractions), seed=cfg.seed)
         df = add_task_labels(df, cfg.tasks.thresholds)
         df = mark_mirrored(df, cfg.data.mirror_left)
+        df = knee_check_columns(df, run_dir, cfg.data.knee_check)
         df = validate_manifest(df, origin=origin)
         write_manifest(df, run_dir)
         write_data_report(data_report(df, result, cfg.tasks.names), run_dir)
