@@ -29,7 +29,7 @@ def grader():
 def test_the_default_grader_is_the_shipped_package(grader):
     assert resolve_model() == builtin_root() / DEFAULT_MODEL == grader.model_dir
     assert DEFAULT_MODEL in kneeoa.builtin_models() and grader.tasks == ["klg"]
-    assert grader.info["knee_check"]["method"] == "gaussian" and grader._model.knee_check is not None
+    assert grader.info["knee_check"]["method"] == "layout_features" and grader._model.knee_check is not None
 
 
 def test_unknown_models_are_named_errors(tmp_path):
@@ -53,8 +53,9 @@ def test_builtin_weights_are_small_and_its_card_says_what_it_is():
     assert kappa.ci_low < kappa.value < kappa.ci_high
 
 
-def test_models_list_shows_the_builtin_with_its_figures():
-    res = CliRunner().invoke(app, ["models", "list"], terminal_width=250)
+def test_models_list_shows_the_builtin_with_its_figures(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    res = CliRunner().invoke(app, ["models", "list"])
     assert res.exit_code == 0, res.output
     assert f"{DEFAULT_MODEL} (default)" in res.output and "kappa_quadratic" in res.output
 

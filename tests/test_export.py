@@ -102,9 +102,9 @@ def test_export_fits_a_knee_check_that_refuses_what_the_run_never_saw(deploy_run
     from kneeoa.deploy.inputs import collect_inputs
     from kneeoa.deploy.predict import predict_files
 
-    out = export_arm(deploy_run, "resnet18", tmp_path / "m", knee_check_alpha=0.25)
+    out = export_arm(deploy_run, "resnet18", tmp_path / "m", knee_check_alpha=0.5)
     info = read_info(out)
-    assert info["knee_check"]["method"] == "gaussian" and (out / "knee_check.safetensors").exists()
+    assert info["knee_check"]["method"] == "layout_features" and (out / "knee_check.safetensors").exists()
     assert "knee_score` below 0.25 is not graded" in (out / "README.md").read_text()
     model = load_model(out)
     yy, xx = np.mgrid[0:64, 0:64] / 64

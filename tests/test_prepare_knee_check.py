@@ -25,6 +25,7 @@ def test_prepare_flags_the_chest_films_hidden_among_knees(tmp_path):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(KNEEKL224 / row.path, target)
     chests = sorted((NONKNEE / "chest_openist").glob("*.jp*g"))[:4]
+    (root / "train" / "2").mkdir(parents=True, exist_ok=True)
     for i, chest in enumerate(chests):
         shutil.copy(chest, root / "train" / "2" / f"99900{i}L.jpg")
     cfg = Config()

@@ -121,18 +121,19 @@ def _val_reference(run_dir: Path, arm: str, data_root: Path | None) -> pd.DataFr
 
 
 def reproduce(model_dir: Path, reference: pd.DataFrame, data_root: Path | None) -> float:
-    """Largest absolute difference between `reference`'s probabilities and the package's, grading its crops as a
-    user would (`kneeoa.load_model(model_dir).predict`), with the knee check off (every crop is graded)."""
+    """Largest absolute difference between `reference`'s probabilities and the package's, grading its crops as
+    `kneeoa predict` does, with the knee check's refusals off (every crop is graded)."""
     import tempfile
 
-    from kneeoa.api import load_model
     from kneeoa.deploy.inputs import InputFile
+    from kneeoa.deploy.package import load_model
+    from kneeoa.deploy.predict import predict_files
 
-    grader = load_model(model_dir)
+    model = load_model(model_dir)
     items = [InputFile(Path(data_root) / f if data_root else Path(f), "crop", s)
              for f, s in zip(reference["file"], reference["side"], strict=True)]
     with tempfile.TemporaryDirectory(prefix="kneeoa-reproduce-") as tmp:
-        got = grader.predict(items, out=Path(tmp), knee_check=False)
+        got = predict_files(model, items, Path(tmp), knee_check=False, progress=False)
     cols = [c for c in reference.columns if "_p" in c]
     return float(np.max(np.abs(got[cols].to_numpy(float) - reference[cols].to_numpy(float))))
 

@@ -4,9 +4,9 @@ Two views of a crop are each fitted with one Gaussian (mean and Ledoit-Wolf shru
 training knees, and an image is scored by its Mahalanobis distance in each:
 
 - **layout**: the crop in right-knee orientation reduced to `THUMB` x `THUMB` pixels and standardised (zero mean,
-  unit spread): where bone, joint space and soft tissue lie. It is fitted on the training crops and on `FILM_COPIES` copies of each made
-  film-like (`film_like`: rotated, rescaled, shifted, re-exposed, blurred, noisy as crops re-cut from films are), so
-  that knees localised on real films are not refused for their framing or exposure.
+  unit spread): where bone, joint space and soft tissue lie. It is fitted on the training crops and on
+  `FILM_COPIES` copies of each made film-like (`film_like`: rotated, rescaled, shifted, re-exposed, blurred, noisy
+  as crops re-cut from films are), so that knees localised on real films are not refused for framing or exposure.
 - **features**: the grader's own features (a CNN's pooled backbone output, an encoder's embedding) of the crop
   after histogram equalisation, which takes gain, offset and gamma out: what the grader itself sees of the knee.
 
