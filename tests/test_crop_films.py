@@ -92,3 +92,13 @@ def test_inverted_crops_are_restored_bone_bright(tmp_path):
     plain = load_crop(path)
     Image.fromarray(((1 - plain) * 255).round().astype(np.uint8)).save(tmp_path / "inverted.png")
     assert np.allclose(load_crop(tmp_path / "inverted.png"), plain, atol=1 / 255 + 1e-6)
+
+
+def test_crop_films_refuses_an_unknown_exposure_range(tmp_path):
+    from typer.testing import CliRunner
+
+    from kneeoa.cli import app
+
+    res = CliRunner().invoke(app, ["crop-films", str(tmp_path), str(tmp_path / "out"), "--exposure", "harsh"])
+    assert res.exit_code == 2 and "--exposure is 'harsh'; expected one of standard, wide" in res.output
+    assert not (tmp_path / "out").exists()

@@ -219,3 +219,30 @@ def test_crop_frame_offset_turns_a_film_offset_back_into_the_source_crop(seed):
     down, across = crop_frame_offset(row - centres["R"][0], col - centres["R"][1], props["rotation_deg_R"], 0.25)
     assert abs(props["rotation_deg_R"]) > 0.5  # the leg is turned, so a sign error would show
     assert down == pytest.approx(20.25, abs=0.6) and across == pytest.approx(10.25, abs=0.6)
+
+
+def test_metal_share_is_measured_against_the_shafts():
+    from kneeoa.data.localize_heatmap import metal_share
+
+    film = np.full((400, 200), 0.3, np.float32)
+    film[:, 60:140] = 0.7  # a leg of bone, joint centre at (200, 100)
+    implant = film.copy()
+    implant[180:220, 75:125] = 1.0  # metal at the joint only
+    saturated = film.copy()
+    saturated[:, 60:140] = 1.0  # the whole leg clipped to the brightest level
+    assert metal_share(implant, (200, 100), 1.0) > 0.5
+    assert metal_share(saturated, (200, 100), 1.0) == 0.0
+    assert metal_share(film, (200, 100), 0.7) == 0.0
+
+
+def test_wide_exposure_films_reach_underexposed_and_saturated(tmp_path):
+    from kneeoa.data.crop_films import VARIETY, WIDE_EXPOSURE, compose_film
+
+    rng = np.random.default_rng(0)
+    crop = np.clip(rng.normal(0.6, 0.1, (64, 64)), 0, 1).astype(np.float32)
+    tops = []
+    for variety in (VARIETY, WIDE_EXPOSURE):
+        films = [compose_film({"R": (crop, "knee"), "L": (crop, "knee")}, spacing_mm=1.0, rng=rng, variety=variety)[0]
+                 for _ in range(12)]
+        tops.append([float((f >= 0.999).mean()) for f in films])
+    assert max(tops[0]) < 0.01 < max(tops[1])  # only the wide range clips bone white

@@ -72,9 +72,9 @@ class FilmVariety:
 
 
 VARIETY = FilmVariety()
-#: Films over a wider exposure range: underexposed and low-contrast (gain down to 0.25), washed out (offset up to
-#: 0.35) and saturated (gain up to 1.8, bone clipped white), with gamma 0.45-2.2.
-WIDE_EXPOSURE = FilmVariety(gain=(0.25, 1.8), offset=(0.0, 0.35), gamma=(0.45, 2.2))
+#: Films over a wider exposure range, their knees still visible: underexposed and low-contrast (gain down to 0.35),
+#: washed out (offset up to 0.2) and saturated (gain up to 1.35: the brightest bone clipped white), gamma 0.55-1.8.
+WIDE_EXPOSURE = FilmVariety(gain=(0.35, 1.35), offset=(0.0, 0.2), gamma=(0.55, 1.8))
 #: Named film varieties (`kneeoa crop-films --exposure`).
 VARIETIES = {"standard": VARIETY, "wide": WIDE_EXPOSURE}
 

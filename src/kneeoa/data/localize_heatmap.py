@@ -191,17 +191,28 @@ def _peak(heat: np.ndarray, c_lo: int, c_hi: int, radius: int = 2) -> tuple[floa
     return float((win * rr).sum() / win.sum()), float((win * cc).sum() / win.sum()), float(heat[r, c])
 
 
-def metal_share(fine_film: np.ndarray, centre: tuple[float, float], top: float, half_mm: int = 30) -> float:
+def metal_share(fine_film: np.ndarray, centre: tuple[float, float], top: float, half_mm: int = 30,
+                shaft_mm: int = 75) -> float:
     """Share of the +-half_mm square around a joint centre (REFINE_MM film pixels) at >= 97 % of `top`, the film's
-    99.9th percentile.
+    99.9th percentile, beyond the same share in the squares `shaft_mm` above and below it (the femoral and tibial
+    shafts).
 
-    Metal (an implant, a plate) is the brightest, flattest thing on a film; on train films implants had 0.09-0.59,
-    but so had bright, saturated knees (median 0.016, up to 0.46): hence the check only at middling heat (`judge`).
+    Metal (an implant, a plate) is the brightest, flattest thing on a film, and it sits at the joint. A saturated
+    film clips the whole leg's bone to its brightest level, the shafts as much as the joint: measured against the
+    shafts, its knees no longer look like metal (on wide-exposure val films the joint share alone was up to 1.0 on
+    real knees).
     """
     half = round(half_mm / REFINE_MM)
-    r, c = int(centre[0]), int(centre[1])
-    win = fine_film[max(r - half, 0):r + half, max(c - half, 0):c + half]
-    return float((win >= 0.97 * top).mean()) if win.size else 0.0
+
+    def share(row: float) -> float | None:
+        r, c = int(row), int(centre[1])
+        win = fine_film[max(r - half, 0):max(r + half, 0), max(c - half, 0):c + half]
+        return float((win >= 0.97 * top).mean()) if win.size else None
+
+    joint = share(centre[0]) or 0.0
+    shafts = [v for v in (share(centre[0] - shaft_mm / REFINE_MM), share(centre[0] + shaft_mm / REFINE_MM))
+              if v is not None]
+    return max(0.0, joint - float(np.mean(shafts))) if shafts else joint
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kneeoa.data.crop_films import VARIETY, compose_film, load_crop, scan_crops
+from kneeoa.data.crop_films import VARIETY, WIDE_EXPOSURE, compose_film, load_crop, scan_crops
 from kneeoa.data.localize import to_work
 from kneeoa.data.localize_heatmap import (
     REFINE_MM,
@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 #: Wider than the test bed, so the localiser does not hinge on the 130-140 mm crop-size assumption.
 TRAIN_VARIETY = replace(VARIETY, crop_mm=(100.0, 145.0), rotation_deg=12.0, single_share=0.15, missing_share=0.1,
-                        implant_share=0.1)
+                        implant_share=0.1, gain=WIDE_EXPOSURE.gain, offset=WIDE_EXPOSURE.offset,
+                        gamma=WIDE_EXPOSURE.gamma)
 COMPOSE_MM = 1.25  # training films are composed at this spacing, then box-filtered to WORK_MM like real films
 CANVAS = 160  # work pixels (480 mm): every training film fits
 SIGMA_MM = 10.0
