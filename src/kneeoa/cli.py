@@ -58,7 +58,8 @@ def run_cmd(config: Annotated[Path, typer.Argument(help="Study YAML (partial: mi
     cfg = _guard(load_config, config)
     out = out or Path("runs") / cfg.name
     _guard(run_study, cfg, out, stages=stages.split(",") if stages else None)
-    typer.echo(str((out / "report.html").resolve()))
+    report = out / "report.html"
+    typer.echo(str(report.resolve()) if report.exists() else f"{out} (no report.html: the report stage did not run)")
 
 
 @app.command()

@@ -78,7 +78,7 @@ def predict_cmd(inputs: Annotated[list[Path], typer.Argument(help="DICOM films, 
 
 def serve_cmd(model: ModelOpt = None,
               host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-              port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+              port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
               max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MB.")] = 64.0,
               encoder_weights: EncoderWeights = None) -> None:
     """Serve a grader (the built-in one unless --model names another): an upload page and a JSON API

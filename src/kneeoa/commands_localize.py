@@ -43,6 +43,8 @@ def localize_cmd(
     ok = int((table["status"] == "ok").sum())
     typer.echo(f"{ok} knee(s) cropped, {len(table) - ok} quarantined, from {len(films)} film(s) -> "
                f"{Path(out) / 'localize.csv'}")
+    if not ok:
+        raise typer.Exit(1)  # asked for crops, cropped nothing
 
 
 def crop_films_cmd(

@@ -72,7 +72,13 @@ def models_list(weights_root: Annotated[Path | None, typer.Option(help="Folder w
         backbones.add_row(name, bb.hub_id, where)
     console.print(backbones)
     if run is not None:
+        from kneeoa.commands_common import fail
         from kneeoa.commands_pretrain import run_encoders_table
+        from kneeoa.errors import ConfigError
+
+        if not run.is_dir():
+            fail(ConfigError(f"--run {run} is not a run folder (it does not exist). Give a folder made by `kneeoa "
+                             "prepare` or `kneeoa run`."))
 
         console.print(run_encoders_table(run))
 

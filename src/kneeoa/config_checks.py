@@ -226,8 +226,8 @@ def load_config(path: Path) -> Config:
     """Read a study YAML (a partial config: missing keys keep their defaults) and validate it whole.
 
     Raises:
-        ConfigError: the file is missing, not UTF-8, not YAML, or a key's type, name or range is invalid
-            (see `CHECKS`); the message names the file and every bad key.
+        ConfigError: the file is missing, empty, not UTF-8, not YAML, not a mapping, or a key's type, name or range
+            is invalid (see `CHECKS`); the message names the file and every bad key.
     """
     path = Path(path)
     if not path.is_file():
@@ -240,7 +240,14 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path} is not UTF-8 text (byte {raw[e.start]:#04x} on line {line}). Save it as UTF-8."
                           ) from e
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if data is None:
+        raise ConfigError(f"{path} is empty: a study config names at least what differs from the defaults (e.g. "
+                          "`data: {source: folders, path: ...}`). To run the built-in default study on purpose, use "
+                          "`kneeoa demo`.")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a YAML {type(data).__name__} ({str(data)[:40]!r}); a study config is a "
+                          "mapping of sections (`data:`, `tasks:`, `cnn:`, ...) to their keys.")
     return validate_config(config_from_dict(data, where=str(path)), where=str(path))

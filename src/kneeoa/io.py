@@ -12,6 +12,8 @@ from typing import Any
 
 import pandas as pd
 
+from kneeoa.errors import ConfigError, ManifestError
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -50,5 +52,25 @@ def write_text(text: str, path: Path) -> Path:
     return Path(path)
 
 
+def output_dir(path: Path) -> Path:
+    """`path` created as a folder to write into; a ConfigError when it names an existing file (or lies under one)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"{path} cannot be an output folder: {p} is a file. Choose another --out.")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write_json(obj: Any, path: Path) -> Path:
     return write_text(json.dumps(obj, indent=2, default=str, allow_nan=True) + "\n", path)
+
+
+def read_table(path: Path, remake: str) -> pd.DataFrame:
+    """A parquet table of the run folder, or a ManifestError naming the file and the command that writes it again
+    when the file is empty, truncated or not parquet."""
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError and others on a damaged file
+        raise ManifestError(f"{path} cannot be read as a parquet table ({type(e).__name__}: {str(e)[:120]}). It is "
+                            f"damaged or truncated: write it again with `{remake}`.") from e

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kneeoa.errors import KneeoaError
+from kneeoa.io import output_dir
 
 _logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def run_lock(run_dir: Path, command: str | None = None) -> Iterator[None]:
         yield
         return
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    output_dir(run_dir)
     path = (run_dir / LOCK_NAME).resolve()
     if path not in _held:
         _acquire(path, command or " ".join(sys.argv))

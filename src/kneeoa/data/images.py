@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,19 @@ from PIL import Image
 
 from kneeoa.errors import DataError
 from kneeoa.io import atomic_path
+
+#: Largest image accepted, in pixels; the environment variable KNEEOA_MAX_IMAGE_PIXELS changes it. A bilateral
+#: film at 0.1 mm is about 20 Mpx. PIL refuses images over twice its MAX_IMAGE_PIXELS (a decompression bomb) and
+#: warns between once and twice, so it is set to half the limit and its warning silenced.
+MAX_IMAGE_PIXELS = int(os.environ.get("KNEEOA_MAX_IMAGE_PIXELS", 100_000_000))
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS // 2
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+def too_large(path: Path, e: Exception) -> DataError:
+    """The error for an image over MAX_IMAGE_PIXELS (PIL's DecompressionBombError)."""
+    return DataError(f"Image {path} is larger than {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx, the limit for one image "
+                     f"({e}); set KNEEOA_MAX_IMAGE_PIXELS to allow more.")
 
 
 def load_gray(path: Path) -> np.ndarray:
@@ -23,6 +38,8 @@ def load_gray(path: Path) -> np.ndarray:
             return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
     except FileNotFoundError as e:
         raise DataError(f"Image {path} does not exist. Check the manifest's image_path or re-run prepare.") from e
+    except Image.DecompressionBombError as e:
+        raise too_large(path, e) from e
     except (OSError, ValueError) as e:
         raise DataError(f"Image {path} cannot be read as an image ({e}). Replace or remove it.") from e
 

@@ -80,8 +80,14 @@ def file_reason(path: Path, *, dicom: bool) -> str | None:
     """Why an image file is not a radiograph by its pixels' colour (PNG/JPEG only), or None."""
     if dicom:
         return None  # read_dicom refuses colour DICOM itself
+    from PIL import Image
+
+    from kneeoa.data.images import too_large
+
     try:
         spread = colour_spread(path)
+    except Image.DecompressionBombError as e:
+        raise too_large(path, e) from e
     except OSError:
         return None  # an unreadable file is reported by the decoder with its own reason
     if spread > COLOUR_SPREAD:

@@ -16,7 +16,7 @@ import pandas as pd
 from kneeoa.data.films import FILM_KINDS, FilmJob, FilmOutcome, run_film_jobs
 from kneeoa.data.localize import LOCALIZERS
 from kneeoa.errors import ConfigError
-from kneeoa.io import write_text
+from kneeoa.io import output_dir, write_text
 
 CSV_COLUMNS = ["film", "side", "centre_x", "centre_y", "confidence", "status", "reason"]
 
@@ -65,7 +65,7 @@ def check_films(films: list[Path], out: Path, *, kind: str = "bilateral", side: 
     if dupes:
         raise ConfigError(f"films {', '.join(dupes)} share a file name stem; their crops would overwrite each other. "
                           "Check them in separate runs.")
-    out = Path(out)
+    out = output_dir(out)
     sides = ["R", "L"] if kind == "bilateral" else [side]
     jobs = [FilmJob(Path(f), {s: f"{Path(f).stem}_{s}" for s in sides}, kind, out / "crops", crop_mm=crop_mm,
                     image_size=image_size, localizer=localizer, default_spacing_mm=spacing_mm, expect_knee=False,

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from kneeoa.errors import LeakageError, ManifestError
-from kneeoa.io import write_parquet
+from kneeoa.io import read_table, write_parquet
 from kneeoa.tasks import RAW_GRADE_COLUMNS, TASKS
 
 MANIFEST_NAME = "manifest.parquet"
@@ -136,7 +136,8 @@ def read_manifest(run_dir: Path) -> pd.DataFrame:
     if not path.exists():
         raise ManifestError(f"{path} does not exist. Create it first with `kneeoa phantom`, `kneeoa prepare ...` "
                             "or `kneeoa demo`.")
-    return validate_manifest(pd.read_parquet(path), origin=str(path))
+    return validate_manifest(read_table(path, "kneeoa prepare"), origin=str(path))
+
 
 
 def resolve_image_path(run_dir: Path, image_path: str) -> Path:

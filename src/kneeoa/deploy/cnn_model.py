@@ -102,7 +102,12 @@ def _load(model_dir: Path, info: dict[str, Any], **_options: Any) -> CnnModel:
         if missing:
             raise PackageError(f"Model package {model_dir} lacks {', '.join(missing)} (listed in model.json "
                                "'members'). Export the package again.")
-        payloads.append({**json.loads(meta_path.read_text()), "state_dict": load_file(str(weights_path))})
+        try:
+            payloads.append({**json.loads(meta_path.read_text()), "state_dict": load_file(str(weights_path))})
+        except Exception as e:  # safetensors raises SafetensorError, json ValueError, on damaged files
+            raise PackageError(f"Model package {model_dir}: {weights_path.name} or {meta_path.name} cannot be read "
+                               f"({type(e).__name__}: {e}); the file is damaged or truncated. Export the package "
+                               "again.") from e
     return CnnModel(CnnPredictor.from_payloads(payloads), info)
 
 

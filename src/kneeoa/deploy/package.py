@@ -43,6 +43,9 @@ FORMAT = "kneeoa-model/1"
 MODEL_JSON = "model.json"
 WEIGHTS_DIR = "weights"
 KNEE_CHECK_FILE = "knee_check.safetensors"
+CHECKSUMS = "checksums.json"
+#: Keys every model.json must hold, whatever its kind.
+REQUIRED_INFO = ("kind", "arm", "tasks", "localizer")
 
 
 class PackageError(KneeoaError):
@@ -110,8 +113,12 @@ def _arm_record(run_dir: Path, arm: str) -> dict[str, Any]:
         known = sorted(p.stem for p in (run_dir / "arms").glob("*.json"))
         raise ConfigError(f"{run_dir} has no arm '{arm}' ({path} is missing). Arms of this run: "
                           f"{', '.join(known) or '(none)'}.")
-    rec = json.loads(path.read_text())
-    if rec.get("status") != "ran":
+    try:
+        rec = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}): the arm record is damaged. Run the stage that made arm "
+                          f"'{arm}' again (`kneeoa train` / `kneeoa boost RUN_DIR`).") from e
+    if not isinstance(rec, dict) or rec.get("status") != "ran":
         raise ConfigError(f"Arm '{arm}' of {run_dir} did not run ({rec.get('reason', 'no reason recorded')}); "
                           "there is nothing to export.")
     return rec
@@ -199,6 +206,7 @@ def export_arm(run_dir: Path, arm: str, out: Path, *, overwrite: bool = False, c
         summary = _data_summary(run_dir, list(info["tasks"]))
         write_json(summary, tmp / "data_summary.json")
         write_text(model_card(info, metrics, summary, notes=card_notes), tmp / "README.md")
+        write_json(checksums(tmp), tmp / CHECKSUMS)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -228,9 +236,14 @@ def read_info(model_dir: Path) -> dict[str, Any]:
         info = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}). Export the package again.") from e
-    if info.get("format") != FORMAT:
-        raise ConfigError(f"{path} has format {info.get('format')!r}; this kneeoa reads {FORMAT!r}. Export the "
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        found = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise ConfigError(f"{path} has format {found!r}; this kneeoa reads {FORMAT!r}. Export the "
                           f"package again with kneeoa {kneeoa_version()}.")
+    missing = [key for key in REQUIRED_INFO if key not in info]
+    if missing:
+        raise PackageError(f"{path} lacks {', '.join(repr(k) for k in missing)}: the package is incomplete. Export "
+                           "it again (`kneeoa export RUN_DIR --arm ARM --out MODEL_DIR`).")
     return info
 
 
@@ -277,6 +290,45 @@ def fit_knee_check(model: KneeModel, run_dir: Path, out_dir: Path, *, seed: int 
     return {**meta, "fitted_on": f"{len(train)} training knees of {train['patient_id'].nunique()} patients"}
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksums(model_dir: Path) -> dict[str, str]:
+    """SHA-256 of every file of a package (relative path -> hex digest), written at export as checksums.json."""
+    root = Path(model_dir)
+    return {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != CHECKSUMS}
+
+
+def verify_checksums(model_dir: Path) -> None:
+    """Check every file listed in the package's checksums.json (packages exported before it existed have none).
+
+    Raises:
+        PackageError: a listed file is missing or its content changed since export.
+    """
+    path = Path(model_dir) / CHECKSUMS
+    if not path.exists():
+        return
+    try:
+        listed = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PackageError(f"{path} is not valid JSON ({e}). Export the package again.") from e
+    for name, digest in listed.items():
+        file = Path(model_dir) / name
+        if not file.is_file():
+            raise PackageError(f"Model package {model_dir} lacks {name} (listed in {CHECKSUMS}). Export it again.")
+        if _sha256(file) != digest:
+            raise PackageError(f"Model package {model_dir}: {name} changed since export (its SHA-256 is not the one "
+                               f"in {CHECKSUMS}): the file is damaged. Export the package again.")
+
+
 def load_knee_check(model_dir: Path, info: dict[str, Any]):
     """The package's fitted knee check, or None when the package has none (exported before it existed, or from a
     run too small to fit one).
@@ -299,7 +351,8 @@ def load_knee_check(model_dir: Path, info: dict[str, Any]):
 
 
 def load_model(model_dir: Path, *, encoder_weights: Path | None = None) -> KneeModel:
-    """Load a model package for inference (weights, preprocessing, decoding); nothing from the run folder.
+    """Load a model package for inference (weights, preprocessing, decoding, knee check), after checking every
+    file against the checksums written at export; nothing from the run folder.
 
     Args:
         model_dir: the package folder `export_arm` wrote.
@@ -307,6 +360,7 @@ def load_model(model_dir: Path, *, encoder_weights: Path | None = None) -> KneeM
             loaded it from).
     """
     info = read_info(model_dir)
+    verify_checksums(model_dir)
     model = MODEL_KINDS.load(info["kind"]).load(Path(model_dir), info, encoder_weights=encoder_weights)
     model.knee_check = load_knee_check(model_dir, info)
     return model

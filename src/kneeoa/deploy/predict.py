@@ -143,6 +143,12 @@ def grade(model: KneeModel, films: list[Film]) -> None:
     if not knees:
         return
     probs = model.predict_proba([k.crop for k in knees], [k.side for k in knees])
+    broken = [t for t, p in probs.items() if not np.isfinite(p).all()]
+    if broken:
+        from kneeoa.deploy.package import PackageError
+
+        raise PackageError(f"The model gave non-finite probabilities for {', '.join(broken)}: its weights are "
+                           "damaged. Export the package again; no grade was written.")
     for task, p in probs.items():
         classes = model.decode(task, p)
         for i, knee in enumerate(knees):
@@ -224,9 +230,9 @@ def predict_files(model: KneeModel, inputs: list[InputFile], out: Path, *, cam: 
     """
     from tqdm.auto import tqdm
 
-    from kneeoa.io import atomic_path
+    from kneeoa.io import atomic_path, output_dir
 
-    out = Path(out)
+    out = output_dir(out)
     crops_dir, cam_dir = out / "crops", out / "cam"
     tasks = list(model.info["tasks"])
     rows: list[dict] = []

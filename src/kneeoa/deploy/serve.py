@@ -6,7 +6,8 @@ Routes:
 - `POST /api/predict` (multipart field `file`): `{"file", "kind", "knees": [{"side", "tasks": {T: {"class",
   "class_name", "probs"}}, "localizer_confidence", "knee_score", "qc_flags", "crop_png", "cam_png", "cam_task"}],
   "not_graded": [{"side", "reason", "knee_score"}], "qc": {...}}`; images are base64 PNG. `not_graded` lists every
-  knee of the file that was not graded: not found by the localiser, or refused by the knee check.
+  knee of the file that was not graded: not found by the localiser, or refused by the knee check. A package whose
+  weights give non-finite outputs answers 503.
 - `GET /api/model`: model.json and the model card; `GET /healthz`: `{"status": "ok", "arm": ...}`.
 
 Errors answer `{"error": "..."}` with a 4xx status: 411 without a Content-Length, 413 over the upload limit,
@@ -38,6 +39,7 @@ from kneeoa.data.films import SIDE_WORDS
 from kneeoa.deploy.inputs import InputFile
 from kneeoa.deploy.package import KneeModel, load_model
 from kneeoa.deploy.predict import QC_FLAGS, explain, grade_films, overlay_png
+from kneeoa.errors import KneeoaError
 
 #: Default upload limit: a large uncompressed bilateral film is ~50 MB.
 MAX_UPLOAD_MB = 64.0
@@ -162,6 +164,8 @@ def create_app(model_dir: Path, *, max_upload_mb: float = MAX_UPLOAD_MB,
             return await run_in_threadpool(locked_grade, data, name)
         except UploadRejected as e:
             return error(e.status, str(e), e.not_graded)
+        except KneeoaError as e:  # the package itself failed (damaged weights): the upload was fine
+            return error(503, f"the model could not grade {name}: {e}")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

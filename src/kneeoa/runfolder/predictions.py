@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from kneeoa.errors import ManifestError
-from kneeoa.io import write_parquet
+from kneeoa.io import read_table, write_parquet
 from kneeoa.tasks import get_task
 
 PREDICTIONS_DIR = "predictions"
@@ -98,7 +98,8 @@ def read_predictions(path: Path) -> tuple[str, str, pd.DataFrame]:
     arm, sep, task = path.stem.partition("__")
     if not sep:
         raise ManifestError(f"{path}: prediction tables are named <arm>__<task>.parquet.")
-    return arm, task, validate_predictions(pd.read_parquet(path), task, origin=str(path))
+    return arm, task, validate_predictions(read_table(path, "kneeoa train (or boost, zeroshot) RUN_DIR"), task,
+                                           origin=str(path))
 
 
 def list_predictions(run_dir: Path) -> list[Path]:
