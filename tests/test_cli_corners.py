@@ -186,3 +186,39 @@ def test_non_finite_outputs_are_an_error_never_a_grade(cnn_package, deploy_run, 
     with pytest.raises(PackageError, match="non-finite probabilities"):
         predict_files(model, collect_inputs(sorted((deploy_run / "crops").glob("*.png"))[:1], side="R"), tmp_path,
                       progress=False)
+
+
+@pytest.mark.parametrize(("flag", "value", "key"), [("--crop-mm", "0", "data.crop_mm"),
+                                                    ("--image-size", "0", "data.image_size"),
+                                                    ("--default-spacing-mm", "-0.2", "data.default_spacing_mm"),
+                                                    ("--workers", "-1", "data.workers")])
+def test_row_15_16_prepare_flags_pass_the_checks_their_config_keys_pass(tmp_path, flag, value, key):
+    table = tmp_path / "t.csv"
+    table.write_text("image_path,patient_id,side,klg\nx.png,p1,R,0\n")
+    res = _cli("prepare", "csv", str(table), "--out", str(tmp_path / "run"), flag, value)
+    assert res.exit_code == 2 and key in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("flag", "value", "key"), [("--crop-mm", "0", "data.crop_mm"),
+                                                    ("--image-size", "0", "data.image_size"),
+                                                    ("--spacing-mm", "-0.2", "data.default_spacing_mm"),
+                                                    ("--spacing-mm", "0", "data.default_spacing_mm")])
+def test_row_17_localize_flags_pass_the_checks_their_config_keys_pass(tmp_path, flag, value, key):
+    film = tmp_path / "film.dcm"
+    film.write_text("x")
+    res = _cli("localize", str(film), "--out", str(tmp_path / "l"), flag, value)
+    assert res.exit_code == 2 and key in res.output and not (tmp_path / "l").exists()
+
+
+@pytest.mark.parametrize("minutes", ["0", "-1"])
+def test_row_18_pretrain_with_no_time_is_refused(deploy_run, tmp_path, minutes):
+    run = shutil.copytree(deploy_run, tmp_path / "run")
+    res = _cli("pretrain", str(run), "--minutes", minutes)
+    assert res.exit_code == 2 and "pretrain.max_minutes" in res.output and not (run / "encoders").exists()
+
+
+def test_row_19_boost_with_no_embeddings_says_why_and_exits_non_zero(deploy_run, tmp_path):
+    run = shutil.copytree(deploy_run, tmp_path / "run")
+    res = _cli("boost", str(run), "--encoder", "rad-dino")
+    assert res.exit_code == 1 and "raddino_xgb: not_run (No RAD-DINO embeddings" in res.output

@@ -73,6 +73,9 @@ def test_package_missing_a_booster_names_the_file(boost_package, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(boost_package, broken)
     (broken / "weights" / "jsn.json").unlink()
+    with pytest.raises(PackageError, match=r"lacks weights/jsn\.json \(listed in checksums\.json\)"):
+        load_model(broken)
+    (broken / "checksums.json").unlink()  # as packages exported before checksums were written
     with pytest.raises(PackageError, match=r"lacks .*weights/jsn\.json \(task 'jsn' in model\.json\)"):
         load_model(broken)
 

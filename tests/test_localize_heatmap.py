@@ -146,7 +146,7 @@ def test_localize_command_writes_crops_overviews_and_csv(phantom_film, tmp_path)
 @pytest.mark.parametrize(("args", "message"), [
     (["--kind", "single"], "needs --side R or L"),
     (["--kind", "triple"], "kind must be 'bilateral' or 'single'"),
-    (["--localizer", "profil"], "Unknown localizer 'profil'"),
+    (["--localizer", "profil"], "data.localizer: 'profil' is not one of"),
 ])
 def test_localize_command_bad_options(tmp_path, args, message):
     film = tmp_path / "f.png"

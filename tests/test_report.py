@@ -2,10 +2,11 @@ import base64
 import re
 
 import numpy as np
+import pytest
 
 from kneeoa.config import Config
 from kneeoa.data.manifest import read_manifest
-from kneeoa.report.html import build_report
+from kneeoa.report.html import ReportError, build_report
 from kneeoa.runfolder.arms import record_arm
 from kneeoa.runfolder.predictions import make_prediction_table, write_predictions
 from kneeoa.stages import evaluate
@@ -50,8 +51,23 @@ def test_a_failing_section_does_not_sink_the_report(tiny_run, monkeypatch):
         raise RuntimeError("boom in ROC")
 
     monkeypatch.setattr(core, "roc_section", broken)
-    page = build_report(tiny_run, Config()).read_text()
+    with pytest.raises(ReportError, match=r"report.html was written, but \d section\(s\) failed .*roc \(RuntimeError"):
+        build_report(tiny_run, Config())
+    page = (tiny_run / "report.html").read_text()
     assert "This section failed: boom in ROC" in page and "Exact configuration" in page
+
+
+def test_row_12_report_with_a_failing_section_exits_non_zero(tiny_run, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kneeoa.cli import app
+    from kneeoa.report import core
+
+    write_fake_predictions(tiny_run, "resnet18", 0.5)
+    evaluate.run(tiny_run, Config())
+    monkeypatch.setattr(core, "roc_section", lambda run_dir, cfg: 1 / 0)
+    res = CliRunner().invoke(app, ["report", str(tiny_run)])
+    assert res.exit_code == 2 and "1 section(s) failed" in res.output and (tiny_run / "report.html").exists()
 
 
 def test_outputs_get_ordinary_permissions(tiny_run):

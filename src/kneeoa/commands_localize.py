@@ -36,7 +36,15 @@ def localize_cmd(
     workers: Annotated[int, typer.Option(help="Processes.")] = 1,
 ) -> None:
     """Localise the knees on FILMS and write crops, an overview per film and OUT/localize.csv (one row per knee)."""
+    from kneeoa.config import Config
+    from kneeoa.config_checks import validate_config
     from kneeoa.data.localize_check import check_films
+
+    cfg = Config()  # the flags are the data keys of a config, and pass the checks those keys pass in YAML
+    for key, value in {"localizer": localizer, "crop_mm": crop_mm, "image_size": image_size,
+                       "default_spacing_mm": spacing_mm, "workers": workers}.items():
+        setattr(cfg.data, key, value)
+    _guard(validate_config, cfg, "the command line")
 
     table = _guard(check_films, films, out, kind=kind, side=side, localizer=localizer, crop_mm=crop_mm,
                    image_size=image_size, spacing_mm=spacing_mm, workers=workers)

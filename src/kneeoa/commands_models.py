@@ -156,7 +156,16 @@ def boost_cmd(run_dir: Annotated[Path, typer.Argument(help="Run folder.")],
     if encoder is not None:
         cfg.foundation.encoders = [encoder]
     guard(boost.run, run_dir, cfg)
+    from kneeoa.models.foundation import encoder_arms
+    from kneeoa.runfolder.arms import read_arms
 
+    records = read_arms(run_dir)
+    arms = [a for name in cfg.foundation.encoders for a in encoder_arms(cfg.foundation, name)]
+    for arm in arms:
+        rec = records.get(arm, {})
+        typer.echo(f"{arm}: {rec.get('status', 'no record')}" + (f" ({rec['reason']})" if rec.get("reason") else ""))
+    if not any(records.get(a, {}).get("status") == "ran" for a in arms):
+        raise typer.Exit(1)  # asked for boosted arms, fitted none
 
 def zeroshot_cmd(run_dir: Annotated[Path, typer.Argument(help="Run folder.")], weights: WeightsOpt = None,
                  config: ConfigOpt = None) -> None:

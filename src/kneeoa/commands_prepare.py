@@ -15,6 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from kneeoa.commands_common import config_or_defaults, guard
+from kneeoa.config_checks import validate_config
 from kneeoa.data.importers import IMPORTERS, ImporterSpec, set_importer_option
 
 
@@ -27,6 +28,7 @@ def _body(name: str, spec: ImporterSpec):
         for option, value in kwargs.items():
             if value is not None:
                 set_importer_option(cfg, name, option, value)
+        guard(validate_config, cfg, "the command line (with the config)")  # flags pass the checks YAML keys pass
         df = guard(prepare, out, cfg, source=name, path=path)
         typer.echo(f"{len(df)} images of {df['patient_id'].nunique()} patients -> {out / 'manifest.parquet'}; "
                    f"data report: {out / 'data_report.json'}")

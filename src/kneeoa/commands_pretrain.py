@@ -19,11 +19,15 @@ def pretrain_cmd(run_dir: Annotated[Path, typer.Argument(help="Run folder (its m
                  config: Annotated[Path | None, typer.Option(
                      "--config", "-c", help="Study YAML; default: RUN_DIR/config.yaml.")] = None) -> None:
     """Pretrain a knee encoder without labels (SimCLR) into RUN_DIR/encoders/kneessl/; a rerun resumes."""
+    from kneeoa.config_checks import validate_config
     from kneeoa.runlock import run_lock
     from kneeoa.stages import check_inputs
     from kneeoa.stages.pretrain import run
 
     cfg = config_or_defaults(config) if config else run_config(run_dir)
+    if minutes is not None:  # --minutes is pretrain.max_minutes for this run, checked as that key is in YAML
+        cfg.pretrain.max_minutes = minutes
+        guard(validate_config, cfg, "the command line (--minutes is pretrain.max_minutes)")
     guard(check_inputs, "pretrain", run_dir)
 
     def locked() -> Path:

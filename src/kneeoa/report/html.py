@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kneeoa.config import Config
+from kneeoa.errors import KneeoaError
 from kneeoa.io import write_text
 from kneeoa.report.sections import SECTIONS, get_section
 
@@ -25,15 +26,24 @@ pre{background:#f7f7f7;padding:1em;font-size:12px;overflow:auto}.err{color:#a00}
 """
 
 
+class ReportError(KneeoaError):
+    """The report was written, but some of its sections failed (each shows its error in the report)."""
+
+
 def build_report(run_dir: Path, cfg: Config) -> Path:
-    """Write RUN_DIR/report.html; a section that fails shows its error instead of sinking the report."""
+    """Write RUN_DIR/report.html; a section that fails shows its error instead of sinking the report.
+
+    Raises:
+        ReportError: after the report is written, when any section failed (so the command exits non-zero).
+    """
     run_dir = Path(run_dir)
-    parts = []
+    parts, failed = [], []
     for name in SECTIONS:
         try:
             fragment = get_section(name)(run_dir, cfg)
         except Exception as e:  # noqa: BLE001 - one broken section must not hide the others; the error is shown
             _logger.error("report section %s failed: %s", name, e)
+            failed.append(f"{name} ({type(e).__name__}: {str(e)[:160]})")
             fragment = (f"<h2>{html.escape(name)}</h2><p class='err'>This section failed: {html.escape(str(e))}</p>"
                         f"<pre>{html.escape(traceback.format_exc()[-2000:])}</pre>")
         if fragment:
@@ -44,7 +54,11 @@ def build_report(run_dir: Path, cfg: Config) -> Path:
             f"<h1>kneeoa report: {html.escape(cfg.name)}</h1><p>Generated {stamp} from {html.escape(str(run_dir))}. "
             "Reproduces the design of Chavoshi et al., J Imaging Inform Med 2025.</p>"
             + "".join(parts) + "</body></html>")
-    return write_text(page, run_dir / REPORT_NAME)
+    path = write_text(page, run_dir / REPORT_NAME)
+    if failed:
+        raise ReportError(f"{path} was written, but {len(failed)} section(s) failed and show their error there: "
+                          + "; ".join(failed))
+    return path
 
 
 def run(run_dir: Path, cfg: Config) -> None:
