@@ -124,6 +124,12 @@ def _table(root: Path, rows: list[dict], *, encoding: str = "utf-8", good: int =
     return path
 
 
+def _semicolons(path: Path) -> Path:
+    """The same table saved with ';' between its fields (a spreadsheet's regional CSV)."""
+    path.write_text(path.read_text().replace(",", ";"))
+    return path
+
+
 def _oai_with(root: Path, damage: Callable[[Path], None]) -> Path:
     from kneeoa.data.phantom.films import write_phantom_release
 
@@ -176,7 +182,14 @@ CASES = [
     Case("csv-missing-columns", "csv", lambda r: (_write(r / "t.csv", b"file,patient\na.png,A\n"), r / "t.csv")[1],
          "error", "lacks image_path"),
     Case("csv-latin1", "csv", lambda r: _table(r, [{"image_path": "x.png", "patient_id": "Jos\xe9"}],
-                                               encoding="latin-1"), "error", "cannot be parsed as CSV"),
+                                               encoding="latin-1"), "error",
+         "is not UTF-8 text (byte 0xe9 on line 5; a Latin-1 or Windows-1252 export?). Save the table as UTF-8"),
+    Case("csv-semicolons", "csv", lambda r: _semicolons(_table(r, [])), "error",
+         "its fields are separated by ';', not commas"),
+    Case("csv-dicom-zero-spacing", "csv",
+         lambda r: _table(r, [{"image_path": "f.dcm", "patient_id": "X", "kind": "single",
+                               "build": lambda p: _spoil_spacing(_dicom(p, film=True), b"0.5", b"0.0")}]),
+         "quarantine", "ImagerPixelSpacing is 0 x 0.5 mm; a pixel spacing must be positive", "line(s) 5"),
     Case("csv-missing-image", "csv", lambda r: _table(r, [{"image_path": "nope.png", "patient_id": "X"}]),
          "quarantine", "does not exist", "line 5"),
     Case("csv-bad-side", "csv", lambda r: _table(r, [{"image_path": "good0.png", "patient_id": "X", "side": "mid"}]),

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -145,7 +146,7 @@ def test_row_13_export_with_a_corrupt_arm_record_is_a_named_error(deploy_run, tm
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.parametrize("command", [["phantom", "--patients", "2"], ["predict", "x.png"]])
+@pytest.mark.parametrize("command", [["phantom", "--patients", "2"], ["predict", "x.png"], ["prepare", "csv", "t.csv"]])
 def test_row_14_out_naming_an_existing_file_is_refused(tmp_path, command):
     taken = tmp_path / "taken"
     taken.write_text("a file")
@@ -222,3 +223,30 @@ def test_row_19_boost_with_no_embeddings_says_why_and_exits_non_zero(deploy_run,
     run = shutil.copytree(deploy_run, tmp_path / "run")
     res = _cli("boost", str(run), "--encoder", "rad-dino")
     assert res.exit_code == 1 and "raddino_xgb: not_run (No RAD-DINO embeddings" in res.output
+
+
+def test_predict_on_a_folder_of_good_and_bad_files_grades_the_good_ones_and_names_each_bad_one(
+        cnn_package, deploy_run, huge_png, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for crop in sorted((deploy_run / "crops").glob("*.png"))[:3]:
+        shutil.copy(crop, folder / crop.name)
+    shutil.copy(huge_png, folder / "huge.png")
+    (folder / "fake.png").write_text("not a png")
+    (folder / "notes.txt").write_text("hello")
+    res = _cli("predict", str(folder), "--model", str(cnn_package), "--side", "R", "--out", str(tmp_path / "p"))
+    assert res.exit_code == 0, res.output
+    last = [line for line in res.output.splitlines() if line.strip()][-1]
+    assert "3 knee(s) graded, 3 file(s) or knee(s) not graded" in last
+    table = pd.read_csv(tmp_path / "p" / "predictions.csv")
+    errors = dict(zip(table["file"].map(lambda f: Path(f).name), table["error"].fillna(""), strict=True))
+    assert "larger than 100 Mpx" in errors["huge.png"]
+    assert "expected DICOM, PNG or JPEG" in errors["fake.png"] and "expected DICOM, PNG or JPEG" in errors["notes.txt"]
+    for name in ("huge.png", "fake.png", "notes.txt"):
+        (folder / name).rename(tmp_path / name)
+    for crop in folder.glob("*.png"):
+        crop.unlink()
+    for name in ("huge.png", "fake.png", "notes.txt"):
+        (tmp_path / name).rename(folder / name)
+    res = _cli("predict", str(folder), "--model", str(cnn_package), "--out", str(tmp_path / "q"))
+    assert res.exit_code == 1 and "0 knee(s) graded" in res.output

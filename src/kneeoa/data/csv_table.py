@@ -41,8 +41,22 @@ def _read(source: Path, mapping: dict[str, str]) -> pd.DataFrame:
         raise DataError(f"CSV table {source} does not exist. Pass the path of the table listing the images.")
     try:
         table = pd.read_csv(source, dtype=str, keep_default_na=False)
+    except UnicodeDecodeError as e:
+        raw = source.read_bytes()
+        try:  # pandas reports the position within its read buffer; find it in the file
+            raw.decode("utf-8")
+            start = e.start
+        except UnicodeDecodeError as whole:
+            start = whole.start
+        line = raw[:start].count(b"\n") + 1
+        raise DataError(f"{source} is not UTF-8 text (byte {raw[start]:#04x} on line {line}; a Latin-1 or "
+                        "Windows-1252 export?). Save the table as UTF-8 CSV and run prepare again.") from e
     except (OSError, ValueError, pd.errors.ParserError) as e:
         raise DataError(f"{source} cannot be parsed as CSV ({e}).") from e
+    if len(table.columns) == 1 and any(sep in table.columns[0] for sep in ";\t|"):
+        sep = next(s for s in ";\t|" if s in table.columns[0])
+        raise DataError(f"{source} has one column, {table.columns[0]!r}: its fields are separated by {sep!r}, not "
+                        "commas. Save it as comma-separated CSV (in a spreadsheet: CSV UTF-8, comma delimited).")
     unknown = [k for k in mapping if k not in (*REQUIRED, *OPTIONAL, *LABELS)]
     if unknown:
         raise ConfigError(f"data.csv_columns maps unknown manifest column(s) {unknown}; valid: "

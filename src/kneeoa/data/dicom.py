@@ -65,7 +65,9 @@ def require_pydicom(caller: str):
 
 
 def _spacing(ds) -> tuple[float, float] | None:
-    """(row, col) mm from ImagerPixelSpacing, else PixelSpacing; a value that is not two numbers is a DataError."""
+    """(row, col) mm from ImagerPixelSpacing, else PixelSpacing; None when neither is given. A value that is not two
+    numbers, or only zero or negative spacings, is a DataError."""
+    bad = None
     for tag in ("ImagerPixelSpacing", "PixelSpacing"):
         try:
             value = ds.get(tag)
@@ -79,6 +81,11 @@ def _spacing(ds) -> tuple[float, float] | None:
                             "file.") from e
         if row > 0 and col > 0:
             return row, col
+        bad = bad or f"{tag} is {row:g} x {col:g} mm"
+    if bad:
+        where = getattr(ds, "filename", None) or "DICOM file"
+        raise DataError(f"{where}: {bad}; a pixel spacing must be positive. Correct the tag, or remove it and set "
+                        "data.default_spacing_mm to assume one.")
     return None
 
 

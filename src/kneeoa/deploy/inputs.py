@@ -16,8 +16,6 @@ import pandas as pd
 from kneeoa.data.films import FILM_KINDS
 from kneeoa.errors import ConfigError, DataError
 
-#: File suffixes taken from folders (DICOM files without a suffix are taken when they carry the DICOM preamble).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 #: A DICOM at least this wide (mm) shows both knees; at most CROP_MM wide it is a knee crop.
 BILATERAL_MM = 250.0
 CROP_MM = 180.0
@@ -61,10 +59,9 @@ def _from_csv(path: Path) -> list[InputFile]:
 
 
 def _from_folder(folder: Path) -> list[InputFile]:
-    from kneeoa.data.dicom import is_dicom
-
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return [InputFile(p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES or (not p.suffix and is_dicom(p))]
+    """Every file under `folder` but hidden ones: images are graded, any other file is reported with its reason
+    (a folder given to grade should hold only images; nothing in it is passed over in silence)."""
+    return [InputFile(p) for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")]
 
 
 def collect_inputs(paths: list[Path], *, kind: str | None = None, side: str | None = None) -> list[InputFile]:
