@@ -189,27 +189,29 @@ def test_non_finite_outputs_are_an_error_never_a_grade(cnn_package, deploy_run, 
                       progress=False)
 
 
-@pytest.mark.parametrize(("flag", "value", "key"), [("--crop-mm", "0", "data.crop_mm"),
-                                                    ("--image-size", "0", "data.image_size"),
-                                                    ("--default-spacing-mm", "-0.2", "data.default_spacing_mm"),
-                                                    ("--workers", "-1", "data.workers")])
-def test_row_15_16_prepare_flags_pass_the_checks_their_config_keys_pass(tmp_path, flag, value, key):
-    table = tmp_path / "t.csv"
-    table.write_text("image_path,patient_id,side,klg\nx.png,p1,R,0\n")
-    res = _cli("prepare", "csv", str(table), "--out", str(tmp_path / "run"), flag, value)
+FLAG_CASES = [("prepare", "--crop-mm", "0", "data.crop_mm"), ("prepare", "--image-size", "0", "data.image_size"),
+              ("prepare", "--default-spacing-mm", "-0.2", "data.default_spacing_mm"),
+              ("prepare", "--workers", "-1", "data.workers"),
+              ("localize", "--crop-mm", "0", "data.crop_mm"), ("localize", "--image-size", "0", "data.image_size"),
+              ("localize", "--spacing-mm", "-0.2", "data.default_spacing_mm"),
+              ("localize", "--spacing-mm", "0", "data.default_spacing_mm")]
+
+
+@pytest.mark.parametrize(("command", "flag", "value", "key"), FLAG_CASES)
+def test_row_15_16_17_prepare_and_localize_flags_pass_the_checks_their_config_keys_pass(tmp_path, command, flag,
+                                                                                       value, key):
+    source = tmp_path / ("t.csv" if command == "prepare" else "film.dcm")
+    source.write_text("image_path,patient_id,side,klg\nx.png,p1,R,0\n")
+    args = ["prepare", "csv", str(source)] if command == "prepare" else ["localize", str(source)]
+    res = _cli(*args, "--out", str(tmp_path / "out"), flag, value)
     assert res.exit_code == 2 and key in res.output and "Traceback" not in res.output
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("flag", "value", "key"), [("--crop-mm", "0", "data.crop_mm"),
-                                                    ("--image-size", "0", "data.image_size"),
-                                                    ("--spacing-mm", "-0.2", "data.default_spacing_mm"),
-                                                    ("--spacing-mm", "0", "data.default_spacing_mm")])
-def test_row_17_localize_flags_pass_the_checks_their_config_keys_pass(tmp_path, flag, value, key):
-    film = tmp_path / "film.dcm"
-    film.write_text("x")
-    res = _cli("localize", str(film), "--out", str(tmp_path / "l"), flag, value)
-    assert res.exit_code == 2 and key in res.output and not (tmp_path / "l").exists()
+def test_phantom_flags_pass_the_checks_their_config_keys_pass(tmp_path):
+    res = _cli("phantom", "--out", str(tmp_path / "p"), "--patients", "0", "--low-quality-share", "1.5")
+    assert res.exit_code == 2 and "data.patients" in res.output and "data.low_quality_share" in res.output
+    assert not (tmp_path / "p").exists()
 
 
 @pytest.mark.parametrize("minutes", ["0", "-1"])
@@ -250,3 +252,41 @@ def test_predict_on_a_folder_of_good_and_bad_files_grades_the_good_ones_and_name
         (tmp_path / name).rename(folder / name)
     res = _cli("predict", str(folder), "--model", str(cnn_package), "--out", str(tmp_path / "q"))
     assert res.exit_code == 1 and "0 knee(s) graded" in res.output
+
+
+def test_row_22_a_decoder_failure_shows_no_library_traceback_unless_verbose(tmp_path):
+    """A knee-tagged 12-bit JPEG Extended file gets past the tags; pydicom's decoders then fail with logged
+    tracebacks, which the console shows only with --verbose."""
+    import subprocess
+    import sys
+
+    import pydicom
+
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("JPGExtended.dcm"))
+    ds.Modality, ds.BodyPartExamined = "CR", "KNEE"
+    film = tmp_path / "film.dcm"
+    ds.save_as(film)
+    kneeoa = [sys.executable, "-c", "from kneeoa.cli import app; app()"]
+    quiet = subprocess.run([*kneeoa, "predict", str(film), "--out", str(tmp_path / "a")], capture_output=True,
+                           text=True, timeout=300)
+    assert quiet.returncode == 1 and "Traceback" not in quiet.stdout + quiet.stderr
+    loud = subprocess.run([*kneeoa, "--verbose", "predict", str(film), "--out", str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=300)
+    assert "Traceback" in loud.stdout + loud.stderr
+
+
+def test_note_4_a_package_reproduces_its_run_whatever_precision_the_run_trained_in(deploy_run, cnn_package, tmp_path):
+    """Training precision follows the CPU (bf16-mixed where it has bf16); the run's tables and the package both
+    predict in fp32, so the package gives the run's test probabilities on every machine."""
+    from deploy_fixtures import crop_list
+    from kneeoa.runfolder.predictions import prediction_path
+    from kneeoa.stages.train import resolve_precision
+
+    record = json.loads((deploy_run / "arms" / "resnet18.json").read_text())
+    assert record["details"]["members"]["multitask"][0]["precision"] == resolve_precision("auto", "auto")
+    listing = crop_list(deploy_run, tmp_path / "test.csv")
+    table = predict_files(load_model(cnn_package), collect_inputs([listing]), tmp_path / "out", progress=False)
+    run = pd.read_parquet(prediction_path(deploy_run, "resnet18", "klg")).set_index("image_id")
+    ours = table[[f"klg_p{k}" for k in range(5)]].to_numpy()
+    theirs = run.loc[pd.read_csv(listing)["image_id"], [f"prob_{k}" for k in range(5)]].to_numpy()
+    assert np.abs(ours - theirs).max() <= 1e-5

@@ -18,11 +18,14 @@ from kneeoa.commands_common import guard as _guard
 from kneeoa.commands_common import run_config as _run_cfg
 from kneeoa.commands_prepare import prepare_app
 from kneeoa.config import preset
-from kneeoa.config_checks import load_config
+from kneeoa.config_checks import load_config, validate_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Reproduce and audit the knee-radiograph OA feature study, end to end.")
 app.add_typer(prepare_app, name="prepare")
+
+#: Libraries whose own log records (decoder tracebacks, plugin notices) are shown only with --verbose.
+QUIET_LIBRARIES = ("pydicom", "PIL")
 
 RunDir = Annotated[Path, typer.Option("--out", "-o", help="Run folder to write (created if missing).")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Study YAML; default: built-in defaults.")]
@@ -30,8 +33,10 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Study YA
 
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)])
+    handler = RichHandler(console=console, show_path=False)
+    if not verbose:  # libraries' failures reach the user as kneeoa's named errors; --verbose shows their records
+        handler.addFilter(lambda record: record.name.split(".")[0] not in QUIET_LIBRARIES)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler])
 
 
 @app.command()
@@ -82,6 +87,7 @@ def phantom(out: RunDir, patients: Annotated[int | None, typer.Option(help="Numb
     for key, value in given.items():
         if value is not None:
             setattr(cfg.data, key, value)
+    _guard(validate_config, cfg, "the command line (with the config)")  # flags pass the checks YAML keys pass
     df = _guard(prepare, out, cfg, source="phantom")
     typer.echo(f"{len(df)} images of {df['patient_id'].nunique()} patients -> {out / 'manifest.parquet'}")
 
