@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from kneeoa.config import Config
+from kneeoa.config_checks import validate_config
 from kneeoa.data.manifest import read_manifest
 from kneeoa.errors import ConfigError
 from kneeoa.report.knee_check_sections import knee_check_section
@@ -51,3 +52,5 @@ def test_prepare_without_the_check_and_with_a_bad_grader(tmp_path):
     cfg.data.knee_check = "no-such-grader"
     with pytest.raises(ConfigError, match="No model package or built-in grader named 'no-such-grader'"):
         prepare(tmp_path / "b", cfg)
+    with pytest.raises(ConfigError, match="data.knee_check: 'no-such-grader' is neither builtin, none, a built-in"):
+        validate_config(cfg)

@@ -174,6 +174,13 @@ def _cross_checks(cfg: Any) -> Iterable[str]:
     fractions = cfg.data.split_fractions
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6:
         yield f"data.split_fractions: {fractions!r} must be three shares (train, val, test) summing to 1."
+    check = str(cfg.data.knee_check)
+    if check not in ("builtin", "none"):
+        from kneeoa.builtin import names
+
+        if check not in names() and not (Path(check) / "model.json").is_file():
+            yield (f"data.knee_check: {check!r} is neither builtin, none, a built-in grader "
+                   f"({', '.join(names()) or 'none installed'}) nor a model package folder (with model.json).")
     for task, grade in cfg.tasks.thresholds.items():
         if grade not in (1, 2, 3):
             yield f"tasks.thresholds.{task}: {grade!r} is not an OARSI grade 1, 2 or 3."

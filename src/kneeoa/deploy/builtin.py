@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from kneeoa import builtin as shipped
 from kneeoa.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
@@ -47,11 +47,11 @@ ATTRIBUTIONS = {"kneeKL224": """\
 
 def builtin_root() -> Path:
     """The folder holding the built-in packages (inside the installed kneeoa package)."""
-    return Path(str(resources.files("kneeoa").joinpath("builtin")))
+    return shipped.root()
 
 
 def builtin_names() -> list[str]:
-    """Names of the built-in graders shipped with this kneeoa (folders holding a model.json)."""
+    """Names of the built-in graders in `builtin_root()` (folders holding a model.json)."""
     root = builtin_root()
     return sorted(p.name for p in root.iterdir() if (p / "model.json").is_file()) if root.is_dir() else []
 
