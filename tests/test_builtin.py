@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 import kneeoa
+from kneeoa import builtin as shipped
 from kneeoa.cli import app
-from kneeoa.deploy import builtin
 from kneeoa.deploy.builtin import DEFAULT_MODEL, REFERENCE, REPRODUCE_TOL, builtin_root, resolve_model
 from kneeoa.deploy.inputs import InputFile
 from kneeoa.errors import ConfigError
@@ -106,7 +106,7 @@ def test_every_file_of_pydicoms_test_corpus_is_refused(grader, tmp_path):
 
 
 def test_a_builtin_is_rebuilt_from_a_run_in_one_command(deploy_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(builtin, "builtin_root", lambda: tmp_path)
+    monkeypatch.setattr(shipped, "root", lambda: tmp_path)
     res = CliRunner().invoke(app, ["export", str(deploy_run), "--arm", "resnet18", "--builtin", "tiny"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "tiny" / "model.json").exists() and (tmp_path / "tiny" / REFERENCE).exists()

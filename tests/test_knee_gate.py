@@ -45,8 +45,8 @@ def test_colour_files_are_refused_and_grey_ones_not(tmp_path):
     Image.fromarray((rng.random((80, 80, 3)) * 255).astype(np.uint8)).save(colour)
     grey_rgb = tmp_path / "grey.png"
     Image.fromarray(np.repeat((rng.random((80, 80, 1)) * 255).astype(np.uint8), 3, axis=2)).save(grey_rgb)
-    assert "colour image" in file_reason(colour, dicom=False)
-    assert file_reason(grey_rgb, dicom=False) is None
+    assert "colour image" in file_reason(colour)
+    assert file_reason(grey_rgb) is None
 
 
 def test_load_film_refuses_by_tags_before_decoding(tmp_path):

@@ -118,7 +118,7 @@ def load_film(job: FilmJob) -> tuple[np.ndarray, tuple[float, float] | None]:
     """
     dicom = job.dicom or (job.dicom is None and is_dicom(job.path))
     if job.expect_knee:
-        reason = tag_reason(read_header(job.path)) if dicom else file_reason(job.path, dicom=False)
+        reason = tag_reason(read_header(job.path)) if dicom else file_reason(job.path)
         if reason:
             raise NotKneeError(reason)
     if dicom:

@@ -36,9 +36,8 @@ COLOUR_SPREAD = 0.02
 FLAT_STD = 0.01
 
 
-def _tag(header: Mapping | object, name: str) -> str:
-    value = header.get(name, "") if isinstance(header, Mapping) else getattr(header, "get", lambda *_: "")(name, "")
-    return str(value or "").strip().upper()
+def _tag(header: Mapping, name: str) -> str:
+    return str(header.get(name, "") or "").strip().upper()
 
 
 def tag_reason(header) -> str | None:
@@ -76,10 +75,9 @@ def colour_spread(path: Path) -> float:
     return float(np.mean(np.abs(rgb[..., 0] - rgb[..., 1]) + np.abs(rgb[..., 1] - rgb[..., 2])) / 2)
 
 
-def file_reason(path: Path, *, dicom: bool) -> str | None:
-    """Why an image file is not a radiograph by its pixels' colour (PNG/JPEG only), or None."""
-    if dicom:
-        return None  # read_dicom refuses colour DICOM itself
+def file_reason(path: Path) -> str | None:
+    """Why a PNG or JPEG file is not a radiograph by its pixels' colour, or None (read_dicom refuses colour DICOM
+    itself)."""
     from PIL import Image
 
     from kneeoa.data.images import too_large

@@ -46,14 +46,13 @@ ATTRIBUTIONS = {"kneeKL224": """\
 
 
 def builtin_root() -> Path:
-    """The folder holding the built-in packages (inside the installed kneeoa package)."""
+    """The folder holding the built-in packages (`kneeoa.builtin.root`)."""
     return shipped.root()
 
 
 def builtin_names() -> list[str]:
-    """Names of the built-in graders in `builtin_root()` (folders holding a model.json)."""
-    root = builtin_root()
-    return sorted(p.name for p in root.iterdir() if (p / "model.json").is_file()) if root.is_dir() else []
+    """Names of the built-in graders (`kneeoa.builtin.names`)."""
+    return shipped.names()
 
 
 def resolve_model(name_or_path: str | Path | None = None) -> Path:

@@ -99,16 +99,12 @@ def read_facts(path: Path) -> FileFacts:
     Raises:
         DataError: the file is missing, or neither DICOM, PNG nor JPEG.
     """
-    from kneeoa.data.dicom import _laterality, _spacing, is_dicom, require_pydicom
+    from kneeoa.data.dicom import _laterality, _spacing, is_dicom, read_header
 
     if not path.is_file():
         raise DataError(f"{path} does not exist or is not a file.")
     if is_dicom(path):
-        pydicom = require_pydicom("kneeoa predict")
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception as e:  # pydicom raises many types on damaged headers
-            raise DataError(f"{path} is not a readable DICOM file ({type(e).__name__}: {e}).") from e
+        ds = read_header(path)
         spacing = _spacing(ds)
         cols = ds.get("Columns")
         width = float(cols) * spacing[1] if spacing and cols else None

@@ -267,20 +267,20 @@ def fit_knee_check(model: KneeModel, run_dir: Path, out_dir: Path, *, seed: int 
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {}
     films: list[np.ndarray] = []
+    film_groups: list[np.ndarray] = []
     for start in tqdm(range(0, len(train), 256), desc="fitting the knee check", leave=False):
         rows = train.iloc[start:start + 256]
         crops = [load_gray(resolve_image_path(run_dir, p)) for p in rows["image_path"]]
         for view, x in method.describe(crops, list(rows["side"]), model.features).items():
             parts.setdefault(view, []).append(x)
         right = [c[:, ::-1] if side == "L" else c for c, side in zip(crops, rows["side"], strict=True)]
-        films += [np.stack([layout(film_like(c, rng)) for c in right]) for _ in range(FILM_COPIES)]
-    groups = train["patient_id"].to_numpy()
-    film_groups = np.concatenate([groups[start:start + 256] for start in range(0, len(train), 256)
-                                  for _ in range(FILM_COPIES)]) if films else None
+        for _ in range(FILM_COPIES):
+            films.append(np.stack([layout(film_like(c, rng)) for c in right]))
+            film_groups.append(rows["patient_id"].to_numpy())
     try:
-        check = method.fit({v: np.concatenate(x) for v, x in parts.items()}, groups,
-                           film_layouts=np.concatenate(films) if films else None, film_groups=film_groups,
-                           seed=seed, alpha=alpha)
+        check = method.fit({v: np.concatenate(x) for v, x in parts.items()}, train["patient_id"].to_numpy(),
+                           film_layouts=np.concatenate(films) if films else None,
+                           film_groups=np.concatenate(film_groups) if films else None, seed=seed, alpha=alpha)
     except ValueError as e:
         _logger.warning("no knee check in this package: %s", e)
         return {"method": "none", "reason": str(e)}

@@ -197,19 +197,20 @@ def table_columns(info: dict) -> list[str]:
     return cols + ["kind", "localizer_confidence", "knee_score", "qc_flags", "crop", "cam", "error"]
 
 
+def _knee_row(film: Film, knee: Knee, *, error: str, cam: str = "") -> dict:
+    return {"file": str(film.source.path), "side": knee.side, "kind": film.kind,
+            "localizer_confidence": knee.confidence, "knee_score": knee.knee_score, "qc_flags": ";".join(knee.flags),
+            "crop": str(knee.crop_file), "cam": cam, "error": error}
+
+
 def _rows(film: Film, cam_files: dict[tuple[int, str], list[str]]) -> list[dict]:
     if film.error:
         return [{"file": str(film.source.path), "side": "", "kind": film.kind, "error": film.error}]
     rows = [{"file": str(film.source.path), "side": side, "kind": film.kind, "error": reason}
             for side, reason in film.missed.items()]
-    rows += [{"file": str(film.source.path), "side": knee.side, "kind": film.kind,
-              "localizer_confidence": knee.confidence, "knee_score": knee.knee_score, "qc_flags": ";".join(knee.flags),
-              "crop": str(knee.crop_file), "error": refusal(knee.knee_score)} for knee in film.refused]
+    rows += [_knee_row(film, knee, error=refusal(knee.knee_score)) for knee in film.refused]
     for i, knee in enumerate(film.knees):
-        row = {"file": str(film.source.path), "side": knee.side, "kind": film.kind,
-               "localizer_confidence": knee.confidence, "knee_score": knee.knee_score,
-               "qc_flags": ";".join(knee.flags),
-               "crop": str(knee.crop_file), "cam": ";".join(cam_files.get((i, knee.side), [])), "error": ""}
+        row = _knee_row(film, knee, error="", cam=";".join(cam_files.get((i, knee.side), [])))
         for task, p in knee.probs.items():
             row[task] = knee.classes[task]
             row.update({f"{task}_p{k}": float(v) for k, v in enumerate(p)})

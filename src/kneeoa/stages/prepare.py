@@ -102,16 +102,17 @@ def knee_check_columns(df: pd.DataFrame, run_dir: Path, check: str) -> pd.DataFr
     """
     from tqdm.auto import tqdm
 
-    from kneeoa.api import load_model
     from kneeoa.data.manifest import resolve_image_path
+    from kneeoa.deploy.builtin import resolve_model
+    from kneeoa.deploy.package import load_model
     from kneeoa.errors import ConfigError
 
     if check == "none":
         return df
-    grader = load_model(None if check == "builtin" else check)
-    model = grader._model
+    model_dir = resolve_model(None if check == "builtin" else check)
+    model = load_model(model_dir)
     if model.knee_check is None:
-        raise ConfigError(f"data.knee_check: {check!r} ({grader.model_dir}) has no fitted knee check; name another "
+        raise ConfigError(f"data.knee_check: {check!r} ({model_dir}) has no fitted knee check; name another "
                           "grader or set data.knee_check: none.")
     from kneeoa.data.images import load_gray
 
@@ -125,7 +126,7 @@ def knee_check_columns(df: pd.DataFrame, run_dir: Path, check: str) -> pd.DataFr
     df["not_knee"] = df["knee_score"] < model.knee_check.threshold
     if df["not_knee"].any():
         _logger.warning("knee check (%s): %d of %d image(s) unlike the knees it was fitted on (manifest column "
-                        "not_knee; listed in the data report)", grader.info["arm"], int(df["not_knee"].sum()), len(df))
+                        "not_knee; listed in the data report)", model.info["arm"], int(df["not_knee"].sum()), len(df))
     return df
 
 
