@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
+from kneeoa.config import Config  # noqa: E402
 from kneeoa.data.images import save_gray16  # noqa: E402
 
 
@@ -62,3 +63,32 @@ def standin_snapshots(tmp_path_factory) -> dict[str, Path]:
     kneessl = build_kneessl(root / "kneessl")  # `random` takes the architecture of an encoder folder
     return {"biomedclip": build_biomedclip(root / "biomedclip"), "rad-dino": build_raddino(root / "rad-dino"),
             "kneessl": kneessl, "random": kneessl}
+
+
+def contract_config(weights: dict[str, Path]) -> Config:
+    """A whole study at toy size: every stage, the stand-in encoders, and fusion of the CNN with an embedding arm."""
+    cfg = Config(name="contract")
+    cfg.data.patients, cfg.data.visits, cfg.data.image_size = 16, 1, 64
+    cfg.cnn.backbones, cfg.cnn.epochs, cfg.cnn.image_size = ["resnet18"], 1, 32
+    cfg.cnn.pretrained, cfg.cnn.batch_size = "none", 8
+    cfg.foundation.weights = {k: str(v) for k, v in weights.items()}
+    cfg.foundation.precision, cfg.foundation.batch_size, cfg.foundation.linear_probe = "fp32", 8, False
+    cfg.foundation.xgb_grid, cfg.foundation.xgb_n_estimators = {"max_depth": [2]}, 20
+    cfg.stats.n_boot = 20
+    cfg.explain.per_grade, cfg.explain.max_score_images = 1, 4
+    cfg.explain.occlusion_patch, cfg.explain.occlusion_stride, cfg.explain.occlusion_images = 0.5, 0.5, 2  # fast
+    cfg.pretrain.image_size, cfg.pretrain.epochs, cfg.pretrain.batch_size = 32, 2, 8
+    cfg.stages.insert(cfg.stages.index("boost") + 1, "fusion")
+    cfg.fusion.arms, cfg.fusion.folds = ["resnet18", "raddino_xgb"], 2
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, standin_snapshots):
+    """A finished toy study (`contract_config`): (run folder, config), built once per session."""
+    from kneeoa.study import run_study
+
+    run = tmp_path_factory.mktemp("contract") / "run"
+    cfg = contract_config(standin_snapshots)
+    run_study(cfg, run)
+    return run, cfg

@@ -12,6 +12,7 @@ from kneeoa.config import Config, FoundationCfg
 from kneeoa.data.manifest import read_manifest, write_manifest
 from kneeoa.errors import ConfigError
 from kneeoa.estimators import XGBHead
+from kneeoa.models import probes
 from kneeoa.runfolder.arms import read_arms
 from kneeoa.runfolder.predictions import prediction_path, read_predictions
 from kneeoa.stages import boost, embed
@@ -83,7 +84,7 @@ def test_missing_embeddings_are_recorded_not_run(tiny_run, standin_snapshots):
 
 def test_bad_grid_key():
     with pytest.raises(ConfigError, match="Unknown key 'depth' in foundation.xgb_grid. Valid keys: max_depth"):
-        boost.xgb_grid(FoundationCfg(xgb_grid={"depth": [3]}))
+        probes.xgb_grid(FoundationCfg(xgb_grid={"depth": [3]}))
 
 
 def test_xgb_head_contract():

@@ -48,6 +48,16 @@ def test_every_checked_key_exists_and_the_defaults_pass():
     ({"foundation": {"features": {"biomedclip": "cls"}}},
      "foundation.features.biomedclip: 'cls' is not one of: projected, pre_projection."),
     ({"data": {"options": {"nosuch": {"x": 1}}}}, "data.options.nosuch: no importer of that name"),
+    ({"fusion": {"methods": ["stacking"]}}, "fusion.methods: 'stacking' is not one of: stack, features."),
+    ({"fusion": {"heads": ["svm"]}}, "fusion.heads: 'svm' is not one of: xgb, linear."),
+    ({"fusion": {"folds": 1}}, "fusion.folds: 1 is outside the allowed range [2, inf]."),
+    ({"fusion": {"stack_c": 0}}, "fusion.stack_c: 0.0 is outside the allowed range (0, inf]."),
+    ({"stages": ["prepare", "train", "fusion"], "fusion": {"arms": ["resnet18"]}},
+     "fusion.arms: ['resnet18'] names fewer than two arms"),
+    ({"fusion": {"arms": ["resnet18", "fusion_stack"]}}, "fusion.arms: 'fusion_stack' is a fused arm"),
+    ({"explain": {"occlusion_patch": 1.5}}, "explain.occlusion_patch: 1.5 is outside the allowed range (0, 1]."),
+    ({"explain": {"occlusion_stride": 0}}, "explain.occlusion_stride: 0.0 is outside the allowed range (0, 1]."),
+    ({"explain": {"occlusion_images": -1}}, "explain.occlusion_images: -1 is outside the allowed range [0, inf]."),
 ])
 def test_each_bad_value_is_named_with_its_choices_or_range(data, problem):
     with pytest.raises(ConfigError) as err:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import kneeoa
+from conftest import contract_config
 from kneeoa.config import Config
 from kneeoa.errors import MissingInputError
 from kneeoa.runfolder import RUN_FILES
@@ -157,28 +158,6 @@ def test_stage_declarations_name_only_registered_files():
 # --------------------------------------------------------------------------------- a finished tiny phantom run
 
 
-def _config(weights: dict[str, Path]) -> Config:
-    cfg = Config(name="contract")
-    cfg.data.patients, cfg.data.visits, cfg.data.image_size = 16, 1, 64
-    cfg.cnn.backbones, cfg.cnn.epochs, cfg.cnn.image_size = ["resnet18"], 1, 32
-    cfg.cnn.pretrained, cfg.cnn.batch_size = "none", 8
-    cfg.foundation.weights = {k: str(v) for k, v in weights.items()}
-    cfg.foundation.precision, cfg.foundation.batch_size, cfg.foundation.linear_probe = "fp32", 8, False
-    cfg.foundation.xgb_grid, cfg.foundation.xgb_n_estimators = {"max_depth": [2]}, 20
-    cfg.stats.n_boot = 20
-    cfg.explain.per_grade, cfg.explain.max_score_images = 1, 4
-    cfg.pretrain.image_size, cfg.pretrain.epochs, cfg.pretrain.batch_size = 32, 2, 8
-    return cfg
-
-
-@pytest.fixture(scope="session")
-def finished_run(tmp_path_factory, standin_snapshots) -> tuple[Path, Config]:
-    run = tmp_path_factory.mktemp("contract") / "run"
-    cfg = _config(standin_snapshots)
-    run_study(cfg, run)
-    return run, cfg
-
-
 def _files(run: Path) -> dict[str, str]:
     return {p.relative_to(run).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(run.rglob("*")) if p.is_file()}
@@ -314,13 +293,14 @@ def toy_entries(tmp_path):
 
 def test_a_new_backbone_encoder_and_task_need_no_other_edit(toy_entries, tmp_path):
     run = tmp_path / "run"
-    cfg = _config({})
+    cfg = contract_config({})
     cfg.tasks.names = ["klg", "jsn_severe"]
     cfg.cnn.backbones = ["toynet"]
     cfg.foundation.encoders, cfg.foundation.weights = ["toyenc"], {"toyenc": str(toy_entries)}
+    cfg.fusion.arms = ["toynet", "toyenc_xgb"]
     cfg.zeroshot.enabled = False
     run_study(cfg, run)
-    for arm in ("toynet", "toyenc_xgb"):
+    for arm in ("toynet", "toyenc_xgb", "fusion_stack", "fusion_features_xgb"):
         assert prediction_path(run, arm, "jsn_severe").exists(), arm
     metrics = pd.read_csv(run / "metrics.csv")
     toy = metrics[(metrics["task"] == "jsn_severe") & (metrics["split"] == "test")]

@@ -62,6 +62,8 @@ def _cfg():
     cfg.tasks.names = ["klg", "osteophytes"]
     cfg.stats.n_boot = 50
     cfg.explain.per_grade = 1
+    cfg.explain.occlusion_images = 3
+    cfg.explain.occlusion_patch, cfg.explain.occlusion_stride = 0.5, 0.25  # 3 x 3 positions: fast
     return cfg
 
 
@@ -79,12 +81,15 @@ def test_explain_writes_montages_and_cam_rows(tmp_path):
     assert list(metrics.columns) == COLUMNS
     evaluated = read_metrics_part(tmp_path, "evaluate")
     assert len(evaluated) and set(evaluated["metric"]) <= set(metrics["metric"])  # evaluate's rows kept
-    cam_rows = read_metrics_part(tmp_path, "explain")
-    assert set(cam_rows["metric"]) == set(explain.CAM_METRICS)
+    rows = read_metrics_part(tmp_path, "explain")
+    assert set(rows["metric"]) == {*explain.CAM_METRICS, *explain.OCCLUSION_METRICS}
+    cam_rows = rows[rows["metric"].isin(explain.CAM_METRICS)]
     assert set(cam_rows["task"]) == {"klg", "osteophytes"} and (cam_rows["split"] == "test").all()
     oste = cam_rows[cam_rows["task"] == "osteophytes"]
     assert (oste["n"] == 8).all()  # only images where the feature is present
     assert oste["value"].between(0, 1).all() and oste["ci_low"].notna().all()
+    occluded = rows[rows["metric"].isin(explain.OCCLUSION_METRICS) & (rows["task"] == "osteophytes")]
+    assert (occluded["n"] == 3).all()  # the first explain.occlusion_images of the same images
     # running explain again replaces its rows instead of appending, and evaluate's rows stay
     explain.run(tmp_path, _cfg())
     again = pd.read_csv(tmp_path / "metrics.csv")

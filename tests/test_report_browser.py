@@ -70,6 +70,7 @@ def report(tmp_path_factory):
     cfg.tasks.names = ["klg", "osteophytes"]
     cfg.stats.n_boot = 100
     cfg.explain.per_grade = 1
+    cfg.explain.occlusion_patch, cfg.explain.occlusion_stride = 0.5, 0.5  # 5 passes a map
     for stage in ("evaluate", "stats", "explain"):
         get_stage(stage)(run_dir, cfg)
     return build_report(run_dir, cfg)

@@ -135,9 +135,12 @@ def _stage_command(name: str, doc: str) -> None:
 
 for _name, _doc in {
     "train": "Train the CNN arms (cnn.backbones) and write their prediction tables.",
+    "fusion": "Hybrid arms over fusion.arms: a stacker cross-fitted on val, and concatenated features into the "
+              "boost heads.",
     "evaluate": "Compute metrics for every prediction table into metrics.csv / metrics.json.",
     "stats": "Bootstrap CIs (by patient), calibration, paired arm comparisons -> metrics.csv, comparisons.csv.",
-    "explain": "Grad-CAM montages in figures/gradcam/ and CAM-in-mask scores (phantom) -> metrics.csv.",
+    "explain": "Grad-CAM (CNN arms) and occlusion (every re-runnable arm) montages in figures/, and their "
+               "in-mask scores (phantom) -> metrics.csv.",
     "report": "Write RUN_DIR/report.html.",
 }.items():
     _stage_command(_name, _doc)

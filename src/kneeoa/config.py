@@ -155,6 +155,27 @@ class ExplainCfg:
     # Which block Grad-CAM hooks: "penultimate" (default) or "last". At the demo's 128 px input the last ResNet18
     # stage is a 4x4 grid of 32 px cells, too coarse for millimetre-sized osteophytes; the stage before is 8x8.
     cam_layer: str = "penultimate"
+    # Occlusion maps for every arm (model-agnostic; FM arms are re-embedded): a grey patch slides over the crop and
+    # the map is the drop in the explained class's probability. Sizes are shares of the crop side.
+    occlusion: bool = True
+    occlusion_images: int = 8  # test images per arm x task for the maps' mask scores (phantom); 0 turns them off
+    occlusion_patch: float = 0.2  # patch side as a share of the crop side
+    occlusion_stride: float = 0.1  # step between patch positions, as a share of the crop side
+    occlusion_batch: int = 64  # occluded copies per forward pass
+
+
+@dataclass
+class FusionCfg:
+    """Hybrid arms over arms that already ran (`kneeoa fusion`, `kneeoa.stages.fusion`): the study's future work."""
+
+    arms: list[str] = field(default_factory=list)  # member arms (CNN, embedding+head, ...): at least two
+    # stack: a logistic stacker over the members' class probabilities, cross-fitted on val by patient and applied
+    # unchanged to test (arm `fusion_stack`); features: the CNN members' pooled features concatenated with the
+    # embedding members' vectors, into the boost heads, fitted on train and chosen on val (`fusion_features_<head>`)
+    methods: list[str] = field(default_factory=lambda: ["stack", "features"])
+    folds: int = 5  # patient-grouped cross-fitting folds of val for the stacker
+    stack_c: float = 1.0  # inverse L2 strength of the stacker
+    heads: list[str] = field(default_factory=lambda: ["xgb", "linear"])  # heads of the feature-fusion arms
 
 
 @dataclass
@@ -190,6 +211,7 @@ class Config:
     stats: StatsCfg = field(default_factory=StatsCfg)
     explain: ExplainCfg = field(default_factory=ExplainCfg)
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)
+    fusion: FusionCfg = field(default_factory=FusionCfg)
 
 
 def check_type(value: Any, tp: Any, where: str) -> Any:

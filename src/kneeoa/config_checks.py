@@ -148,6 +148,14 @@ CHECKS: dict[str, OneOf | Range] = {
     "explain.pointing_tolerance": SHARE,
     "explain.batch_size": AT_LEAST_ONE,
     "explain.cam_layer": OneOf(words=("penultimate", "last")),
+    "explain.occlusion_images": NON_NEGATIVE,
+    "explain.occlusion_patch": Range(0, 1, open_lo=True),
+    "explain.occlusion_stride": Range(0, 1, open_lo=True),
+    "explain.occlusion_batch": AT_LEAST_ONE,
+    "fusion.methods": OneOf(words=("stack", "features")),
+    "fusion.folds": Range(2),
+    "fusion.stack_c": POSITIVE,
+    "fusion.heads": OneOf("kneeoa.models.probes:HEADS"),
     "pretrain.backbone": OneOf("kneeoa.models.cnn:BACKBONES"),
     "pretrain.method": OneOf("kneeoa.stages.pretrain:METHODS"),
     "pretrain.image_size": Range(16),
@@ -193,6 +201,12 @@ def _cross_checks(cfg: Any) -> Iterable[str]:
         if encoder in ENCODERS:
             yield from OneOf(words=tuple(ENCODERS.get(encoder).features)).problems(
                 f"foundation.features.{encoder}", choice)
+    if "fusion" in cfg.stages and len(set(cfg.fusion.arms)) < 2:
+        yield (f"fusion.arms: {cfg.fusion.arms!r} names fewer than two arms; the fusion stage in `stages` needs two "
+               "or more members (e.g. [resnet18, biomedclip_xgb]).")
+    fused = [a for a in cfg.fusion.arms if a.startswith("fusion_")]
+    if fused:
+        yield f"fusion.arms: {fused[0]!r} is a fused arm; members must be arms that other stages make."
     metrics = OneOf("kneeoa.metrics:METRICS")
     for kind, names in cfg.stats.compare_metrics.items():
         yield from metrics.problems(f"stats.compare_metrics.{kind}", names)

@@ -2,7 +2,8 @@
 kneeoa's own backbones: kneessl, random).
 
 A loader returns the parts `create_encoder` assembles: the encoder class, the model, its forward function, the
-preprocessing read from the snapshot's files, the embedding size and (CLIP) the tokenizer.
+preprocessing read from the snapshot's files, the embedding size and (CLIP) the tokenizer. Each library also says
+where Grad-CAM hooks the models it builds (`CamHook`, read by `kneeoa.models.encoder_cam`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from kneeoa.errors import WeightsNotFoundError
 from kneeoa.models.encoders import ClipEncoder, Encoder
 from kneeoa.models.hub import Snapshot, cached_file, first_existing, hub_offline
 from kneeoa.models.preprocess import preprocess_from_hf, preprocess_from_open_clip
-from kneeoa.models.ssl_encoders import load_kneessl, load_random, locate_kneessl, locate_random
+from kneeoa.models.ssl_encoders import backbone_cam_layer, load_kneessl, load_random, locate_kneessl, locate_random
 from kneeoa.registry import Registry
 
 if TYPE_CHECKING:
@@ -106,21 +107,48 @@ def _fetch_text_tower(snapshot: Path) -> None:
     fetch_file(name, "config.json", snapshot / "text")
 
 
+def _square(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+@dataclass(frozen=True)
+class CamHook:
+    """Where Grad-CAM looks inside the models a library builds.
+
+    Attributes:
+        layer: encoder -> the module whose output and gradients make the map. For a ViT, the last block's `norm1`
+            (the usual choice): it feeds that block's attention, the last place where patch tokens reach the CLS
+            token that leaves the model; after the block their gradients are zero.
+        patch: encoder -> (height, width) of one patch, for a layer that outputs tokens: the map is then the patch
+            grid of the model input (input size / patch size), prefix tokens dropped
+            (`kneeoa.cam.vit_reshape_transform`). None for a layer whose output is already an image-layout map (CNNs).
+    """
+
+    layer: Callable[[Encoder], torch.nn.Module]
+    patch: Callable[[Encoder], tuple[int, int]] | None = None
+
+
 @dataclass(frozen=True)
 class Library:
     """How one model library builds an encoder from a snapshot, and what else a snapshot needs fetched.
 
     `locate` (spec, weights folder or None) -> Snapshot replaces the hub lookup for weights that never come from the
-    hub (kneeoa's own encoders); a loader may return a "checksum" of weights that are not one file.
+    hub (kneeoa's own encoders); a loader may return a "checksum" of weights that are not one file. `cam` says where
+    Grad-CAM hooks its models (None: its encoders have no Grad-CAM).
     """
 
     load: Callable[..., dict[str, Any]]
     companions: Callable[[Path], None] | None = None
     locate: Callable[[EncoderSpec, str | Path | None], Snapshot] | None = None
+    cam: CamHook | None = None
 
 
 LOADERS: Registry[Library] = Registry("encoder library")
-LOADERS.add("open_clip", Library(_load_open_clip, _fetch_text_tower))
-LOADERS.add("transformers", Library(_load_transformers))
-LOADERS.add("kneessl", Library(load_kneessl, locate=locate_kneessl))
-LOADERS.add("random", Library(load_random, locate=locate_random))
+# open_clip wraps a timm ViT (`visual.trunk`); transformers' entry hooks the Dinov2 layout (RAD-DINO).
+LOADERS.add("open_clip", Library(_load_open_clip, _fetch_text_tower, cam=CamHook(
+    layer=lambda enc: enc.model.visual.trunk.blocks[-1].norm1,
+    patch=lambda enc: _square(enc.model.visual.trunk.patch_embed.patch_size))))
+LOADERS.add("transformers", Library(_load_transformers, cam=CamHook(
+    layer=lambda enc: enc.model.encoder.layer[-1].norm1, patch=lambda enc: _square(enc.model.config.patch_size))))
+LOADERS.add("kneessl", Library(load_kneessl, locate=locate_kneessl, cam=CamHook(backbone_cam_layer)))
+LOADERS.add("random", Library(load_random, locate=locate_random, cam=CamHook(backbone_cam_layer)))

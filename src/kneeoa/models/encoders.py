@@ -52,6 +52,12 @@ class Encoder:
         with torch.inference_mode(), self._autocast():
             return self._forward(x.to(self.device)).float().cpu().numpy()
 
+    def forward_with_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """The same pass as `forward` with autograd on and no autocast: preprocessed (B, 3, h, w) -> (B, dim) float
+        tensor on the encoder's device, for gradients through the encoder (Grad-CAM, `kneeoa.models.encoder_cam`)."""
+        with torch.enable_grad():
+            return self._forward(x.to(self.device)).float()
+
     def encode(self, images: Any) -> np.ndarray:
         """Embed grayscale crops.
 

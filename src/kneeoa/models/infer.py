@@ -136,17 +136,21 @@ class CnnPredictor:
                                                                                                np.uint8)
 
     @torch.no_grad()
-    def features(self, images: list[np.ndarray], *, batch_size: int = 64) -> np.ndarray:
-        """(n, D) pooled backbone features of the first member for float crops in [0, 1], already oriented.
+    def features(self, images: list[np.ndarray], *, batch_size: int = 64, every_member: bool = False) -> np.ndarray:
+        """(n, D) pooled backbone features of the first member for float crops in [0, 1], already oriented; with
+        `every_member`, each member of the first group side by side, (n, D x members).
 
-        These are what the knee check (`kneeoa.models.knee_check`) scores: the features the grader itself reads.
+        The first member's are what the knee check (`kneeoa.models.knee_check`) scores: the features the grader
+        itself reads. Every member's are what feature fusion (`kneeoa fusion`) concatenates with an embedding.
         """
-        net, payload = self.groups[0][0]
-        pre = {**payload["preprocess"], "backbone": payload["backbone"]}
         stack = self._quantised(images)
-        net.eval()
-        parts = [net.backbone(_formatted(x, pre)).double().numpy() for x in _batches(stack, pre, batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, net.backbone.num_features))
+        blocks = []
+        for net, payload in self.groups[0] if every_member else self.groups[0][:1]:
+            pre = {**payload["preprocess"], "backbone": payload["backbone"]}
+            net.eval()
+            parts = [net.backbone(_formatted(x, pre)).double().numpy() for x in _batches(stack, pre, batch_size)]
+            blocks.append(np.concatenate(parts) if parts else np.zeros((0, net.backbone.num_features)))
+        return np.hstack(blocks)
 
     def decoding(self, task: str) -> dict[str, Any]:
         return self._group_of(task)[0][1].get("decoding", {}).get(task, {"method": "argmax"})

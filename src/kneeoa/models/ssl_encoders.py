@@ -8,7 +8,8 @@
   those of an encoder folder given as its weights (the folder's weights are then not loaded).
 
 The embedding is the backbone's pooled feature vector (`num_features`), in eval mode. Encoder inputs arrive as three
-channels (`kneeoa.models.preprocess`); the backbones take one, so the forward uses the first.
+channels (`kneeoa.models.preprocess`); the backbones take one, so the forward uses the first. Grad-CAM hooks the
+backbone's own CAM layer (`backbone_cam_layer`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ def _default_config() -> dict[str, Any]:
     mean, std = norm_stats(net)
     return {"backbone": pc.backbone, "image_size": pc.image_size, "mean": mean, "std": std,
             "feature_dim": int(net.num_features), "in_chans": 1, "method": "none"}
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    """An encoder folder's config.json, or the default `pretrain` architecture when `folder` is not one."""
+    return read_encoder_config(folder) if is_encoder_dir(folder) else _default_config()
 
 
 def locate_kneessl(spec: EncoderSpec, weights: str | Path | None) -> Snapshot:
@@ -116,8 +122,16 @@ def load_random(spec: EncoderSpec, snap: Snapshot, features: str, device: str) -
     """The architecture of `pretrain` (or of the given folder) with weights drawn from `RANDOM_SEED`."""
     from kneeoa.models.cnn import create_backbone
 
-    info = read_encoder_config(snap.path) if is_encoder_dir(snap.path) else _default_config()
+    info = _config(snap.path)
     with torch.random.fork_rng():
         torch.manual_seed(RANDOM_SEED)
         model, _ = create_backbone(info["backbone"], source=None, in_chans=int(info["in_chans"]))
     return _parts(model, info, device, f"random init of {info['backbone']} (seed {RANDOM_SEED})")
+
+
+def backbone_cam_layer(encoder: Encoder) -> torch.nn.Module:
+    """The Grad-CAM layer of a kneessl or random encoder: its backbone's registered "last" CAM layer
+    (`kneeoa.models.cnn.BACKBONES`), whose output is already in image layout."""
+    from kneeoa.models.cnn import BACKBONES
+
+    return BACKBONES.get(_config(encoder.snapshot.path)["backbone"]).cam_layers["last"](encoder.model)

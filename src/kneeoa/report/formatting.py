@@ -20,3 +20,13 @@ def format_ci(value: float, low: float, high: float, digits: int = 3) -> str:
     if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
         return fmt(value)
     return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
+
+
+def format_p(p: float) -> str:
+    """A p-value for tables: "<0.001" below a thousandth, "n/a" when missing.
+
+    Example:
+        >>> format_p(0.0004), format_p(0.0312), format_p(float("nan"))
+        ('<0.001', '0.031', 'n/a')
+    """
+    return "n/a" if p is None or not np.isfinite(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")

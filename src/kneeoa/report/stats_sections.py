@@ -1,8 +1,8 @@
-"""Report sections for the statistics and explanation stages: comparisons, ROC bands, calibration, Grad-CAM.
+"""Report sections for the statistics stage: comparisons, ROC bands, calibration.
 
-Each reads the files its stage wrote through `kneeoa.runfolder` (comparisons.csv, roc_bands.csv, reliability.csv, the
-stats and explain metrics parts, figures/gradcam/) and returns None when they are absent, so a run without those
-stages simply omits the section.
+Each reads the files the stage wrote through `kneeoa.runfolder` (comparisons.csv, roc_bands.csv, reliability.csv, the
+stats metrics part) and returns None when they are absent, so a run without the stage simply omits the section. The
+explain stage's section is `kneeoa.report.explain_sections`.
 """
 
 from __future__ import annotations
@@ -16,15 +16,10 @@ import pandas as pd
 from kneeoa.calibration import CALIBRATION_METRICS
 from kneeoa.config import Config
 from kneeoa.plotting import new_figure, panels
-from kneeoa.report.figures import fig_to_img_tag, png_tag, table_html
-from kneeoa.report.formatting import format_ci
-from kneeoa.runfolder.gradcam import read_index
+from kneeoa.report.figures import fig_to_img_tag, table_html
+from kneeoa.report.formatting import format_ci, format_p
 from kneeoa.runfolder.metrics import read_metrics_part
 from kneeoa.runfolder.tables import read_table
-
-
-def _p(p: float) -> str:
-    return "n/a" if not np.isfinite(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
 
 
 def forest_plot(comp: pd.DataFrame):
@@ -51,7 +46,7 @@ def comparisons_section(run_dir: Path, cfg: Config) -> str | None:
         "task": comp["task"], "metric": comp["metric"], "arm A": comp["arm_a"], "arm B": comp["arm_b"],
         "A - B [95% CI]": [format_ci(d, lo, hi) for d, lo, hi in zip(comp["difference"], comp["ci_low"],
                                                                       comp["ci_high"], strict=True)],
-        "p": [_p(p) for p in comp["p_value"]], "p (Holm)": [_p(p) for p in comp["p_holm"]],
+        "p": [format_p(p) for p in comp["p_value"]], "p (Holm)": [format_p(p) for p in comp["p_holm"]],
         "method": comp["method"], "images / patients": [f"{a} / {b}" for a, b in zip(comp["n_images"],
                                                                                    comp["n_patients"], strict=True)]})
     return ("<h2>Paired comparisons between arms</h2>"
@@ -111,31 +106,3 @@ def calibration_section(run_dir: Path, cfg: Config) -> str | None:
             f"{html.escape(split)} set ({cfg.stats.calibration_bins} equal-width bins; binary tasks: probability "
             "of 'present'; KLG: top-label confidence). ECE and Brier score are losses (lower is better), with "
             "patient-bootstrap CIs.</p>" + fig_to_img_tag(fig, alt="reliability diagrams") + table_html(wide))
-
-
-def gradcam_section(run_dir: Path, cfg: Config) -> str | None:
-    """Grad-CAM montages and the CAM-in-mask scores next to their random-map baselines."""
-    index = read_index(run_dir)
-    if index is None:
-        return None
-    parts = ["<h2>Where the CNNs look (Grad-CAM)</h2>"]
-    scores = read_metrics_part(run_dir, "explain")
-    if len(scores):
-        wide = (scores.assign(cell=[format_ci(v, lo, hi) for v, lo, hi in zip(scores["value"], scores["ci_low"],
-                                                                             scores["ci_high"], strict=True)])
-                .pivot_table(index=["task", "arm"], columns="metric", values="cell", aggfunc="first")
-                .reindex(columns=list(dict.fromkeys(scores["metric"]))).reset_index())
-        wide.columns.name = None
-        n = scores.groupby(["task", "arm"])["n"].first().reset_index()
-        parts.append("<p>Scored on test images whose feature mask is non-empty (phantom): share of CAM energy in "
-                     "the feature's mask and pointing-game hit rate, each next to a random map of matched "
-                     "smoothness. KLG uses the union of the feature masks.</p>"
-                     + table_html(wide.merge(n, on=["task", "arm"]).rename(columns={"n": "images"})))
-    for m in index.get("montages", []):
-        path = Path(run_dir) / m["file"]
-        if path.exists():
-            parts.append(f"<h3>{html.escape(m['arm'])} - {html.escape(m['task'])}</h3>"
-                         + png_tag(path.read_bytes(), alt=f"Grad-CAM {m['arm']} {m['task']}", width=900))
-    for s in index.get("skipped", []):
-        parts.append(f"<p>Skipped {html.escape(s['arm'])} / {html.escape(s['task'])}: {html.escape(s['reason'])}</p>")
-    return "".join(parts) if len(parts) > 1 else None

@@ -70,3 +70,17 @@ def read_embeddings(run_dir: Path, encoder: str) -> tuple[pd.DataFrame, dict[str
     if not path.exists() or info is None:
         raise ManifestError(f"{path} does not exist. Make it with `kneeoa embed {run_dir} --encoder {encoder}`.")
     return pd.read_parquet(path), info
+
+
+def manifest_matrix(table: pd.DataFrame, manifest: pd.DataFrame, encoder: str, run_dir: Path) -> np.ndarray:
+    """(n_manifest_rows, D) float32: an encoder's vectors in manifest order.
+
+    Raises:
+        ManifestError: the table lacks a manifest image (names how many, one of them and the command that remakes it).
+    """
+    missing = ~manifest["image_id"].isin(table["image_id"])
+    if missing.any():
+        raise ManifestError(f"{embeddings_path(run_dir, encoder)} lacks {int(missing.sum())} manifest image(s), "
+                            f"e.g. {manifest['image_id'][missing].iloc[0]!r}. Re-run `kneeoa embed {run_dir} "
+                            f"--encoder {encoder}`.")
+    return embedding_matrix(table.set_index("image_id").loc[manifest["image_id"]].reset_index())

@@ -1,65 +1,168 @@
-"""The explain stage: Grad-CAM montages for the CNN arms and, on phantom data, how well the maps find the feature.
+"""The explain stage: where each arm looks, as Grad-CAM and occlusion montages and, on phantom data, how well the maps
+find the feature.
 
-For every arm with a checkpoint (RUN_DIR/checkpoints/<arm>/) and every configured task it has predictions for:
+Two kinds of map (`MAPS`), each for every arm it can explain and every configured task the arm has predictions for:
 
-* a montage RUN_DIR/figures/gradcam/<arm>__<task>.png: rows are true classes, columns up to `explain.per_grade`
-  correctly and `explain.per_grade` wrongly classified test images, each overlaid with the CAM of its *predicted*
-  class (what drove the decision);
-* where the manifest has `mask_path` (phantom), the CAM scores of `kneeoa.cam` over up to
-  `explain.max_score_images` test images whose task mask is non-empty, with the CAM of the class that means "feature
-  present" (binary tasks: class 1; KLG: the true grade), as metrics.csv rows `cam_energy_in_mask`,
-  `cam_pointing_game` and their `_random` baselines (split "test", patient-bootstrap CIs of the mean), in the
-  stage's own metrics part RUN_DIR/metrics/explain.csv. Which masks define a task's feature is the task's entry
-  (`Task.masks`); tasks without masks are not scored.
+* **Grad-CAM** (`kneeoa.cam`), for every arm with a checkpoint (RUN_DIR/checkpoints/<arm>/) and every linear-probe
+  encoder arm (through the encoder's real architecture, `kneeoa.models.encoder_cam`): montages in
+  RUN_DIR/figures/gradcam/ (`kneeoa.runfolder.gradcam`);
+* **occlusion** (`kneeoa.occlusion`, when `explain.occlusion` is on), for every arm whose model can be re-run on new
+  crops (`kneeoa.models.arm_predictors`: CNNs, encoder + XGBoost or linear arms): montages in
+  RUN_DIR/figures/occlusion/ (`kneeoa.runfolder.occlusion`); arms that cannot be re-run are listed in its index with
+  why.
 
-RUN_DIR/figures/gradcam/index.json lists the montages, the random maps' smoothing and anything skipped, with why
-(`kneeoa.runfolder.gradcam`).
+A montage RUN_DIR/figures/<kind>/<arm>__<task>.png: rows are true classes, columns up to `explain.per_grade`
+correctly and `explain.per_grade` wrongly classified test images, each overlaid with the map of its *predicted* class
+(what drove the decision). Both kinds draw the same knees (the same seeded choice per arm x task).
+
+Where the manifest has `mask_path` (phantom), the maps are scored against the task's feature mask
+(`kneeoa.mask_scores`): Grad-CAMs over up to `explain.max_score_images` test images whose task mask is non-empty,
+occlusion maps over the first `explain.occlusion_images` of the same images, each with the map of the class that
+means "feature present" (binary tasks: class 1; KLG: the true grade), as metrics.csv rows `cam_energy_in_mask`,
+`cam_pointing_game`, `occlusion_energy_in_mask`, `occlusion_pointing_game` and their `_random` baselines (split
+"test", patient-bootstrap CIs of the mean), in the stage's own metrics part RUN_DIR/metrics/explain.csv. Which masks
+define a task's feature is the task's entry (`Task.masks`); tasks without masks are not scored.
+
+Each kind's index.json lists the montages, the random maps' smoothing and anything skipped, with why.
 """
 
 from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from kneeoa import bootstrap, cam
+from kneeoa import cam
 from kneeoa.config import Config
 from kneeoa.data.images import load_gray
-from kneeoa.errors import DataError, WeightsNotFoundError
+from kneeoa.errors import MissingInputError, WeightsNotFoundError
+from kneeoa.mask_scores import metric_names, metric_rows, scored_rows
+from kneeoa.models.arm_predictors import NoArmPredictor, arm_predictor
+from kneeoa.occlusion import occlusion_map
+from kneeoa.registry import Registry
 from kneeoa.runfolder.checkpoints import CHECKPOINTS_DIR, checkpoint_arms
-from kneeoa.runfolder.gradcam import write_index, write_montage
+from kneeoa.runfolder.gradcam import GRADCAM
 from kneeoa.runfolder.manifest import load_knee, read_manifest, resolve_image_path
 from kneeoa.runfolder.metrics import COLUMNS, write_metrics_part
-from kneeoa.runfolder.predictions import prediction_path, read_predictions
+from kneeoa.runfolder.montages import MontageFolder
+from kneeoa.runfolder.occlusion import OCCLUSION
+from kneeoa.runfolder.predictions import PREDICTIONS_DIR, list_predictions, prediction_path, read_predictions
 from kneeoa.tasks import get_task
 
 _logger = logging.getLogger(__name__)
 
-CAM_METRICS = ("cam_energy_in_mask", "cam_pointing_game", "cam_energy_in_mask_random", "cam_pointing_game_random")
+CAM_METRICS = metric_names("cam")
+OCCLUSION_METRICS = metric_names("occlusion")
+
+#: Maps of manifest rows for one class each, in the files' orientation: (rows, classes) -> [(H, W) in [0, 1]].
+RowMaps = Callable[[pd.DataFrame, Sequence[int]], list[np.ndarray]]
 
 
 def _rng(seed: int, *key: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32("|".join(key).encode())])
 
 
-def _cams(model, layer, preprocess, run_dir: Path, rows: pd.DataFrame, classes, batch_size: int) -> list[np.ndarray]:
-    """Grad-CAM maps of manifest `rows` in the orientation the model saw them (mirrored rows flipped back).
+def _as_stored(maps: list[np.ndarray], records: list[dict]) -> list[np.ndarray]:
+    """Maps computed in the orientation the models saw (mirrored rows flipped), flipped back to the files' own, so
+    they overlay the crops and the phantom masks as stored."""
+    return [np.ascontiguousarray(m[:, ::-1]) if r.get("mirrored") else m for m, r in zip(maps, records, strict=True)]
 
-    Maps are returned in the files' own orientation, so they overlay the crops and the phantom masks as stored.
+
+def _gradcam_maps(run_dir: Path, arm: str, task: str, cfg: Config) -> RowMaps:
+    """Grad-CAMs, in batches: of a CNN arm's (first member's) network on the block `explain.cam_layer` names, or of a
+    linear-probe arm through its encoder's own architecture (`kneeoa.models.encoder_cam`: a ViT block's tokens
+    folded into the patch grid, or the knee CNN's last block)."""
+    from kneeoa.models.encoder_cam import encoder_arm_classifier
+    from kneeoa.models.infer import load_classifier
+
+    if arm in checkpoint_arms(run_dir):
+        model, layer, preprocess = load_classifier(run_dir, arm, task, cam_layer=cfg.explain.cam_layer)
+        reshape = None
+    else:
+        model, layer, preprocess, reshape = encoder_arm_classifier(run_dir, arm, task, cfg)
+    size = cfg.explain.batch_size
+
+    def maps(rows: pd.DataFrame, classes: Sequence[int]) -> list[np.ndarray]:
+        records, out = rows.to_dict("records"), []
+        for start in range(0, len(records), size):
+            batch = torch.stack([preprocess(load_knee(run_dir, r)) for r in records[start:start + size]])
+            out.extend(cam.gradcam(model, layer, batch, list(classes[start:start + size]),
+                                   reshape_transform=reshape))
+        return _as_stored(out, records)
+
+    return maps
+
+
+def _gradcam_arms(run_dir: Path, cfg: Config) -> list[str]:
+    """CNN arms (checkpoints) and linear-probe encoder arms: the arms gradients flow through."""
+    from kneeoa.models.encoder_cam import probe_arms
+
+    return sorted(set(checkpoint_arms(run_dir)) | set(probe_arms(run_dir)))
+
+
+def _occlusion_maps(run_dir: Path, arm: str, task: str, cfg: Config) -> RowMaps:
+    """Occlusion maps of the arm re-run on occluded copies of each crop (`explain.occlusion_*` settings)."""
+    predict, ex = arm_predictor(run_dir, arm, task, cfg), cfg.explain
+
+    def maps(rows: pd.DataFrame, classes: Sequence[int]) -> list[np.ndarray]:
+        records = rows.to_dict("records")
+        return _as_stored([occlusion_map(predict, load_knee(run_dir, r), int(c), patch=ex.occlusion_patch,
+                                         stride=ex.occlusion_stride, batch=ex.occlusion_batch)
+                           for r, c in zip(records, classes, strict=True)], records)
+
+    return maps
+
+
+def _prediction_arms(run_dir: Path, cfg: Config) -> list[str]:
+    return sorted({p.stem.partition("__")[0] for p in list_predictions(run_dir)
+                   if p.stem.partition("__")[2] in cfg.tasks.names})
+
+
+@dataclass(frozen=True)
+class MapKind:
+    """One kind of explanation map.
+
+    Attributes:
+        title: what the montages and logs call it. folder: where its figures go. prefix: of its metrics rows.
+        enabled: whether the config asks for it. arms: the arms it may explain. none: why there is no arm.
+        load: (run_dir, arm, task, cfg) -> RowMaps; raises WeightsNotFoundError or NoArmPredictor to skip the arm.
+        score_images: how many images per arm x task are scored against masks. settings: what made the maps, for
+            the index.
     """
-    out: list[np.ndarray] = []
-    records = rows.to_dict("records")
-    for start in range(0, len(records), batch_size):
-        part = records[start:start + batch_size]
-        batch = [preprocess(load_knee(run_dir, r)) for r in part]
-        maps = cam.gradcam(model, layer, torch.stack(batch), list(classes[start:start + batch_size]))
-        out.extend(np.ascontiguousarray(m[:, ::-1]) if r.get("mirrored") else m for m, r in zip(maps, part,
-                                                                                                  strict=True))
-    return out
+
+    title: str
+    folder: MontageFolder
+    prefix: str
+    enabled: Callable[[Config], bool]
+    arms: Callable[[Path, Config], list[str]]
+    none: Callable[[Path], str]
+    load: Callable[[Path, str, str, Config], RowMaps]
+    score_images: Callable[[Config], int]
+    settings: Callable[[Config], dict]
+
+
+MAPS: Registry[MapKind] = Registry("kind of explanation map")
+MAPS.update({
+    "gradcam": MapKind(
+        title="Grad-CAM", folder=GRADCAM, prefix="cam", enabled=lambda cfg: True,
+        arms=_gradcam_arms,
+        none=lambda run_dir: f"no checkpoints under {run_dir / CHECKPOINTS_DIR} and no linear-probe arms",
+        load=_gradcam_maps,
+        score_images=lambda cfg: cfg.explain.max_score_images,
+        settings=lambda cfg: {"cam_layer": cfg.explain.cam_layer}),
+    "occlusion": MapKind(
+        title="occlusion map", folder=OCCLUSION, prefix="occlusion", enabled=lambda cfg: cfg.explain.occlusion,
+        arms=_prediction_arms, none=lambda run_dir: f"no prediction tables under {run_dir / PREDICTIONS_DIR}",
+        load=_occlusion_maps, score_images=lambda cfg: cfg.explain.occlusion_images,
+        settings=lambda cfg: {"patch": cfg.explain.occlusion_patch, "stride": cfg.explain.occlusion_stride,
+                              "fill": "image mean"}),
+})
 
 
 def select_examples(preds: pd.DataFrame, per_grade: int, rng: np.random.Generator) -> pd.DataFrame:
@@ -75,7 +178,7 @@ def select_examples(preds: pd.DataFrame, per_grade: int, rng: np.random.Generato
 
 def montage(images: list[np.ndarray], cams: list[np.ndarray], chosen: pd.DataFrame, *, class_names, per_grade: int,
             title: str):
-    """Matplotlib figure: one row per true class, correct then wrong examples, CAM overlays titled true/pred/p."""
+    """Matplotlib figure: one row per true class, correct then wrong examples, map overlays titled true/pred/p."""
     from kneeoa.plotting import new_figure
 
     classes = sorted(chosen["y_true"].unique())
@@ -98,56 +201,17 @@ def montage(images: list[np.ndarray], cams: list[np.ndarray], chosen: pd.DataFra
     return fig
 
 
-def _load_mask(run_dir: Path, mask_path: str, task: str) -> np.ndarray:
-    path = resolve_image_path(run_dir, mask_path)
-    try:
-        with np.load(path) as npz:
-            return cam.task_mask(dict(npz), task)
-    except (OSError, KeyError, ValueError) as e:
-        raise DataError(f"Mask file {path} cannot be used for task '{task}' ({e}). Regenerate the phantom with "
-                        "`kneeoa phantom`.") from e
+def _test_predictions(path: Path, test: pd.DataFrame) -> pd.DataFrame:
+    """The test rows of a prediction table, with the manifest's image path (and mirroring)."""
+    _, _, preds = read_predictions(path)
+    cols = ["image_id", "image_path", *(["mirrored"] if "mirrored" in test else [])]
+    return preds[preds["split"] == "test"].merge(test[cols], on="image_id")
 
 
-def _score_rows(run_dir: Path, arm: str, task: str, model, layer, preprocess, test: pd.DataFrame, preds: pd.DataFrame,
-                cfg: Config) -> tuple[list[dict], float]:
-    rng = _rng(cfg.explain.seed, "score", arm, task)
-    rows = test.dropna(subset=["mask_path"]).merge(preds[["image_id", "y_true"]], on="image_id")
-    rows = rows.iloc[rng.permutation(len(rows))]
-    masks, keep = [], []
-    for i, r in rows.iterrows():
-        m = _load_mask(run_dir, r["mask_path"], task)
-        if m.any():
-            masks.append(m)
-            keep.append(i)
-        if len(keep) >= cfg.explain.max_score_images:
-            break
-    rows = rows.loc[keep]
-    if rows.empty:
-        return [], float("nan")
-    target = np.ones(len(rows), int) if get_task(task).n_classes == 2 else rows["y_true"].to_numpy()
-    maps = _cams(model, layer, preprocess, run_dir, rows, target, cfg.explain.batch_size)
-    tol = max(1, round(cfg.explain.pointing_tolerance * min(masks[0].shape)))
-    scores = cam.score_maps(maps, masks, tolerance=tol, rng=rng)
-    codes, n_pat = bootstrap.patient_codes(rows["patient_id"])
-    w = bootstrap.bootstrap_weights(codes, n_pat, cfg.stats.n_boot, rng)
-    out = []
-    for name in CAM_METRICS:
-        x = np.nan_to_num(scores[name], nan=0.0)
-        lo, hi = bootstrap.percentile_interval((w @ x) / w.sum(axis=1), cfg.stats.confidence)
-        out.append({"arm": arm, "task": task, "split": "test", "metric": name, "value": float(x.mean()),
-                    "ci_low": lo, "ci_high": hi, "n": len(x)})
-    return out, float(scores["sigma"])
-
-
-def run(run_dir: Path, cfg: Config) -> None:
-    """Write Grad-CAM montages and (phantom) CAM scores for every CNN arm with a checkpoint."""
-    from kneeoa.models.infer import load_classifier
-
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
-    test = manifest[manifest["split"] == "test"]
-    arms = checkpoint_arms(run_dir)
-    index: dict = {"montages": [], "skipped": [], "sigma_px": {}}
+def _explain(kind: MapKind, run_dir: Path, test: pd.DataFrame, cfg: Config) -> list[dict]:
+    """One kind's montages and index for every arm x task it can explain; returns its mask-score rows."""
+    arms = kind.arms(run_dir, cfg)
+    index: dict = {"montages": [], "skipped": [], "sigma_px": {}, "settings": kind.settings(cfg)}
     rows: list[dict] = []
     for arm in arms:
         for task in cfg.tasks.names:
@@ -155,30 +219,47 @@ def run(run_dir: Path, cfg: Config) -> None:
             if not path.exists():
                 continue
             try:
-                model, layer, preprocess = load_classifier(run_dir, arm, task, cam_layer=cfg.explain.cam_layer)
-            except WeightsNotFoundError as e:
+                maps = kind.load(run_dir, arm, task, cfg)
+            except (WeightsNotFoundError, MissingInputError, NoArmPredictor) as e:
                 index["skipped"].append({"arm": arm, "task": task, "reason": str(e)})
                 continue
-            _, _, preds = read_predictions(path)
-            cols = ["image_id", "image_path", *(["mirrored"] if "mirrored" in test else [])]
-            preds = preds[preds["split"] == "test"].merge(test[cols], on="image_id")
+            preds = _test_predictions(path, test)
             chosen = select_examples(preds, cfg.explain.per_grade, _rng(cfg.explain.seed, "montage", arm, task))
             if len(chosen):
                 images = [load_gray(resolve_image_path(run_dir, p)) for p in chosen["image_path"]]
-                maps = _cams(model, layer, preprocess, run_dir, chosen,
-                             chosen["pred"].to_numpy(), cfg.explain.batch_size)
-                fig = montage(images, maps, chosen, class_names=get_task(task).classes,
-                              per_grade=cfg.explain.per_grade, title=f"{arm} - {task}: Grad-CAM of the predicted class")
-                rel = write_montage(fig, run_dir, arm, task)
-                index["montages"].append({"arm": arm, "task": task, "file": str(rel)})
-            if "mask_path" in test and get_task(task).masks:
-                new, sigma = _score_rows(run_dir, arm, task, model, layer, preprocess, test, preds, cfg)
-                rows.extend(new)
+                fig = montage(images, maps(chosen, chosen["pred"].to_numpy()), chosen,
+                              class_names=get_task(task).classes, per_grade=cfg.explain.per_grade,
+                              title=f"{arm} - {task}: {kind.title} of the predicted class")
+                index["montages"].append({"arm": arm, "task": task,
+                                          "file": str(kind.folder.write_montage(fig, run_dir, arm, task))})
+            if "mask_path" in test and get_task(task).masks and kind.score_images(cfg):
+                rng = _rng(cfg.explain.seed, "score", arm, task)
+                scored, masks, target = scored_rows(run_dir, test, preds, task, kind.score_images(cfg), rng)
+                sigma = float("nan")
+                if masks:
+                    new, sigma = metric_rows(maps(scored, target), masks, scored, arm=arm, task=task,
+                                             prefix=kind.prefix, cfg=cfg, rng=rng)
+                    rows.extend(new)
                 index["sigma_px"][f"{arm}__{task}"] = sigma
     if not arms:
-        index["skipped"].append({"arm": "*", "task": "*",
-                                 "reason": f"no checkpoints under {run_dir / CHECKPOINTS_DIR}"})
-    write_index(index, run_dir)
-    write_metrics_part(pd.DataFrame(rows, columns=COLUMNS), run_dir, "explain")
-    _logger.info("explain: %d montage(s), %d CAM score row(s)", len(index["montages"]), len(rows))
+        index["skipped"].append({"arm": "*", "task": "*", "reason": kind.none(run_dir)})
+    kind.folder.write_index(index, run_dir)
+    _logger.info("explain: %d %s montage(s), %d score row(s)", len(index["montages"]), kind.title, len(rows))
+    return rows
 
+
+def run(run_dir: Path, cfg: Config) -> None:
+    """Write the montages and (phantom) mask scores of every kind of map the config asks for.
+
+    A kind that is off has its figures of an earlier run removed, so the report never shows maps of other models.
+    """
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    test = manifest[manifest["split"] == "test"]
+    rows: list[dict] = []
+    for _, kind in MAPS.items():
+        if kind.enabled(cfg):
+            rows.extend(_explain(kind, run_dir, test, cfg))
+        elif kind.folder.remove(run_dir):
+            _logger.info("explain: %s is off; removed the earlier run's %s", kind.title, run_dir / kind.folder.folder)
+    write_metrics_part(pd.DataFrame(rows, columns=COLUMNS), run_dir, "explain")

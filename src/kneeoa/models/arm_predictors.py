@@ -1,0 +1,159 @@
+"""Every kind of arm as one function, crops in, class probabilities out: what model-agnostic explanations re-run.
+
+`PREDICTORS` maps a kind of arm to a loader `(run_dir, arm, task, cfg) -> predict`, where `predict` takes float
+crops (H, W) in [0, 1] and returns (n, K) probabilities of `task` (`kneeoa.occlusion.Predict`). Crops come as every
+stage reads them (`kneeoa.runfolder.manifest.load_knee`: mirrored rows flipped), the orientation each arm was
+trained or embedded in; the caller flips its maps back to the files' orientation. A loader raises `OtherArmKind`
+when the arm is not of its kind, so `arm_predictor` asks each entry in turn and the first that takes the arm wins;
+an arm no entry takes raises `NoArmPredictor` with every entry's reason (zero-shot and fusion arms). A loader that
+takes the arm but lacks a file raises `WeightsNotFoundError` (or `MissingInputError` for a missing provenance).
+
+Entries are "module:function" strings, imported when used; a new kind of arm is one entry.
+- `cnn`: arms with checkpoints (RUN_DIR/checkpoints/<arm>/): a `CnnPredictor` of every member that predicts the
+  task (an ensemble's mean);
+- `boost_xgb`: arms whose record (RUN_DIR/arms/<arm>.json) names an encoder and the head "xgb": the encoder that
+  made RUN_DIR/embeddings/<encoder>.parquet, re-created with the features its provenance records, then the fitted
+  head RUN_DIR/heads/<arm>/<task>.json;
+- `boost_linear`: the same for the head "linear", with the linear probe `boost` kept beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kneeoa.config import Config
+from kneeoa.errors import KneeoaError, MissingInputError, WeightsNotFoundError
+from kneeoa.models.encoders import Encoder
+from kneeoa.occlusion import Predict
+from kneeoa.registry import Registry
+from kneeoa.runfolder.arms import read_arms
+from kneeoa.runfolder.checkpoints import arm_dir
+from kneeoa.runfolder.embeddings import info_path, read_embedding_info
+from kneeoa.runfolder.heads import head_path, read_linear_probe
+
+
+class OtherArmKind(KneeoaError):
+    """The arm is not of the loader's kind (the message says what the loader looks for)."""
+
+
+class NoArmPredictor(KneeoaError):
+    """No kind of arm in `PREDICTORS` takes the arm (the message gives each kind's reason)."""
+
+
+PREDICTORS: Registry[str] = Registry("arm predictor")
+PREDICTORS.update({
+    "cnn": "kneeoa.models.arm_predictors:cnn_predictor",
+    "boost_xgb": "kneeoa.models.arm_predictors:xgb_predictor",
+    "boost_linear": "kneeoa.models.arm_predictors:linear_predictor",
+})
+
+
+def arm_predictor(run_dir: Path, arm: str, task: str, cfg: Config) -> Predict:
+    """The predict function of `arm` for `task`, from the first entry of `PREDICTORS` that takes the arm.
+
+    Raises:
+        NoArmPredictor: no entry takes the arm (each entry's reason is in the message).
+        WeightsNotFoundError: an entry takes the arm but a file it needs is missing (names the file and the fix).
+    """
+    reasons = []
+    for kind in PREDICTORS:
+        try:
+            return PREDICTORS.load(kind)(Path(run_dir), arm, task, cfg)
+        except OtherArmKind as e:
+            reasons.append(f"{kind}: {e}")
+    raise NoArmPredictor(f"Arm '{arm}' cannot be re-run on new crops; no kind of arm takes it ({'; '.join(reasons)}).")
+
+
+def cnn_predictor(run_dir: Path, arm: str, task: str, cfg: Config) -> Predict:
+    """A CNN arm: the mean of its members' probabilities, crops quantised as the training cache quantised them.
+
+    Only the networks that predict `task` run (one model per task: that task's model).
+    """
+    from kneeoa.models.infer import CnnPredictor
+
+    folder = arm_dir(run_dir, arm)
+    if not any(folder.glob("*.pt")):
+        raise OtherArmKind(f"no checkpoint under {folder}")
+    whole = CnnPredictor.from_run(run_dir, arm)
+    if task not in whole.tasks:
+        raise WeightsNotFoundError(f"No checkpoint of arm '{arm}' under {folder} predicts task '{task}' (it predicts "
+                                   f"{', '.join(whole.tasks)}). Train it again (`kneeoa train {run_dir}`).")
+    predictor = CnnPredictor.from_payloads([p for p in whole.payloads if task in p["tasks"]])
+
+    def predict(crops) -> np.ndarray:
+        return predictor.predict_proba(list(crops), batch_size=max(1, len(crops)))[task]
+
+    return predict
+
+
+def run_encoder(run_dir: Path, encoder: str, cfg: Config, *, precision: str | None = None) -> Encoder:
+    """The encoder that made the run's embeddings of `encoder`, with the feature choice its provenance records.
+
+    Weights are found as the embed stage finds them (`kneeoa.models.foundation.weights_for`); the device comes from
+    `cfg.foundation`, the precision from `precision` or else `cfg.foundation` (gradients want "fp32").
+
+    Raises:
+        MissingInputError: the provenance record is missing (names the command that makes it).
+        WeightsNotFoundError: no weights are found, or the weights found are not the ones that made the embeddings
+            (another checksum); names the folder the run used.
+    """
+    from kneeoa.models.foundation import create_encoder, get_encoder_spec, weights_for
+
+    spec = get_encoder_spec(encoder)
+    info = read_embedding_info(run_dir, spec.name)
+    if info is None:
+        raise MissingInputError(f"{info_path(run_dir, spec.name)} does not exist, so which {spec.title} features the "
+                                f"heads were fitted on is unknown. Make it with `kneeoa embed {run_dir} --encoder "
+                                f"{spec.name}`.")
+    recorded = f"{info['model_id']} revision {info['revision']}, loaded from {info['weights_path']}"
+    fix = f"Set foundation.weights.{spec.name} to the folder the run used ({info['weights_path']})."
+    fc = cfg.foundation
+    try:
+        enc = create_encoder(spec.name, weights_for(fc, spec.name, run_dir), features=info["features"],
+                             precision=precision or fc.precision, device=fc.device)
+    except WeightsNotFoundError as e:
+        raise WeightsNotFoundError(f"Re-running the {spec.title} arms needs the weights their embeddings came from "
+                                   f"({recorded}). {fix} {e}") from e
+    if info.get("checksum") and enc.checksum != info["checksum"]:
+        raise WeightsNotFoundError(
+            f"The {spec.title} weights at {enc.snapshot.path} (sha256 {enc.checksum[:12]}) are not those that made "
+            f"{info_path(run_dir, spec.name)} (sha256 {info['checksum'][:12]}, {recorded}), so the run's heads do "
+            f"not fit them. {fix}")
+    return enc
+
+
+def _head_predictor(run_dir: Path, arm: str, task: str, cfg: Config, head: str,
+                    load: Callable[[Path], Any]) -> Predict:
+    """An encoder + head arm: each crop is embedded again by the run's encoder, then the kept head is applied."""
+    details = read_arms(run_dir).get(arm, {}).get("details", {})
+    if "encoder" not in details:
+        raise OtherArmKind("its arm record names no encoder")
+    if details.get("head") != head:
+        raise OtherArmKind(f"its head is {details.get('head')!r}, not {head!r}")
+    path = head_path(run_dir, arm, task)
+    if not path.exists():
+        raise WeightsNotFoundError(f"{path} is missing: the fitted {task} head of arm '{arm}' was not kept. Run "
+                                   f"`kneeoa boost {run_dir}` again.")
+    fitted = load(path)
+    encoder = run_encoder(run_dir, details["encoder"], cfg)
+
+    def predict(crops) -> np.ndarray:
+        return fitted.predict_proba(encoder.encode(list(crops)))
+
+    return predict
+
+
+def xgb_predictor(run_dir: Path, arm: str, task: str, cfg: Config) -> Predict:
+    """An encoder + XGBoost arm (`<prefix>_xgb`)."""
+    from kneeoa.estimators import XGBHead
+
+    return _head_predictor(run_dir, arm, task, cfg, "xgb", XGBHead.load)
+
+
+def linear_predictor(run_dir: Path, arm: str, task: str, cfg: Config) -> Predict:
+    """An encoder + linear-probe arm (`<prefix>_linear`), the probe `boost` kept."""
+    return _head_predictor(run_dir, arm, task, cfg, "linear", read_linear_probe)
