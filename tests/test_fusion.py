@@ -258,3 +258,23 @@ def test_the_fusion_command_exits_2_without_members_and_runs_with_a_config(two_m
     res = runner.invoke(app, ["fusion", str(run), "-c", str(study)])
     assert res.exit_code == 0, res.output
     assert {"klg", "osteophytes"} == {t for t in TASKS if prediction_path(run, fusion.STACK_ARM, t).exists()}
+
+
+def test_the_fused_arms_are_re_run_on_crops_and_get_occlusion_maps(finished_run):
+    """Explanations for every arm: the fused arms are rebuilt from their kept models (the stacker over its re-run
+    members; the features of each source into the kept head) and reproduce their own test tables on the unoccluded
+    crops; the explain stage draws their occlusion maps."""
+    from kneeoa.models.arm_predictors import arm_predictor
+    from kneeoa.runfolder.manifest import load_knee, read_manifest
+    from kneeoa.runfolder.occlusion import OCCLUSION
+
+    run, cfg = finished_run
+    manifest = read_manifest(run).set_index("image_id")
+    for arm in ("fusion_stack", "fusion_features_linear"):
+        _, _, table = read_predictions(prediction_path(run, arm, "osteophytes"))
+        test = table[table["split"] == "test"].head(6)
+        crops = [load_knee(run, manifest.loc[i].to_dict()) for i in test["image_id"]]
+        got = arm_predictor(run, arm, "osteophytes", cfg)(crops)
+        np.testing.assert_allclose(got, test[["prob_0", "prob_1"]].to_numpy(), atol=1e-4)
+    drawn = {m["arm"] for m in OCCLUSION.read_index(run)["montages"]}
+    assert {"fusion_stack", "fusion_features_xgb", "fusion_features_linear"} <= drawn

@@ -289,7 +289,7 @@ def test_an_arm_no_kind_takes_is_refused_with_each_kinds_reason(disc_run):
 
     run, cfg = disc_run
     with pytest.raises(NoArmPredictor, match=r"'fusion_stack' cannot be re-run .*cnn: no checkpoint under .*"
-                                             r"boost_xgb: its arm record names no encoder"):
+                                             r"boost: its arm record names no encoder and head"):
         arm_predictor(run, "fusion_stack", TASK, cfg)
 
 

@@ -5,21 +5,24 @@ crops (H, W) in [0, 1] and returns (n, K) probabilities of `task` (`kneeoa.occlu
 stage reads them (`kneeoa.runfolder.manifest.load_knee`: mirrored rows flipped), the orientation each arm was
 trained or embedded in; the caller flips its maps back to the files' orientation. A loader raises `OtherArmKind`
 when the arm is not of its kind, so `arm_predictor` asks each entry in turn and the first that takes the arm wins;
-an arm no entry takes raises `NoArmPredictor` with every entry's reason (zero-shot and fusion arms). A loader that
+an arm no entry takes raises `NoArmPredictor` with every entry's reason (the zero-shot arms). A loader that
 takes the arm but lacks a file raises `WeightsNotFoundError` (or `MissingInputError` for a missing provenance).
 
 Entries are "module:function" strings, imported when used; a new kind of arm is one entry.
 - `cnn`: arms with checkpoints (RUN_DIR/checkpoints/<arm>/): a `CnnPredictor` of every member that predicts the
   task (an ensemble's mean);
-- `boost_xgb`: arms whose record (RUN_DIR/arms/<arm>.json) names an encoder and the head "xgb": the encoder that
-  made RUN_DIR/embeddings/<encoder>.parquet, re-created with the features its provenance records, then the fitted
-  head RUN_DIR/heads/<arm>/<task>.json;
-- `boost_linear`: the same for the head "linear", with the linear probe `boost` kept beside it.
+- `boost`: arms whose record (RUN_DIR/arms/<arm>.json) names an encoder and a head: the encoder that made
+  RUN_DIR/embeddings/<encoder>.parquet, re-created with the features its provenance records, then the head `boost`
+  kept (RUN_DIR/heads/<arm>/<task>.json: XGBoost or the linear probe, `kneeoa.runfolder.heads.load_head`);
+- `fusion_stack`: the members re-run through their own entries, then the stacker fitted on all of val;
+- `fusion_features`: the sources' features side by side (`FEATURE_SOURCES`: a CNN's pooled features, an encoder's
+  vectors), then the kept head.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,8 @@ from kneeoa.registry import Registry
 from kneeoa.runfolder.arms import read_arms
 from kneeoa.runfolder.checkpoints import arm_dir
 from kneeoa.runfolder.embeddings import info_path, read_embedding_info
-from kneeoa.runfolder.heads import head_path, read_linear_probe
+from kneeoa.runfolder.fusion import fusion_model_path
+from kneeoa.runfolder.heads import head_path, load_head
 
 
 class OtherArmKind(KneeoaError):
@@ -47,8 +51,9 @@ class NoArmPredictor(KneeoaError):
 PREDICTORS: Registry[str] = Registry("arm predictor")
 PREDICTORS.update({
     "cnn": "kneeoa.models.arm_predictors:cnn_predictor",
-    "boost_xgb": "kneeoa.models.arm_predictors:xgb_predictor",
-    "boost_linear": "kneeoa.models.arm_predictors:linear_predictor",
+    "boost": "kneeoa.models.arm_predictors:head_predictor",
+    "fusion_stack": "kneeoa.models.arm_predictors:stack_predictor",
+    "fusion_features": "kneeoa.models.arm_predictors:features_predictor",
 })
 
 
@@ -126,34 +131,73 @@ def run_encoder(run_dir: Path, encoder: str, cfg: Config, *, precision: str | No
     return enc
 
 
-def _head_predictor(run_dir: Path, arm: str, task: str, cfg: Config, head: str,
-                    load: Callable[[Path], Any]) -> Predict:
-    """An encoder + head arm: each crop is embedded again by the run's encoder, then the kept head is applied."""
+def head_predictor(run_dir: Path, arm: str, task: str, cfg: Config) -> Predict:
+    """An encoder + head arm (`<prefix>_xgb`, `<prefix>_linear`): each crop is embedded again by the run's encoder,
+    then the head `boost` kept is applied."""
     details = read_arms(run_dir).get(arm, {}).get("details", {})
-    if "encoder" not in details:
-        raise OtherArmKind("its arm record names no encoder")
-    if details.get("head") != head:
-        raise OtherArmKind(f"its head is {details.get('head')!r}, not {head!r}")
-    path = head_path(run_dir, arm, task)
-    if not path.exists():
-        raise WeightsNotFoundError(f"{path} is missing: the fitted {task} head of arm '{arm}' was not kept. Run "
-                                   f"`kneeoa boost {run_dir}` again.")
-    fitted = load(path)
+    if "encoder" not in details or "head" not in details:
+        raise OtherArmKind("its arm record names no encoder and head")
+    head = load_head(details["head"], head_path(run_dir, arm, task))
     encoder = run_encoder(run_dir, details["encoder"], cfg)
 
     def predict(crops) -> np.ndarray:
-        return fitted.predict_proba(encoder.encode(list(crops)))
+        return head.predict_proba(encoder.encode(list(crops)))
 
     return predict
 
 
-def xgb_predictor(run_dir: Path, arm: str, task: str, cfg: Config) -> Predict:
-    """An encoder + XGBoost arm (`<prefix>_xgb`)."""
-    from kneeoa.estimators import XGBHead
+def cnn_features(run_dir: Path, arm: str, cfg: Config) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
+    """Crops -> a CNN arm's pooled backbone features, every member side by side (what feature fusion reads)."""
+    from kneeoa.models.infer import CnnPredictor
 
-    return _head_predictor(run_dir, arm, task, cfg, "xgb", XGBHead.load)
+    predictor = CnnPredictor.from_run(run_dir, arm)
+    return lambda crops: predictor.features(list(crops), every_member=True)
 
 
-def linear_predictor(run_dir: Path, arm: str, task: str, cfg: Config) -> Predict:
-    """An encoder + linear-probe arm (`<prefix>_linear`), the probe `boost` kept."""
-    return _head_predictor(run_dir, arm, task, cfg, "linear", read_linear_probe)
+def encoder_features(run_dir: Path, encoder: str, cfg: Config) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
+    """Crops -> the vectors of the encoder that made the run's embeddings."""
+    enc = run_encoder(run_dir, encoder, cfg)
+    return lambda crops: enc.encode(list(crops))
+
+
+#: Where a feature-fusion arm's features come from, by the source kind its record names.
+FEATURE_SOURCES: dict[str, Callable[[Path, str, Config], Callable[[Sequence[np.ndarray]], np.ndarray]]] = {
+    "cnn": cnn_features, "encoder": encoder_features}
+
+
+def _fusion_record(run_dir: Path, arm: str, task: str, method: str) -> tuple[dict[str, Any], Path]:
+    details = read_arms(run_dir).get(arm, {}).get("details", {})
+    if details.get("method") != method:
+        raise OtherArmKind(f"its arm record names no fusion method {method!r}")
+    path = fusion_model_path(run_dir, arm, task)
+    if not path.exists():
+        raise WeightsNotFoundError(f"{path} is missing: the fitted {task} model of arm '{arm}' was not kept. Run "
+                                   f"`kneeoa fusion {run_dir}` again.")
+    return details, path
+
+
+def stack_predictor(run_dir: Path, arm: str, task: str, cfg: Config) -> Predict:
+    """The stacker arm: each member re-run on the crops (its own entry here), then the stacker fitted on all of val."""
+    from kneeoa.models.stacking import Stacker, stack_inputs
+
+    _, path = _fusion_record(run_dir, arm, task, "stack")
+    record = json.loads(path.read_text())
+    stacker = Stacker.from_dict(record["stacker"])
+    members = [arm_predictor(run_dir, member, task, cfg) for member in record["members"]]
+
+    def predict(crops) -> np.ndarray:
+        return stacker.predict_proba(stack_inputs([member(crops) for member in members]))
+
+    return predict
+
+
+def features_predictor(run_dir: Path, arm: str, task: str, cfg: Config) -> Predict:
+    """A feature-fusion arm: every source's features of the crops side by side, then its kept head."""
+    details, path = _fusion_record(run_dir, arm, task, "features")
+    head = load_head(details["head"], path)
+    sources = [FEATURE_SOURCES[s["kind"]](run_dir, s["name"], cfg) for s in details["sources"]]
+
+    def predict(crops) -> np.ndarray:
+        return head.predict_proba(np.hstack([source(crops) for source in sources]))
+
+    return predict

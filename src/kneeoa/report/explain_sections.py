@@ -71,9 +71,10 @@ def explain_section(run_dir: Path, cfg: Config) -> str | None:
     if not indexes:
         return None
     parts = ["<h2>Where the arms look (Grad-CAM and occlusion maps)</h2>"
-             "<p>Grad-CAM (CNN arms) weighs a convolutional block's maps by their gradient for the predicted class. An "
-             "occlusion map (every arm whose model can be re-run, foundation-model arms re-embedded) covers the crop "
-             "with a sliding patch of its mean intensity and shows where that lowers the predicted class's "
+             "<p>Grad-CAM (CNN arms, and linear-probe arms through their encoder) weighs a block's maps by their "
+             "gradient for the predicted class. An occlusion map (every arm whose model can be re-run, "
+             "foundation-model arms re-embedded) covers the crop with a sliding patch of its mean intensity and "
+             "shows where that lowers the predicted class's "
              "probability most. Both kinds show the same knees.</p>"]
     scores = read_metrics_part(run_dir, "explain")
     if len(scores):

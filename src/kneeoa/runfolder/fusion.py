@@ -2,7 +2,8 @@
 
 For `fusion_stack`: the members, the stacker fitted on every val row (coefficients, classes, decoding; the one
 applied to test, `kneeoa.models.stacking.Stacker`) and the cross-fitting fold of every val image, so the honest val
-figures can be audited and re-derived. For `fusion_features_xgb`: the XGBoost head (`XGBHead.save`).
+figures can be audited and re-derived. For `fusion_features_<head>`: the fitted head, kept as
+`kneeoa.runfolder.heads.save_head` keeps the boost arms' heads.
 """
 
 from __future__ import annotations

@@ -102,3 +102,35 @@ def read_linear_probe(path: Path) -> LinearProbe:
     return LinearProbe(mean=np.asarray(state["mean"]), scale=np.asarray(state["scale"]),
                        coef=np.asarray(state["coef"]), intercept=np.asarray(state["intercept"]),
                        classes=np.asarray(state["classes"], dtype=int), n_classes=int(state["n_classes"]))
+
+
+def _save_xgb(model: Any, path: Path, n_classes: int) -> Path:
+    return model.save(path)
+
+
+def _load_xgb(path: Path) -> Any:
+    from kneeoa.estimators import XGBHead
+
+    if not Path(path).exists():
+        raise WeightsNotFoundError(f"{path} is missing: the fitted XGBoost head of this arm and task was not kept. "
+                                   f"Re-run the stage that fits it (`kneeoa boost` or `kneeoa fusion`).")
+    return XGBHead.load(path)
+
+
+#: How each head of `kneeoa.models.probes.HEADS` is kept and read back: (save(model, path, K), load(path)).
+HEAD_FILES: dict[str, tuple[Any, Any]] = {"xgb": (_save_xgb, _load_xgb), "linear": (write_linear_probe,
+                                                                                     read_linear_probe)}
+
+
+def save_head(head: str, model: Any, path: Path, n_classes: int) -> Path:
+    """Keep a fitted head (the boost arms' under heads/, the feature-fusion arms' under fusion/)."""
+    return HEAD_FILES[head][0](model, path, n_classes)
+
+
+def load_head(head: str, path: Path) -> Any:
+    """A kept head, with `predict_proba(X) -> (n, K)`.
+
+    Raises:
+        WeightsNotFoundError: the file is missing or holds another kind of head.
+    """
+    return HEAD_FILES[head][1](path)

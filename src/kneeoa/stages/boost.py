@@ -16,9 +16,7 @@ probes for Grad-CAM through the encoder (`kneeoa.models.encoder_cam`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from kneeoa.config import Config
 from kneeoa.errors import ManifestError
@@ -26,7 +24,7 @@ from kneeoa.models.foundation import encoder_arms, get_encoder_spec
 from kneeoa.models.probes import fit_task
 from kneeoa.runfolder.arms import read_arms, record_arm
 from kneeoa.runfolder.embeddings import manifest_matrix, read_embeddings
-from kneeoa.runfolder.heads import head_path, write_linear_probe
+from kneeoa.runfolder.heads import head_path, save_head
 from kneeoa.runfolder.manifest import read_manifest
 from kneeoa.runfolder.predictions import write_predictions
 from kneeoa.tasks import available_tasks, get_task
@@ -35,13 +33,6 @@ _log = logging.getLogger(__name__)
 
 #: Tasks that are not learned from labels (zero-shot anatomy QC has y_true = 1 everywhere).
 _NOT_LEARNED = ("knee_id",)
-
-#: How each head (`kneeoa.models.probes.HEADS`) is kept: (fitted model, file, class count) -> None.
-_KEEP: dict[str, Callable[[Any, Path, int], object]] = {
-    "xgb": lambda model, path, k: model.save(path),
-    "linear": write_linear_probe,
-}
-
 
 def run(run_dir: Path, cfg: Config) -> None:
     """Fit the heads of every encoder in `cfg.foundation.encoders` on its embeddings, for every available task.
@@ -70,7 +61,7 @@ def run(run_dir: Path, cfg: Config) -> None:
             for task in tasks:
                 model, table_, chosen[task] = fit_task(head, X, manifest, task, cfg)
                 if table_ is not None:
-                    _KEEP[head](model, head_path(run_dir, arm, task), get_task(task).n_classes)
+                    save_head(head, model, head_path(run_dir, arm, task), get_task(task).n_classes)
                     write_predictions(table_, run_dir, arm, task)
                 _log.info("%s %s: %s", arm, task, chosen[task])
             record_arm(run_dir, arm, status="ran", weights=weights,

@@ -15,7 +15,8 @@ The members are `fusion.arms` (at least two: CNN arms, embedding arms, any arm w
 
 A member that did not run makes every fused arm a not-run record naming it. A name that is not an arm of the run, a
 member without a table for a task, or members scored on different knees are named errors. Fitted models are kept
-in RUN_DIR/fusion/<arm>/<task>.json (`kneeoa.runfolder.fusion`).
+in RUN_DIR/fusion/<arm>/<task>.json (`kneeoa.runfolder.fusion`; the heads in the formats of
+`kneeoa.runfolder.heads`), so `kneeoa explain` can re-run the fused arms on occluded crops.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from tqdm.auto import tqdm
 
 from kneeoa.config import Config
 from kneeoa.errors import ConfigError, ManifestError
-from kneeoa.estimators import XGBHead
 from kneeoa.models.probes import fit_task
 from kneeoa.models.stacking import Decoding, cross_fit, fit_stacker, patient_folds, stack_inputs
 from kneeoa.registry import Registry
@@ -40,6 +40,7 @@ from kneeoa.runfolder.arms import read_arms, record_arm
 from kneeoa.runfolder.checkpoints import checkpoint_arms
 from kneeoa.runfolder.embeddings import manifest_matrix, read_embeddings
 from kneeoa.runfolder.fusion import fusion_model_path, write_fusion_record
+from kneeoa.runfolder.heads import save_head
 from kneeoa.runfolder.manifest import load_knee, read_manifest
 from kneeoa.runfolder.predictions import (
     list_predictions,
@@ -191,13 +192,13 @@ def stack(run_dir: Path, cfg: Config, manifest: pd.DataFrame, members: list[str]
 # ------------------------------------------------------------------------------------------------------ features
 
 
-def cnn_features(run_dir: Path, arm: str, manifest: pd.DataFrame, batch: int = 256) -> np.ndarray:
+def cnn_features(run_dir: Path, arm: str, manifest: pd.DataFrame, cfg: Config, batch: int = 256) -> np.ndarray:
     """(n_manifest_rows, D) pooled backbone features of a CNN arm, every member side by side, in manifest order."""
-    from kneeoa.models.infer import CnnPredictor
+    from kneeoa.models.arm_predictors import FEATURE_SOURCES
 
-    predictor = CnnPredictor.from_run(run_dir, arm)
+    features = FEATURE_SOURCES["cnn"](run_dir, arm, cfg)
     rows = manifest.to_dict("records")
-    parts = [predictor.features([load_knee(run_dir, r) for r in rows[lo:lo + batch]], every_member=True)
+    parts = [features([load_knee(run_dir, r) for r in rows[lo:lo + batch]])
              for lo in tqdm(range(0, len(rows), batch), desc=f"{arm} features", leave=False)]
     return np.concatenate(parts).astype(np.float32)
 
@@ -224,7 +225,7 @@ def features(run_dir: Path, cfg: Config, manifest: pd.DataFrame, members: list[s
                        reason=f"feature fusion needs features from two members (a CNN checkpoint or an embedding "
                               f"table); {', '.join(members)} give {len(sources)}: {sources}")
         return
-    blocks = [cnn_features(run_dir, name, manifest) if kind == "cnn"
+    blocks = [cnn_features(run_dir, name, manifest, cfg) if kind == "cnn"
               else manifest_matrix(read_embeddings(run_dir, name)[0], manifest, name, run_dir)
               for kind, name in sources]
     X = np.hstack(blocks)
@@ -236,8 +237,7 @@ def features(run_dir: Path, cfg: Config, manifest: pd.DataFrame, members: list[s
         for task in tasks:
             model, table, chosen[task] = fit_task(head, X, manifest, task, cfg)
             if table is not None:
-                if isinstance(model, XGBHead):
-                    model.save(fusion_model_path(run_dir, arm, task))
+                save_head(head, model, fusion_model_path(run_dir, arm, task), get_task(task).n_classes)
                 write_predictions(table, run_dir, arm, task)
             _log.info("%s %s: %s", arm, task, chosen[task])
         record_arm(run_dir, arm, status="ran",
