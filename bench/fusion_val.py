@@ -5,8 +5,10 @@ The report compares a fused arm with its best member as the run stored them. On 
 flatters it) while the stacker's val predictions are cross-fitted. Here every cut-point decoding is cross-fitted on
 the stacker's own patient folds (RUN_DIR/fusion/fusion_stack/<task>.json): a member's cut-points for a fold are tuned
 on the other folds, with the run's `cnn.cutpoint_bootstrap` and `cnn.cutpoint_accuracy_weight`. Arms decoded by
-argmax stay as stored. Then each fused arm is compared with each member by a paired patient bootstrap (difference,
-95 % CI, p-value), for quadratic kappa, accuracy and balanced accuracy. Test rows are never read.
+argmax stay as stored. Controls `stack(<member>)`: the same stacker, folds and decoding over one member alone, so
+what a second member adds is told apart from what re-fitting a member's probabilities costs. Then each fused arm is
+compared with each member (and the stacker with its controls) by a paired patient bootstrap (difference, 95 % CI,
+p-value), for quadratic kappa, accuracy and balanced accuracy. Test rows are never read.
 
     .venv/bin/python bench/fusion_val.py RUN_DIR [--task klg] [--n-boot 1000]
 """
@@ -67,7 +69,30 @@ def fair_val(run_dir: Path, task: str) -> tuple[pd.DataFrame, dict[str, dict], l
         else:
             out[arm] = {"probs": probs, "decoding": "cut-points cross-fitted on the stacker's folds",
                         "pred": refit_cutpoints(y, probs, rows["patient"].to_numpy(), rows["fold"].to_numpy(), cnn)}
+    stack_rec = next((r for r in fused if r["arm"] == "fusion_stack"), None)
+    if stack_rec is not None:
+        out.update(single_member_stackers(rows, out, stack_rec["details"]["members"], stack, cnn, task))
     return rows, out, fused
+
+
+def single_member_stackers(rows: pd.DataFrame, arms: dict[str, dict], members: list[str], stack: dict, cnn: dict,
+                           task: str) -> dict[str, dict]:
+    """Controls: the same stacker, folds and decoding over each member alone (`stack(<member>)`). Set against the
+    fused stacker, they separate what the other member adds from what re-fitting a member's probabilities costs."""
+    from kneeoa.models.stacking import Decoding, cross_fit, stack_inputs
+    from kneeoa.tasks import get_task
+
+    k = get_task(task).n_classes
+    cutpoints = stack["stacker"]["decoding"]["method"] == "cutpoints"
+    decoding = Decoding(cutpoints, cnn.get("cutpoint_bootstrap", 0), cnn.get("cutpoint_accuracy_weight", 0.0),
+                        cnn.get("seed", 0))
+    out = {}
+    for member in members:
+        probs, pred = cross_fit(stack_inputs([arms[member]["probs"]]), rows["y"].to_numpy(),
+                                rows["patient"].to_numpy(), rows["fold"].to_numpy(), k, c=stack["c"],
+                                decoding=decoding)
+        out[f"stack({member})"] = {"probs": probs, "pred": pred, "decoding": "cross-fitted on the stacker's folds"}
+    return out
 
 
 def summary(run_dir: Path, task: str, n_boot: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -90,7 +115,8 @@ def summary(run_dir: Path, task: str, n_boot: int) -> tuple[pd.DataFrame, pd.Dat
         table.append(row)
     pairs = []
     for rec in fused:
-        for member in rec["details"]["members"]:
+        controls = [a for a in arms if a.startswith("stack(")] if rec["arm"] == "fusion_stack" else []
+        for member in rec["details"]["members"] + controls:
             for name in METRIC_NAMES:
                 m = METRICS.get(name)
                 res = bootstrap.paired_bootstrap(y, arms[rec["arm"]]["probs"], arms[member]["probs"], w, point=m.fn,

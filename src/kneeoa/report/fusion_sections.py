@@ -21,7 +21,7 @@ from kneeoa.runfolder.tables import read_table
 from kneeoa.tasks import get_task
 
 _HOW = {"stack": "logistic stacker on the members' probabilities, cross-fitted on val by patient",
-        "features": "member features concatenated into a {head} head, fitted on train, chosen on val"}
+        "features": "member features concatenated into the {head} head, fitted on train, chosen on val"}
 
 
 def _paired(comp: pd.DataFrame | None, fused: str, member: str, task: str, metric: str) -> pd.Series | None:
