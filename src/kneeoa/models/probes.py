@@ -13,7 +13,9 @@ Test rows are only predicted, never used for a choice.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,8 +29,11 @@ from kneeoa.config import Config, FoundationCfg
 from kneeoa.errors import ConfigError
 from kneeoa.estimators import XGBHead, balanced_weights
 from kneeoa.registry import Registry
-from kneeoa.runfolder.predictions import make_prediction_table
+from kneeoa.runfolder.heads import save_head
+from kneeoa.runfolder.predictions import make_prediction_table, write_predictions
 from kneeoa.tasks import get_task
+
+_log = logging.getLogger(__name__)
 
 #: Grid keys XGBHead takes; the rest of its parameters come from fixed config keys.
 _XGB_SEARCHABLE = ("max_depth", "learning_rate", "min_child_weight", "max_bin")
@@ -114,3 +119,17 @@ def fit_task(head: str, X: np.ndarray, manifest: pd.DataFrame, task: str,
     model, chosen = HEADS.get(head)(Xs[tr], y[tr], Xs[va], y[va], k, cfg)
     probs = _full_proba(model, Xs, k)
     return model, make_prediction_table(sub["image_id"], sub["split"], y, probs), chosen
+
+
+def fit_arm(head: str, X: np.ndarray, manifest: pd.DataFrame, tasks: list[str], cfg: Config, *, run_dir: Path,
+            arm: str, keep: Callable[[str], Path]) -> dict[str, dict[str, Any]]:
+    """Fit head `head` on `X` for every task, keep each fitted head at `keep(task)` (`save_head`) and write the
+    arm's prediction tables; returns the settings chosen (or why a task was skipped) per task, for the arm record."""
+    chosen = {}
+    for task in tasks:
+        model, table, chosen[task] = fit_task(head, X, manifest, task, cfg)
+        if table is not None:
+            save_head(head, model, keep(task), get_task(task).n_classes)
+            write_predictions(table, run_dir, arm, task)
+        _log.info("%s %s: %s", arm, task, chosen[task])
+    return chosen

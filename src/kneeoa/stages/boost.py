@@ -15,21 +15,17 @@ probes for Grad-CAM through the encoder (`kneeoa.models.encoder_cam`).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from kneeoa.config import Config
 from kneeoa.errors import ManifestError
 from kneeoa.models.foundation import encoder_arms, get_encoder_spec
-from kneeoa.models.probes import fit_task
+from kneeoa.models.probes import fit_arm
 from kneeoa.runfolder.arms import read_arms, record_arm
 from kneeoa.runfolder.embeddings import manifest_matrix, read_embeddings
-from kneeoa.runfolder.heads import head_path, save_head
+from kneeoa.runfolder.heads import head_path
 from kneeoa.runfolder.manifest import read_manifest
-from kneeoa.runfolder.predictions import write_predictions
-from kneeoa.tasks import available_tasks, get_task
-
-_log = logging.getLogger(__name__)
+from kneeoa.tasks import available_tasks
 
 #: Tasks that are not learned from labels (zero-shot anatomy QC has y_true = 1 everywhere).
 _NOT_LEARNED = ("knee_id",)
@@ -57,13 +53,8 @@ def run(run_dir: Path, cfg: Config) -> None:
         weights = f"{info['model_id']} revision {info['revision']} sha256 {info['checksum'][:12]}"
         for arm in arms:
             head = arm.removeprefix(f"{spec.arm_prefix}_")
-            chosen = {}
-            for task in tasks:
-                model, table_, chosen[task] = fit_task(head, X, manifest, task, cfg)
-                if table_ is not None:
-                    save_head(head, model, head_path(run_dir, arm, task), get_task(task).n_classes)
-                    write_predictions(table_, run_dir, arm, task)
-                _log.info("%s %s: %s", arm, task, chosen[task])
+            chosen = fit_arm(head, X, manifest, tasks, cfg, run_dir=run_dir, arm=arm,
+                             keep=lambda task, arm=arm: head_path(run_dir, arm, task))
             record_arm(run_dir, arm, status="ran", weights=weights,
                        details={"encoder": spec.name, "features": info["features"], "dim": info["dim"],
                                 "head": head, "tasks": chosen})

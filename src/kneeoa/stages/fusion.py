@@ -33,14 +33,13 @@ from tqdm.auto import tqdm
 
 from kneeoa.config import Config
 from kneeoa.errors import ConfigError, ManifestError
-from kneeoa.models.probes import fit_task
+from kneeoa.models.probes import fit_arm
 from kneeoa.models.stacking import Decoding, cross_fit, fit_stacker, patient_folds, stack_inputs
 from kneeoa.registry import Registry
 from kneeoa.runfolder.arms import read_arms, record_arm
 from kneeoa.runfolder.checkpoints import checkpoint_arms
 from kneeoa.runfolder.embeddings import manifest_matrix, read_embeddings
 from kneeoa.runfolder.fusion import fusion_model_path, write_fusion_record
-from kneeoa.runfolder.heads import save_head
 from kneeoa.runfolder.manifest import load_knee, read_manifest
 from kneeoa.runfolder.predictions import (
     list_predictions,
@@ -233,13 +232,8 @@ def features(run_dir: Path, cfg: Config, manifest: pd.DataFrame, members: list[s
                  for (kind, name), b in zip(sources, blocks, strict=True)]
     for head in cfg.fusion.heads:
         arm = FEATURES_ARM.format(head=head)
-        chosen = {}
-        for task in tasks:
-            model, table, chosen[task] = fit_task(head, X, manifest, task, cfg)
-            if table is not None:
-                save_head(head, model, fusion_model_path(run_dir, arm, task), get_task(task).n_classes)
-                write_predictions(table, run_dir, arm, task)
-            _log.info("%s %s: %s", arm, task, chosen[task])
+        chosen = fit_arm(head, X, manifest, tasks, cfg, run_dir=run_dir, arm=arm,
+                         keep=lambda task, arm=arm: fusion_model_path(run_dir, arm, task))
         record_arm(run_dir, arm, status="ran",
                    weights="features of " + " + ".join(f"{s['name']} ({s['dim']}-d)" for s in described),
                    details={"method": "features", "members": members, "sources": described, "head": head,
