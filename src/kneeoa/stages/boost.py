@@ -30,6 +30,7 @@ from kneeoa.tasks import available_tasks
 #: Tasks that are not learned from labels (zero-shot anatomy QC has y_true = 1 everywhere).
 _NOT_LEARNED = ("knee_id",)
 
+
 def run(run_dir: Path, cfg: Config) -> None:
     """Fit the heads of every encoder in `cfg.foundation.encoders` on its embeddings, for every available task.
 
