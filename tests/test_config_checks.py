@@ -58,6 +58,7 @@ def test_every_checked_key_exists_and_the_defaults_pass():
     ({"explain": {"occlusion_patch": 1.5}}, "explain.occlusion_patch: 1.5 is outside the allowed range (0, 1]."),
     ({"explain": {"occlusion_stride": 0}}, "explain.occlusion_stride: 0.0 is outside the allowed range (0, 1]."),
     ({"explain": {"occlusion_images": -1}}, "explain.occlusion_images: -1 is outside the allowed range [0, inf]."),
+    ({"explain": {"split": "validation"}}, "explain.split: 'validation' is not one of: train, val, test."),
 ])
 def test_each_bad_value_is_named_with_its_choices_or_range(data, problem):
     with pytest.raises(ConfigError) as err:

@@ -361,3 +361,30 @@ def test_occlusion_off_writes_no_occlusion_files_and_removes_old_ones(explained,
     assert not (run / "figures" / "occlusion").exists()
     assert not read_metrics_part(run, "explain")["metric"].str.startswith("occlusion_").any()
     assert (run / "figures" / "gradcam" / "index.json").exists()
+
+
+def test_explain_split_val_draws_and_scores_val_knees(disc_run, tmp_path):
+    """A run whose test split is held out explains val: montages of val knees, score rows labelled val."""
+    import dataclasses
+
+    from kneeoa.runfolder.manifest import read_manifest
+    from kneeoa.stages import explain
+
+    src, cfg = disc_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    cfg = dataclasses.replace(cfg, explain=dataclasses.replace(cfg.explain, split="val"))
+    shown: list[str] = []
+    drawn = explain.montage
+
+    def recording(images, maps, chosen, **kw):
+        shown.extend(chosen["image_id"])
+        return drawn(images, maps, chosen, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(explain, "montage", recording)
+        explain.run(run, cfg)
+    manifest = read_manifest(run).set_index("image_id")
+    assert shown and set(manifest.loc[shown, "split"]) == {"val"}
+    scores = pd.read_csv(run / "metrics" / "explain.csv")
+    assert len(scores) and set(scores["split"]) == {"val"}

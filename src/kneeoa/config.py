@@ -155,6 +155,7 @@ class ExplainCfg:
     # Which block Grad-CAM hooks: "penultimate" (default) or "last". At the demo's 128 px input the last ResNet18
     # stage is a 4x4 grid of 32 px cells, too coarse for millimetre-sized osteophytes; the stage before is 8x8.
     cam_layer: str = "penultimate"
+    split: str = "test"  # whose images the montages show and the mask scores use (val where test is held out)
     # Occlusion maps for every arm (model-agnostic; FM arms are re-embedded): a grey patch slides over the crop and
     # the map is the drop in the explained class's probability. Sizes are shares of the crop side.
     occlusion: bool = True

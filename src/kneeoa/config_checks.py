@@ -148,6 +148,7 @@ CHECKS: dict[str, OneOf | Range] = {
     "explain.pointing_tolerance": SHARE,
     "explain.batch_size": AT_LEAST_ONE,
     "explain.cam_layer": OneOf(words=("penultimate", "last")),
+    "explain.split": OneOf(words=("train", "val", "test")),
     "explain.occlusion_images": NON_NEGATIVE,
     "explain.occlusion_patch": Range(0, 1, open_lo=True),
     "explain.occlusion_stride": Range(0, 1, open_lo=True),

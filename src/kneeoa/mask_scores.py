@@ -1,9 +1,9 @@
 """Explanation maps scored against the phantom's feature masks, as metrics rows with patient-bootstrap CIs.
 
 The explain stage scores two kinds of map the same way: Grad-CAMs (`cam_*` rows) and occlusion maps
-(`occlusion_*` rows). `scored_rows` picks the test images (a seeded permutation of those with a mask file, keeping
-the first ones whose task mask is non-empty), their masks and the class each map explains (binary tasks: class 1,
-"feature present"; KLG: the true grade); `metric_rows` turns maps of those images into the rows of
+(`occlusion_*` rows). `scored_rows` picks the images of the explained split (a seeded permutation of those with a
+mask file, keeping the first ones whose task mask is non-empty), their masks and the class each map explains (binary
+tasks: class 1, "feature present"; KLG: the true grade); `metric_rows` turns maps of those images into the rows of
 `kneeoa.cam.score_maps`' four scores. Taking the rows from one permutation makes a shorter list the head of a longer
 one, so occlusion maps are scored on the first of the images the CAMs are scored on.
 """
@@ -46,16 +46,16 @@ def load_task_mask(run_dir: Path, mask_path: str, task: str) -> np.ndarray:
                         "`kneeoa phantom`.") from e
 
 
-def scored_rows(run_dir: Path, test: pd.DataFrame, preds: pd.DataFrame, task: str, limit: int,
+def scored_rows(run_dir: Path, part: pd.DataFrame, preds: pd.DataFrame, task: str, limit: int,
                 rng: np.random.Generator) -> tuple[pd.DataFrame, list[np.ndarray], np.ndarray]:
-    """Up to `limit` test rows whose task mask is non-empty, their masks and the class each map explains.
+    """Up to `limit` rows of `part` whose task mask is non-empty, their masks and the class each map explains.
 
     Args:
-        test: the manifest's test rows (with mask_path and patient_id).
+        part: the manifest's rows of the explained split (with mask_path and patient_id).
         preds: the arm's prediction table (image_id, y_true).
         rng: draws the order the rows are taken in (the same seed gives the same rows, whatever `limit`).
     """
-    rows = test.dropna(subset=["mask_path"]).merge(preds[["image_id", "y_true"]], on="image_id")
+    rows = part.dropna(subset=["mask_path"]).merge(preds[["image_id", "y_true"]], on="image_id")
     rows = rows.iloc[rng.permutation(len(rows))]
     masks, keep = [], []
     for i, r in rows.iterrows():
@@ -72,7 +72,8 @@ def scored_rows(run_dir: Path, test: pd.DataFrame, preds: pd.DataFrame, task: st
 
 def metric_rows(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], rows: pd.DataFrame, *, arm: str, task: str,
                 prefix: str, cfg: Config, rng: np.random.Generator) -> tuple[list[dict], float]:
-    """Metrics rows (split "test", the mean over images with a patient-bootstrap CI) of the maps' four scores.
+    """Metrics rows (split `cfg.explain.split`, the mean over images with a patient-bootstrap CI) of the maps' four
+    scores.
 
     Returns:
         (rows named `metric_names(prefix)`, the random maps' smoothing sigma in pixels).
@@ -85,6 +86,6 @@ def metric_rows(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], rows: p
     for score, name in zip(SCORES, metric_names(prefix), strict=True):
         x = np.nan_to_num(scores[score], nan=0.0)
         lo, hi = bootstrap.percentile_interval((w @ x) / w.sum(axis=1), cfg.stats.confidence)
-        out.append({"arm": arm, "task": task, "split": "test", "metric": name, "value": float(x.mean()),
+        out.append({"arm": arm, "task": task, "split": cfg.explain.split, "metric": name, "value": float(x.mean()),
                     "ci_low": lo, "ci_high": hi, "n": len(x)})
     return out, float(scores["sigma"])

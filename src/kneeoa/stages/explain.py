@@ -12,16 +12,17 @@ Two kinds of map (`MAPS`), each for every arm it can explain and every configure
   why.
 
 A montage RUN_DIR/figures/<kind>/<arm>__<task>.png: rows are true classes, columns up to `explain.per_grade`
-correctly and `explain.per_grade` wrongly classified test images, each overlaid with the map of its *predicted* class
-(what drove the decision). Both kinds draw the same knees (the same seeded choice per arm x task).
+correctly and `explain.per_grade` wrongly classified images of `explain.split` (default test; val for a run whose
+test split is held out), each overlaid with the map of its *predicted* class (what drove the decision). Both kinds
+draw the same knees (the same seeded choice per arm x task).
 
 Where the manifest has `mask_path` (phantom), the maps are scored against the task's feature mask
-(`kneeoa.mask_scores`): Grad-CAMs over up to `explain.max_score_images` test images whose task mask is non-empty,
-occlusion maps over the first `explain.occlusion_images` of the same images, each with the map of the class that
-means "feature present" (binary tasks: class 1; KLG: the true grade), as metrics.csv rows `cam_energy_in_mask`,
-`cam_pointing_game`, `occlusion_energy_in_mask`, `occlusion_pointing_game` and their `_random` baselines (split
-"test", patient-bootstrap CIs of the mean), in the stage's own metrics part RUN_DIR/metrics/explain.csv. Which masks
-define a task's feature is the task's entry (`Task.masks`); tasks without masks are not scored.
+(`kneeoa.mask_scores`): Grad-CAMs over up to `explain.max_score_images` images of that split whose task mask is
+non-empty, occlusion maps over the first `explain.occlusion_images` of the same images, each with the map of the
+class that means "feature present" (binary tasks: class 1; KLG: the true grade), as metrics.csv rows
+`cam_energy_in_mask`, `cam_pointing_game`, `occlusion_energy_in_mask`, `occlusion_pointing_game` and their `_random`
+baselines (patient-bootstrap CIs of the mean), in the stage's own metrics part RUN_DIR/metrics/explain.csv. Which
+masks define a task's feature is the task's entry (`Task.masks`); tasks without masks are not scored.
 
 Each kind's index.json lists the montages, the random maps' smoothing and anything skipped, with why.
 """
@@ -166,7 +167,7 @@ MAPS.update({
 
 
 def select_examples(preds: pd.DataFrame, per_grade: int, rng: np.random.Generator) -> pd.DataFrame:
-    """Up to `per_grade` correct and `per_grade` wrong test images per true class, with a `correct` column."""
+    """Up to `per_grade` correct and `per_grade` wrong images per true class, with a `correct` column."""
     preds = preds.assign(pred=preds["y_pred"])
     preds["correct"] = preds["pred"] == preds["y_true"]
     picks = []
@@ -201,14 +202,15 @@ def montage(images: list[np.ndarray], cams: list[np.ndarray], chosen: pd.DataFra
     return fig
 
 
-def _test_predictions(path: Path, test: pd.DataFrame) -> pd.DataFrame:
-    """The test rows of a prediction table, with the manifest's image path (and mirroring)."""
+def _split_predictions(path: Path, part: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a prediction table for the manifest rows `part` (one split), with their image path (and
+    mirroring)."""
     _, _, preds = read_predictions(path)
-    cols = ["image_id", "image_path", *(["mirrored"] if "mirrored" in test else [])]
-    return preds[preds["split"] == "test"].merge(test[cols], on="image_id")
+    cols = ["image_id", "image_path", *(["mirrored"] if "mirrored" in part else [])]
+    return preds.merge(part[cols], on="image_id")
 
 
-def _explain(kind: MapKind, run_dir: Path, test: pd.DataFrame, cfg: Config) -> list[dict]:
+def _explain(kind: MapKind, run_dir: Path, part: pd.DataFrame, cfg: Config) -> list[dict]:
     """One kind's montages and index for every arm x task it can explain; returns its mask-score rows."""
     arms = kind.arms(run_dir, cfg)
     index: dict = {"montages": [], "skipped": [], "sigma_px": {}, "settings": kind.settings(cfg)}
@@ -223,7 +225,7 @@ def _explain(kind: MapKind, run_dir: Path, test: pd.DataFrame, cfg: Config) -> l
             except (WeightsNotFoundError, MissingInputError, NoArmPredictor) as e:
                 index["skipped"].append({"arm": arm, "task": task, "reason": str(e)})
                 continue
-            preds = _test_predictions(path, test)
+            preds = _split_predictions(path, part)
             chosen = select_examples(preds, cfg.explain.per_grade, _rng(cfg.explain.seed, "montage", arm, task))
             if len(chosen):
                 images = [load_gray(resolve_image_path(run_dir, p)) for p in chosen["image_path"]]
@@ -232,9 +234,9 @@ def _explain(kind: MapKind, run_dir: Path, test: pd.DataFrame, cfg: Config) -> l
                               title=f"{arm} - {task}: {kind.title} of the predicted class")
                 index["montages"].append({"arm": arm, "task": task,
                                           "file": str(kind.folder.write_montage(fig, run_dir, arm, task))})
-            if "mask_path" in test and get_task(task).masks and kind.score_images(cfg):
+            if "mask_path" in part and get_task(task).masks and kind.score_images(cfg):
                 rng = _rng(cfg.explain.seed, "score", arm, task)
-                scored, masks, target = scored_rows(run_dir, test, preds, task, kind.score_images(cfg), rng)
+                scored, masks, target = scored_rows(run_dir, part, preds, task, kind.score_images(cfg), rng)
                 sigma = float("nan")
                 if masks:
                     new, sigma = metric_rows(maps(scored, target), masks, scored, arm=arm, task=task,
@@ -255,11 +257,11 @@ def run(run_dir: Path, cfg: Config) -> None:
     """
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    test = manifest[manifest["split"] == "test"]
+    part = manifest[manifest["split"] == cfg.explain.split]
     rows: list[dict] = []
     for _, kind in MAPS.items():
         if kind.enabled(cfg):
-            rows.extend(_explain(kind, run_dir, test, cfg))
+            rows.extend(_explain(kind, run_dir, part, cfg))
         elif kind.folder.remove(run_dir):
             _logger.info("explain: %s is off; removed the earlier run's %s", kind.title, run_dir / kind.folder.folder)
     write_metrics_part(pd.DataFrame(rows, columns=COLUMNS), run_dir, "explain")
