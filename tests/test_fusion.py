@@ -278,3 +278,10 @@ def test_the_fused_arms_are_re_run_on_crops_and_get_occlusion_maps(finished_run)
         np.testing.assert_allclose(got, test[["prob_0", "prob_1"]].to_numpy(), atol=1e-4)
     drawn = {m["arm"] for m in OCCLUSION.read_index(run)["montages"]}
     assert {"fusion_stack", "fusion_features_xgb", "fusion_features_linear"} <= drawn
+
+
+def test_gradcam_leaves_the_feature_fusion_linear_arm_to_occlusion(finished_run):
+    from kneeoa.models.encoder_cam import probe_arms
+
+    run, _ = finished_run
+    assert "fusion_features_linear" not in probe_arms(run)

@@ -71,9 +71,10 @@ class EncoderCam(NamedTuple):
 
 
 def probe_arms(run_dir: Path) -> list[str]:
-    """The arms Grad-CAM can explain through their encoder: those that ran with a linear-probe head."""
-    return [arm for arm, rec in read_arms(run_dir).items()
-            if rec["status"] == "ran" and rec.get("details", {}).get("head") == "linear"]
+    """The arms Grad-CAM can explain through their encoder: encoder arms that ran with a linear-probe head (not the
+    feature-fusion arms, whose linear head reads several sources; occlusion maps explain those)."""
+    return [arm for arm, rec in read_arms(run_dir).items() if rec["status"] == "ran"
+            and rec.get("details", {}).get("head") == "linear" and "encoder" in rec.get("details", {})]
 
 
 def _one_image(pre: Preprocess, image: np.ndarray) -> torch.Tensor:
