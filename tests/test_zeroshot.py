@@ -9,6 +9,7 @@ from kneeoa.config import Config, ZeroShotCfg
 from kneeoa.data.images import load_gray
 from kneeoa.data.manifest import read_manifest, write_manifest
 from kneeoa.errors import ConfigError
+from kneeoa.models import zero_shot
 from kneeoa.models.encoders import ClipEncoder
 from kneeoa.models.foundation import create_encoder
 from kneeoa.report.foundation_sections import embeddings_section, zeroshot_section
@@ -26,16 +27,16 @@ def _cfg(standin_snapshots) -> Config:
 
 
 def test_prompts_and_probabilities_are_pure_functions():
-    assert zeroshot.prompts(["a", "b"], "this is a photo of {label}") == ["this is a photo of a",
+    assert zero_shot.prompts(["a", "b"], "this is a photo of {label}") == ["this is a photo of a",
                                                                           "this is a photo of b"]
     img = np.array([[3.0, 0.0], [1.0, 1.0]])
     txt = np.array([[1.0, 0.0], [0.0, 2.0]])
-    p = zeroshot.zero_shot_probs(img, txt, 10.0)
+    p = zero_shot.zero_shot_probs(img, txt, 10.0)
     # row 0: cosines (1, 0) -> softmax(10, 0); row 1: cosines equal -> one half each
     np.testing.assert_allclose(p[0], np.exp([10, 0]) / np.exp([10, 0]).sum())
     np.testing.assert_allclose(p[1], [0.5, 0.5])
     with pytest.raises(ConfigError, match=r"zeroshot.template must contain '\{label\}'"):
-        zeroshot.prompts(["a"], "a photo")
+        zero_shot.prompts(["a"], "a photo")
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -64,7 +65,7 @@ def test_zeroshot_qc_and_klg(tiny_run, standin_snapshots):
     enc = create_encoder("biomedclip", standin_snapshots["biomedclip"], precision="fp32")
     images = np.stack([load_gray(tiny_run / p) for p in manifest["image_path"]])
     text = enc.encode_text([f"this is a photo of {label}" for label in cfg.zeroshot.labels])
-    probs = zeroshot.zero_shot_probs(enc.encode_projected(images), text, enc.logit_scale)
+    probs = zero_shot.zero_shot_probs(enc.encode_projected(images), text, enc.logit_scale)
     np.testing.assert_allclose(qc_rows["zs_knee_prob"], probs[:, 0], rtol=1e-4, atol=1e-6)
     assert (qc_rows["zs_is_knee"] == (probs.argmax(axis=1) == 0)).all()
 
@@ -147,3 +148,20 @@ def test_disabled_zeroshot_is_recorded(tiny_run):
     cfg.zeroshot.enabled = False
     zeroshot.run(tiny_run, cfg)
     assert read_arms(tiny_run)["biomedclip_zeroshot"]["reason"] == "zeroshot.enabled is false in the config."
+
+
+def test_a_zero_shot_arm_is_re_run_on_crops_for_its_occlusion_maps(finished_run):
+    """The zero-shot arm re-grades crops with the prompts its record holds and reproduces its own table; the explain
+    stage draws its occlusion maps like any other arm's."""
+    from kneeoa.models.arm_predictors import arm_predictor
+    from kneeoa.runfolder.manifest import load_knee
+    from kneeoa.runfolder.occlusion import OCCLUSION
+
+    run, cfg = finished_run
+    manifest = read_manifest(run).set_index("image_id")
+    _, _, table = read_predictions(prediction_path(run, "biomedclip_zeroshot", "klg"))
+    rows = table[table["split"] == "test"].head(5)
+    crops = [load_knee(run, manifest.loc[i].to_dict()) for i in rows["image_id"]]
+    got = arm_predictor(run, "biomedclip_zeroshot", "klg", cfg)(crops)
+    np.testing.assert_allclose(got, rows[[f"prob_{k}" for k in range(5)]].to_numpy(), atol=1e-4)
+    assert "biomedclip_zeroshot" in {m["arm"] for m in OCCLUSION.read_index(run)["montages"]}

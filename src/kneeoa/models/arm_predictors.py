@@ -5,7 +5,7 @@ crops (H, W) in [0, 1] and returns (n, K) probabilities of `task` (`kneeoa.occlu
 stage reads them (`kneeoa.runfolder.manifest.load_knee`: mirrored rows flipped), the orientation each arm was
 trained or embedded in; the caller flips its maps back to the files' orientation. A loader raises `OtherArmKind`
 when the arm is not of its kind, so `arm_predictor` asks each entry in turn and the first that takes the arm wins;
-an arm no entry takes raises `NoArmPredictor` with every entry's reason (the zero-shot arms). A loader that
+an arm no entry takes raises `NoArmPredictor` with every entry's reason. A loader that
 takes the arm but lacks a file raises `WeightsNotFoundError` (or `MissingInputError` for a missing provenance).
 
 Entries are "module:function" strings, imported when used; a new kind of arm is one entry.
@@ -16,7 +16,8 @@ Entries are "module:function" strings, imported when used; a new kind of arm is 
   kept (RUN_DIR/heads/<arm>/<task>.json: XGBoost or the linear probe, `kneeoa.runfolder.heads.load_head`);
 - `fusion_stack`: the members re-run through their own entries, then the stacker fitted on all of val;
 - `fusion_features`: the sources' features side by side (`FEATURE_SOURCES`: a CNN's pooled features, an encoder's
-  vectors), then the kept head.
+  vectors), then the kept head;
+- `zeroshot`: an image-text encoder against the prompts the arm record holds (`ZERO_SHOT_TASKS`: knee_id, klg).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ PREDICTORS.update({
     "boost": "kneeoa.models.arm_predictors:head_predictor",
     "fusion_stack": "kneeoa.models.arm_predictors:stack_predictor",
     "fusion_features": "kneeoa.models.arm_predictors:features_predictor",
+    "zeroshot": "kneeoa.models.arm_predictors:zeroshot_predictor",
 })
 
 
@@ -199,5 +201,50 @@ def features_predictor(run_dir: Path, arm: str, task: str, cfg: Config) -> Predi
 
     def predict(crops) -> np.ndarray:
         return head.predict_proba(np.hstack([source(crops) for source in sources]))
+
+    return predict
+
+
+def _zero_shot_knee(details: dict[str, Any]) -> tuple[list[str], Callable[[np.ndarray], np.ndarray]]:
+    """Task knee_id: the anatomy labels' prompts; (not knee, knee) from the knee label's probability."""
+    knee = details["labels"].index(details["knee_label"])
+    return details["labels"], lambda p: np.stack([1 - p[:, knee], p[:, knee]], axis=1)
+
+
+def _zero_shot_klg(details: dict[str, Any]) -> tuple[list[str], Callable[[np.ndarray], np.ndarray]]:
+    """Task klg: one prompt per KL grade, KL0 first; the probabilities as they are."""
+    return details["klg_prompts"], lambda p: p
+
+
+#: The tasks a zero-shot arm grades, each: record details -> (labels to prompt, prompt probabilities -> task's).
+ZERO_SHOT_TASKS: dict[str, Callable[[dict[str, Any]], tuple[list[str], Callable[[np.ndarray], np.ndarray]]]] = {
+    "knee_id": _zero_shot_knee, "klg": _zero_shot_klg}
+
+
+def zeroshot_predictor(run_dir: Path, arm: str, task: str, cfg: Config) -> Predict:
+    """A zero-shot arm: the image-text encoder's projected embedding of each crop against the arm's own prompts
+    (recorded in its arm record), exactly as the zeroshot stage graded the run."""
+    from kneeoa.models.foundation import create_encoder, weights_for, zero_shot_spec
+    from kneeoa.models.zero_shot import prompts, zero_shot_probs
+
+    record = read_arms(run_dir).get(arm, {})
+    details = record.get("details", {})
+    if "template" not in details or "encoder" not in details:
+        raise OtherArmKind("its arm record holds no zero-shot prompts")
+    if task not in ZERO_SHOT_TASKS:
+        raise WeightsNotFoundError(f"Zero-shot arm '{arm}' grades {', '.join(ZERO_SHOT_TASKS)} by prompts; it has "
+                                   f"none for task '{task}'.")
+    spec = zero_shot_spec(details["encoder"])
+    enc = create_encoder(spec.name, weights_for(cfg.foundation, spec.name, run_dir), features="projected",
+                         precision=cfg.foundation.precision, device=cfg.foundation.device)
+    if f"sha256 {enc.checksum[:12]}" not in record.get("weights", ""):
+        raise WeightsNotFoundError(f"The {spec.title} weights at {enc.snapshot.path} (sha256 {enc.checksum[:12]}) "
+                                   f"are not those that graded arm '{arm}' ({record.get('weights')}). Point "
+                                   f"foundation.weights.{spec.name} at the snapshot the run used.")
+    labels, to_task = ZERO_SHOT_TASKS[task](details)
+    text = enc.encode_text(prompts(labels, details["template"]))
+
+    def predict(crops) -> np.ndarray:
+        return to_task(zero_shot_probs(enc.encode_projected(list(crops)), text, enc.logit_scale))
 
     return predict

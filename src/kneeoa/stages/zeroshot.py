@@ -30,6 +30,7 @@ from kneeoa.config import Config, ZeroShotCfg
 from kneeoa.errors import ConfigError, WeightsNotFoundError
 from kneeoa.models.encoders import ClipEncoder
 from kneeoa.models.foundation import create_encoder, weights_for, zero_shot_spec
+from kneeoa.models.zero_shot import prompts, zero_shot_probs
 from kneeoa.runfolder.arms import record_arm
 from kneeoa.runfolder.embeddings import embedding_matrix, embeddings_path, read_embedding_info, read_embeddings
 from kneeoa.runfolder.manifest import load_knee, read_manifest
@@ -41,42 +42,6 @@ _log = logging.getLogger(__name__)
 
 #: Embedding provenance that must match for the embed stage's vectors to stand in for a fresh pass.
 _SAME_VECTORS = ("model_id", "checksum", "features", "precision", "preprocess")
-
-
-def prompts(labels: list[str], template: str) -> list[str]:
-    """One text prompt per label.
-
-    Example:
-        >>> prompts(["knee X-ray", "chest X-ray"], "this is a photo of {label}")
-        ['this is a photo of knee X-ray', 'this is a photo of chest X-ray']
-    """
-    if "{label}" not in template:
-        raise ConfigError(f"zeroshot.template must contain '{{label}}' where the label goes. Got {template!r}.")
-    return [template.format(label=label) for label in labels]
-
-
-def zero_shot_probs(image_features: np.ndarray, text_features: np.ndarray, logit_scale: float) -> np.ndarray:
-    """CLIP zero-shot class probabilities.
-
-    Args:
-        image_features: (N, D) projected image embeddings. text_features: (C, D) one per class prompt.
-        logit_scale: the model's learned temperature (exp of its logit_scale parameter).
-
-    Returns:
-        (N, C) float64, softmax(logit_scale * cos(image, text)); rows sum to 1.
-
-    Example:
-        >>> zero_shot_probs(np.array([[1.0, 0.0]]), np.array([[2.0, 0.0], [0.0, 1.0]]), 100.0).round(3).tolist()
-        [[1.0, 0.0]]
-    """
-    img = np.asarray(image_features, dtype=np.float64)
-    txt = np.asarray(text_features, dtype=np.float64)
-    img = img / np.linalg.norm(img, axis=1, keepdims=True)
-    txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
-    logits = logit_scale * img @ txt.T
-    logits -= logits.max(axis=1, keepdims=True)
-    e = np.exp(logits)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _check(zc: ZeroShotCfg) -> None:
