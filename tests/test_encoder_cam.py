@@ -168,3 +168,22 @@ def test_the_explain_stage_draws_gradcam_and_occlusion_for_the_linear_arms(probe
     assert linear | {(a.replace("_linear", "_xgb"), t) for a, t in linear} == occl
     for arm, task in linear:
         assert (run / GRADCAM.montage_file(arm, task)).stat().st_size > 1000
+
+
+def test_the_explain_command_prints_what_it_drew_and_exits_0(probed_run, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from kneeoa.cli import app
+    from kneeoa.config import dump_config
+
+    src, cfg = probed_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    cfg = dataclasses.replace(cfg, explain=dataclasses.replace(cfg.explain, per_grade=1, occlusion=False))
+    study = tmp_path / "study.yaml"
+    study.write_text(dump_config(cfg))
+    res = CliRunner().invoke(app, ["explain", str(run), "-c", str(study)])
+    assert res.exit_code == 0, res.output
+    assert f"Grad-CAM: {len(ENCODERS) * len(TASKS)} montage(s), 0 skipped" in res.output

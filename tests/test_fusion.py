@@ -257,7 +257,26 @@ def test_the_fusion_command_exits_2_without_members_and_runs_with_a_config(two_m
     study.write_text(dump_config(cfg))
     res = runner.invoke(app, ["fusion", str(run), "-c", str(study)])
     assert res.exit_code == 0, res.output
+    assert "fusion_stack: ran (klg, osteophytes)" in res.output
     assert {"klg", "osteophytes"} == {t for t in TASKS if prediction_path(run, fusion.STACK_ARM, t).exists()}
+    record_arm(run, "emb_b", status="not_run", reason="no weights for emb")
+    res = runner.invoke(app, ["fusion", str(run), "-c", str(study)])
+    assert res.exit_code == 1 and "fusion_stack: not run (member arm(s) did not run (emb_b: no weights" in res.output
+
+
+def test_the_explain_command_exits_1_when_it_draws_no_map(two_members, tmp_path):
+    """Arms no map can explain (no checkpoint, no encoder, no kept model): every arm skipped, exit 1, and why."""
+    from typer.testing import CliRunner
+
+    from kneeoa.cli import app
+    from kneeoa.config import dump_config
+
+    run, _, cfg = two_members
+    study = tmp_path / "study.yaml"
+    study.write_text(dump_config(cfg))
+    res = CliRunner().invoke(app, ["explain", str(run), "-c", str(study)])
+    assert res.exit_code == 1, res.output
+    assert "Grad-CAM: 0 montage(s), 1 skipped" in res.output and "occlusion map: 0 montage(s), 4 skipped" in res.output
 
 
 def test_the_fused_arms_are_re_run_on_crops_and_get_occlusion_maps(finished_run):

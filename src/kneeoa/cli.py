@@ -115,8 +115,15 @@ def phantom_release(
                f"{Path(out) / 'truth.csv'}")
 
 
+#: Stages whose command prints what it made and exits 1 when it made nothing it was asked for:
+#: "module:function" of `outcome(run_dir, cfg) -> (lines, made_something)`.
+_OUTCOMES = {"fusion": "kneeoa.stages.fusion:outcome", "explain": "kneeoa.stages.explain:outcome"}
+
+
 def _stage_command(name: str, doc: str) -> None:
     def command(run_dir: Annotated[Path, typer.Argument(help="Run folder.")], config: ConfigOpt = None) -> None:
+        import importlib
+
         from kneeoa.runlock import run_lock
         from kneeoa.stages import check_inputs, get_stage
 
@@ -128,6 +135,13 @@ def _stage_command(name: str, doc: str) -> None:
                 get_stage(name)(run_dir, cfg)
 
         _guard(locked)
+        if name in _OUTCOMES:
+            module, _, attr = _OUTCOMES[name].partition(":")
+            lines, made = getattr(importlib.import_module(module), attr)(run_dir, cfg)
+            for line in lines:
+                typer.echo(line)
+            if not made:
+                raise typer.Exit(1)  # asked for arms or maps, made none
 
     command.__doc__ = doc
     app.command(name)(command)

@@ -265,3 +265,15 @@ def run(run_dir: Path, cfg: Config) -> None:
         elif kind.folder.remove(run_dir):
             _logger.info("explain: %s is off; removed the earlier run's %s", kind.title, run_dir / kind.folder.folder)
     write_metrics_part(pd.DataFrame(rows, columns=COLUMNS), run_dir, "explain")
+
+
+def outcome(run_dir: Path, cfg: Config) -> tuple[list[str], bool]:
+    """What the stage made: montages and skipped arms per kind of map, and whether it drew any montage
+    (`kneeoa explain` exits 1 otherwise)."""
+    lines, made = [], False
+    for _, kind in MAPS.items():
+        index = kind.folder.read_index(run_dir) if kind.enabled(cfg) else None
+        if index is not None:
+            made |= bool(index["montages"])
+            lines.append(f"{kind.title}: {len(index['montages'])} montage(s), {len(index['skipped'])} skipped")
+    return lines, made

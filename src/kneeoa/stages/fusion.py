@@ -242,3 +242,19 @@ def features(run_dir: Path, cfg: Config, manifest: pd.DataFrame, members: list[s
 
 METHODS.update({"stack": Method(stack, lambda cfg: [STACK_ARM]),
                 "features": Method(features, lambda cfg: [FEATURES_ARM.format(head=h) for h in cfg.fusion.heads])})
+
+
+def outcome(run_dir: Path, cfg: Config) -> tuple[list[str], bool]:
+    """What the stage made: one line per fused arm (its tables, or why it did not run), and whether any fused arm
+    ran with at least one table (`kneeoa fusion` exits 1 otherwise)."""
+    records, lines, made = read_arms(run_dir), [], False
+    for method in cfg.fusion.methods:
+        for arm in METHODS.get(method).arms(cfg):
+            rec = records.get(arm, {})
+            if rec.get("status") != "ran":
+                lines.append(f"{arm}: not run ({rec.get('reason', 'no record')})")
+                continue
+            tables = [t for t in cfg.tasks.names if prediction_path(run_dir, arm, t).exists()]
+            made |= bool(tables)
+            lines.append(f"{arm}: ran ({', '.join(tables) or 'no task had labels and tables for every member'})")
+    return lines, made
