@@ -19,6 +19,7 @@ from kneeoa.commands_common import run_config as _run_cfg
 from kneeoa.commands_prepare import prepare_app
 from kneeoa.config import preset
 from kneeoa.config_checks import load_config, validate_config
+from kneeoa.registry import Registry
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Reproduce and audit the knee-radiograph OA feature study, end to end.")
@@ -117,13 +118,12 @@ def phantom_release(
 
 #: Stages whose command prints what it made and exits 1 when it made nothing it was asked for:
 #: "module:function" of `outcome(run_dir, cfg) -> (lines, made_something)`.
-_OUTCOMES = {"fusion": "kneeoa.stages.fusion:outcome", "explain": "kneeoa.stages.explain:outcome"}
+_OUTCOMES: Registry[str] = Registry("stage outcome")
+_OUTCOMES.update({"fusion": "kneeoa.stages.fusion:outcome", "explain": "kneeoa.stages.explain:outcome"})
 
 
 def _stage_command(name: str, doc: str) -> None:
     def command(run_dir: Annotated[Path, typer.Argument(help="Run folder.")], config: ConfigOpt = None) -> None:
-        import importlib
-
         from kneeoa.runlock import run_lock
         from kneeoa.stages import check_inputs, get_stage
 
@@ -136,8 +136,7 @@ def _stage_command(name: str, doc: str) -> None:
 
         _guard(locked)
         if name in _OUTCOMES:
-            module, _, attr = _OUTCOMES[name].partition(":")
-            lines, made = getattr(importlib.import_module(module), attr)(run_dir, cfg)
+            lines, made = _OUTCOMES.load(name)(run_dir, cfg)
             for line in lines:
                 typer.echo(line)
             if not made:

@@ -7,9 +7,9 @@ Two kinds of map (`MAPS`), each for every arm it can explain and every configure
   encoder arm (through the encoder's real architecture, `kneeoa.models.encoder_cam`): montages in
   RUN_DIR/figures/gradcam/ (`kneeoa.runfolder.gradcam`);
 * **occlusion** (`kneeoa.occlusion`, when `explain.occlusion` is on), for every arm whose model can be re-run on new
-  crops (`kneeoa.models.arm_predictors`: CNNs, encoder + XGBoost or linear arms): montages in
-  RUN_DIR/figures/occlusion/ (`kneeoa.runfolder.occlusion`); arms that cannot be re-run are listed in its index with
-  why.
+  crops (`kneeoa.models.arm_predictors`: CNNs, encoder + XGBoost or linear arms, zero-shot arms, fused arms):
+  montages in RUN_DIR/figures/occlusion/ (`kneeoa.runfolder.occlusion`); arms that cannot be re-run (a missing
+  weights file, an unknown kind) are listed in its index with why.
 
 A montage RUN_DIR/figures/<kind>/<arm>__<task>.png: rows are true classes, columns up to `explain.per_grade`
 correctly and `explain.per_grade` wrongly classified images of `explain.split` (default test; val for a run whose
