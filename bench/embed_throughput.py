@@ -25,8 +25,8 @@ import pandas as pd  # noqa: E402
 
 
 def _make_run(run_dir: Path, n: int, size: int) -> None:
-    from kneeoa.data.images import save_gray16
-    from kneeoa.data.manifest import write_manifest
+    from kneeoa.formats.images import save_gray16
+    from kneeoa.sources.manifest import write_manifest
 
     rng = np.random.default_rng(0)
     rows = []
@@ -49,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from kneeoa.config import Config
-    from kneeoa.models.foundation import create_encoder
+    from kneeoa.models.encoders.foundation import create_encoder
     from kneeoa.stages.embed import embed_one
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,7 +68,7 @@ def main() -> None:
         cfg.foundation.batch_size = args.batch
 
         enc = create_encoder(args.encoder, weights, precision=cfg.foundation.precision)
-        from kneeoa.data.images import load_gray
+        from kneeoa.formats.images import load_gray
 
         batch = enc.preprocess(np.stack([load_gray(p) for p in sorted((tmp / "run" / "crops").glob("*.png"))
                                          [:args.batch]]))

@@ -32,8 +32,8 @@ def agreement(cams: list[np.ndarray], maps: list[np.ndarray]) -> tuple[float, fl
 
 
 def main() -> None:
-    from kneeoa import cam
     from kneeoa.config_checks import load_config
+    from kneeoa.explain import cam
     from kneeoa.runfolder.manifest import read_manifest
     from kneeoa.runfolder.predictions import prediction_path, read_predictions
     from kneeoa.stages.explain import MAPS

@@ -24,7 +24,7 @@ def main() -> None:
     from sklearn.metrics import cohen_kappa_score
 
     import kneeoa
-    from kneeoa.data.crop_films import read_truth
+    from kneeoa.synthetic.crop_films import read_truth
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", type=Path, nargs="+")

@@ -28,7 +28,7 @@ METRIC_NAMES = ("kappa_quadratic", "accuracy", "balanced_accuracy")
 
 def refit_cutpoints(y: np.ndarray, probs: np.ndarray, patients: np.ndarray, folds: np.ndarray, cnn: dict) -> np.ndarray:
     """Classes from cut-points tuned on the other folds, fold by fold (the run's cut-point settings)."""
-    from kneeoa.models.heads import apply_cutpoints, tune_cutpoints
+    from kneeoa.models.cnn.heads import apply_cutpoints, tune_cutpoints
 
     pred = np.empty(len(y), dtype="int64")
     for k in np.unique(folds):
@@ -41,9 +41,9 @@ def refit_cutpoints(y: np.ndarray, probs: np.ndarray, patients: np.ndarray, fold
 
 def fair_val(run_dir: Path, task: str) -> tuple[pd.DataFrame, dict[str, dict], list[dict]]:
     """(val rows: image_id, patient, fold, y; per arm {probs, pred, decoding}; the fused arms' records)."""
-    from kneeoa.data.manifest import read_manifest
     from kneeoa.runfolder.arms import read_arms
     from kneeoa.runfolder.predictions import prob_columns, read_predictions
+    from kneeoa.sources.manifest import read_manifest
     from kneeoa.tasks import get_task
 
     stack = json.loads((run_dir / "fusion" / "fusion_stack" / f"{task}.json").read_text())
@@ -96,8 +96,8 @@ def single_member_stackers(rows: pd.DataFrame, arms: dict[str, dict], members: l
 
 
 def summary(run_dir: Path, task: str, n_boot: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from kneeoa import bootstrap
-    from kneeoa.metrics import METRICS
+    from kneeoa.stats import bootstrap
+    from kneeoa.stats.metrics import METRICS
 
     rows, arms, fused = fair_val(run_dir, task)
     y = rows["y"].to_numpy()

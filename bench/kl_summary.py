@@ -23,7 +23,7 @@ def cross_fitted(y: np.ndarray, probs: np.ndarray, patients: np.ndarray, seed: i
                  accuracy_weight: float = 0.0) -> np.ndarray:
     """Classes from cut-points tuned on the other half of the patients (two folds by patient), the way the run tunes
     them (`n_boot`, `accuracy_weight`: its `cnn.cutpoint_bootstrap` and `cnn.cutpoint_accuracy_weight`)."""
-    from kneeoa.models.heads import apply_cutpoints, tune_cutpoints
+    from kneeoa.models.cnn.heads import apply_cutpoints, tune_cutpoints
 
     ids = np.unique(patients)
     half = set(np.random.default_rng(seed).permutation(ids)[: len(ids) // 2])
@@ -42,10 +42,10 @@ def rows(run_dir: Path, n_boot: int = 1000, cut_boot: int | None = None, accurac
     cut-points (default: as the run did, `cnn.cutpoint_bootstrap` and `cnn.cutpoint_accuracy_weight`); `halvings` > 1
     adds that row's kappa, accuracy and KL1 recall averaged over as many random patient halvings (one halving is a
     noisy estimate)."""
-    from kneeoa import bootstrap
-    from kneeoa.data.manifest import read_manifest
-    from kneeoa.metrics import METRICS
     from kneeoa.runfolder.predictions import prob_columns, read_predictions
+    from kneeoa.sources.manifest import read_manifest
+    from kneeoa.stats import bootstrap
+    from kneeoa.stats.metrics import METRICS
 
     patients = read_manifest(run_dir).set_index("image_id")["patient_id"]
     cnn = yaml.safe_load((run_dir / "config.yaml").read_text()).get("cnn") or {}

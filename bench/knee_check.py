@@ -71,7 +71,7 @@ def composed_negatives(out: Path, knees: list[Path], rng: np.random.Generator, p
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    from kneeoa.data.images import load_gray, save_gray16
+    from kneeoa.formats.images import load_gray, save_gray16
 
     made: dict[str, list[Path]] = {}
 
@@ -158,7 +158,7 @@ def main() -> None:
     for kind, paths in made.items():
         record(f"composed: {kind}", refused(grader.predict(paths, out=tmp / f"c_{kind}")))
     if args.films:
-        from kneeoa.data.crop_films import read_truth
+        from kneeoa.synthetic.crop_films import read_truth
 
         truth = read_truth(args.films)
         films = sorted(set(truth["film"]))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def main() -> None:
-    from kneeoa.data.localize_check import score_film_set
+    from kneeoa.localize.check import score_film_set
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", type=Path, nargs="+")

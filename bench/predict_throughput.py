@@ -27,8 +27,8 @@ def main() -> None:
     import torch
 
     import kneeoa
-    from kneeoa.data.crop_films import read_truth
     from kneeoa.deploy.inputs import InputFile
+    from kneeoa.synthetic.crop_films import read_truth
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kneeoa.data.crop_films import VARIETY, write_crop_films
-from kneeoa.data.films import FilmJob, run_film_jobs
-from kneeoa.data.localize_check import score_film_set
-from kneeoa.data.phantom.films import read_truth, write_phantom_release
+from kneeoa.localize.check import score_film_set
+from kneeoa.localize.films import FilmJob, run_film_jobs
+from kneeoa.synthetic.crop_films import VARIETY, write_crop_films
+from kneeoa.synthetic.phantom.films import read_truth, write_phantom_release
 
 
 def phantom(args: argparse.Namespace) -> None:
@@ -121,7 +121,7 @@ def draw_misses(misses: pd.DataFrame, out: Path, size: int = 224) -> None:
     centre (the truth), a black ring where the localiser put the joint centre (none when quarantined)."""
     from PIL import Image, ImageDraw
 
-    from kneeoa.data.crop_films import load_crop
+    from kneeoa.synthetic.crop_films import load_crop
 
     if misses.empty:
         return

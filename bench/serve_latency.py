@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 def main() -> None:
     from deploy_fixtures import LiveServer
-    from kneeoa.data.phantom.films import write_phantom_release
     from kneeoa.deploy.serve import create_app
+    from kneeoa.synthetic.phantom.films import write_phantom_release
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path)

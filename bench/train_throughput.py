@@ -23,7 +23,7 @@ import torch
 
 def bare_step(net, hp, batch: int, size: int, channels_last: bool):
     """A function doing one bare training step (forward, loss, backward, AdamW) on a fixed pre-normalised batch."""
-    from kneeoa.models.heads import HEADS
+    from kneeoa.models.cnn.heads import HEADS
 
     opt = torch.optim.AdamW(net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
     x = torch.randn(batch, 1, size, size)
@@ -65,9 +65,9 @@ def paired_times(loop_net, bare_net, hp, images: np.ndarray, labels: np.ndarray,
     """
     import lightning as L
 
-    from kneeoa.data.dataset import KneeDataset
-    from kneeoa.models.cnn import input_rows
+    from kneeoa.models.cnn.backbones import input_rows
     from kneeoa.stages.train import _make_module, training_loaders
+    from kneeoa.transforms.dataset import KneeDataset
 
     step = bare_step(bare_net, hp, hp.batch_size, hp.image_size, channels_last)
 
@@ -119,7 +119,7 @@ def main() -> None:
 
     from kneeoa.config import CnnCfg
     from kneeoa.config_checks import load_config
-    from kneeoa.models.cnn import BACKBONES, MultiTaskNet, create_backbone
+    from kneeoa.models.cnn.backbones import BACKBONES, MultiTaskNet, create_backbone
     from kneeoa.stages.train import resolve_precision
 
     hp = (load_config(args.config).cnn if args.config
@@ -136,8 +136,8 @@ def main() -> None:
     channels_last = BACKBONES.get(backbone).channels_last
     n = batch * (args.steps + 4)
     if args.run:
-        from kneeoa.data.cache import image_cache
-        from kneeoa.data.manifest import read_manifest
+        from kneeoa.sources.manifest import read_manifest
+        from kneeoa.transforms.cache import image_cache
 
         manifest = read_manifest(args.run)
         images = image_cache(args.run, manifest, size)

@@ -14,7 +14,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from kneeoa.config import Config  # noqa: E402
-from kneeoa.data.images import save_gray16  # noqa: E402
+from kneeoa.formats.images import save_gray16  # noqa: E402
 
 
 def make_tiny_run(run_dir: Path, *, patients: int = 12, size: int = 32, seed: int = 0) -> pd.DataFrame:
@@ -23,8 +23,8 @@ def make_tiny_run(run_dir: Path, *, patients: int = 12, size: int = 32, seed: in
     Both knees of each patient, one visit; splits by patient (8/2/2 of 12); raw OARSI grades drawn consistent
     with KL so every task has both classes.
     """
-    from kneeoa.data.manifest import write_manifest
-    from kneeoa.data.splits import assign_splits
+    from kneeoa.sources.manifest import write_manifest
+    from kneeoa.sources.splits import assign_splits
     from kneeoa.tasks import RAW_GRADE_COLUMNS, add_task_labels
 
     rng = np.random.default_rng(seed)

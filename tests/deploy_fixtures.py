@@ -50,7 +50,7 @@ def cnn_package(deploy_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def phantom_films(tmp_path_factory) -> list[Path]:
     """Two phantom bilateral PA films (DICOM, 0.5 mm pixels)."""
-    from kneeoa.data.phantom.films import write_phantom_release
+    from kneeoa.synthetic.phantom.films import write_phantom_release
 
     root = tmp_path_factory.mktemp("films")
     truth = write_phantom_release(root, patients=2, visits=1, seed=0, spacings_mm=(0.5,), workers=1)

@@ -69,7 +69,7 @@ def _truncated_png(path: Path) -> None:
 
 
 def _dicom(path: Path, *, spacing: float | None = 0.5, film: bool = False) -> Path:
-    from kneeoa.data.dicom import write_dicom
+    from kneeoa.formats.dicom import write_dicom
     from synthetic_films import single_film
 
     image = single_film(0.5) if film else np.random.default_rng(0).random((40, 40)).astype(np.float32)
@@ -131,7 +131,7 @@ def _semicolons(path: Path) -> Path:
 
 
 def _oai_with(root: Path, damage: Callable[[Path], None]) -> Path:
-    from kneeoa.data.phantom.films import write_phantom_release
+    from kneeoa.synthetic.phantom.films import write_phantom_release
 
     truth = write_phantom_release(root / "release", patients=2, visits=1, seed=0, spacings_mm=(0.6,), workers=1)
     damage(root / "release" / truth.loc[truth["has_film"], "film_path"].iloc[0])

@@ -30,8 +30,8 @@ def real_film(path: Path, *, patient_index: int = 0, seed: int = 0, missing: str
 
     `missing` ("R" or "L") leaves that leg out of the film.
     """
-    from kneeoa.data.crop_films import compose_film, load_crop
-    from kneeoa.data.dicom import write_dicom
+    from kneeoa.formats.dicom import write_dicom
+    from kneeoa.synthetic.crop_films import compose_film, load_crop
 
     val = labels("val")
     both = val.groupby("patient_id").filter(lambda g: set(g["side"]) == {"R", "L"})

@@ -112,7 +112,7 @@ def build_kneessl(dest: Path, *, seed: int = 0, image_size: int = 32) -> Path:
     """A `kneeoa pretrain` encoder folder (two-branch CNN, random weights): model.safetensors + config.json."""
     from safetensors.torch import save_file
 
-    from kneeoa.models.twobranch import TwoBranchNet
+    from kneeoa.models.cnn.twobranch import TwoBranchNet
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import kneeoa
-from kneeoa.cli import app
+from kneeoa.cli.app import app
 from kneeoa.errors import ConfigError
 from real_data import KNEEKL224, labels, needs_kneekl224, real_film
 
@@ -61,7 +61,7 @@ def test_api_table_equals_the_cli_table(cnn_package, deploy_run, tmp_path):
 
 
 def test_numpy_crops_grade_as_their_files(cnn_package, deploy_run, tmp_path):
-    from kneeoa.data.images import load_gray
+    from kneeoa.formats.images import load_gray
 
     grader = kneeoa.load_model(cnn_package)
     crop = sorted((deploy_run / "crops").glob("*.png"))[0]

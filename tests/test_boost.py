@@ -9,12 +9,12 @@ import pytest
 from sklearn.base import clone
 
 from kneeoa.config import Config, FoundationCfg
-from kneeoa.data.manifest import read_manifest, write_manifest
 from kneeoa.errors import ConfigError
-from kneeoa.estimators import XGBHead
 from kneeoa.models import probes
+from kneeoa.models.estimators import XGBHead
 from kneeoa.runfolder.arms import read_arms
 from kneeoa.runfolder.predictions import prediction_path, read_predictions
+from kneeoa.sources.manifest import read_manifest, write_manifest
 from kneeoa.stages import boost, embed
 
 

@@ -7,10 +7,10 @@ import pytest
 from scipy import stats as sps
 from sklearn import metrics as skm
 
-from kneeoa import bootstrap, comparisons, weighted
 from kneeoa.errors import ConfigError
-from kneeoa.metrics import METRICS, metrics_for
 from kneeoa.report.formatting import format_ci
+from kneeoa.stats import bootstrap, comparisons, weighted
+from kneeoa.stats.metrics import METRICS, metrics_for
 from kneeoa.tasks import get_task
 
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import kneeoa
 from kneeoa import builtin as shipped
-from kneeoa.cli import app
+from kneeoa.cli.app import app
 from kneeoa.deploy.builtin import DEFAULT_MODEL, REFERENCE, REPRODUCE_TOL, builtin_root, resolve_model
 from kneeoa.deploy.inputs import InputFile
 from kneeoa.errors import ConfigError

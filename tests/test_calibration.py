@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kneeoa import bootstrap, calibration, weighted
 from kneeoa.errors import ConfigError
+from kneeoa.stats import bootstrap, calibration, weighted
 
 
 def test_ece_binary_hand_computed():

@@ -7,8 +7,8 @@ import pytest
 import timm
 import torch
 
-from kneeoa import cam
 from kneeoa.errors import ConfigError
+from kneeoa.explain import cam
 
 
 @pytest.fixture(scope="module")

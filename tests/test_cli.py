@@ -64,8 +64,8 @@ def test_evaluate_and_report_on_a_manifest_only_folder_name_what_is_missing(tiny
 def test_stage_commands_use_the_run_folder_config(tiny_run):
     import numpy as np
 
-    from kneeoa.data.manifest import read_manifest
     from kneeoa.runfolder.predictions import make_prediction_table, write_predictions
+    from kneeoa.sources.manifest import read_manifest
 
     man = read_manifest(tiny_run)
     probs = np.full((len(man), 5), 0.2)
@@ -85,7 +85,7 @@ def test_phantom_release_then_prepare_oai(tmp_path):
     assert (rel / "truth.csv").exists()
     res = runner.invoke(app, ["prepare", "oai", str(rel), "--out", str(run)])
     assert res.exit_code == 0, res.output
-    from kneeoa.data.manifest import read_manifest
+    from kneeoa.sources.manifest import read_manifest
 
     man = read_manifest(run)
     assert set(man["source"]) == {"oai"} and len(man) >= 2

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from kneeoa.cli import app
+from kneeoa.cli.app import app
 from kneeoa.config_checks import load_config
 from kneeoa.deploy.inputs import collect_inputs
 from kneeoa.deploy.package import PackageError, export_arm, load_model, read_info
@@ -127,7 +127,7 @@ def test_row_10_localize_with_every_film_quarantined_exits_non_zero(tmp_path):
 
 
 def test_row_11_a_corrupt_or_empty_parquet_is_a_named_error(deploy_run, tmp_path):
-    from kneeoa.data.manifest import read_manifest
+    from kneeoa.sources.manifest import read_manifest
 
     run = shutil.copytree(deploy_run, tmp_path / "run")
     (run / "manifest.parquet").write_bytes(b"")
@@ -266,7 +266,7 @@ def test_row_22_a_decoder_failure_shows_no_library_traceback_unless_verbose(tmp_
     ds.Modality, ds.BodyPartExamined = "CR", "KNEE"
     film = tmp_path / "film.dcm"
     ds.save_as(film)
-    kneeoa = [sys.executable, "-c", "from kneeoa.cli import app; app()"]
+    kneeoa = [sys.executable, "-c", "from kneeoa.cli.app import app; app()"]
     quiet = subprocess.run([*kneeoa, "predict", str(film), "--out", str(tmp_path / "a")], capture_output=True,
                            text=True, timeout=300)
     assert quiet.returncode == 1 and "Traceback" not in quiet.stdout + quiet.stderr

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from kneeoa.cli import app
+from kneeoa.cli.app import app
 from kneeoa.config import Config, config_from_dict
 from kneeoa.config_checks import CHECKS, config_problems, load_config, validate_config
 from kneeoa.errors import ConfigError

@@ -114,9 +114,9 @@ def test_the_import_walk_sees_function_level_imports_and_cycles(tmp_path):
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     source = tmp_path / "m.py"
     source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from kneeoa import cli\n\n"
-                      "def f():\n    from kneeoa.commands_models import embed_cmd\n")
-    modules = {"kneeoa.cli", "kneeoa.commands_models"}
-    assert _imports(source, modules) == {"kneeoa.commands_models"}
+                      "def f():\n    from kneeoa.cli.models import embed_cmd\n")
+    modules = {"kneeoa.cli.app", "kneeoa.cli.models"}
+    assert _imports(source, modules) == {"kneeoa.cli.models"}
 
 
 def test_no_import_cycle():
@@ -250,8 +250,8 @@ class _ToyNet(nn.Module):
 
 
 def _toy_encoder_parts(spec, snap, features, device):
-    from kneeoa.models.encoders import Encoder
-    from kneeoa.models.preprocess import Preprocess
+    from kneeoa.models.encoders.base import Encoder
+    from kneeoa.transforms.preprocess import Preprocess
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, spec.features[features])).to(device)
@@ -262,9 +262,9 @@ def _toy_encoder_parts(spec, snap, features, device):
 @pytest.fixture
 def toy_entries(tmp_path):
     """A backbone, an encoder (with its library loader) and a task, registered for the test and removed after."""
-    from kneeoa.models.cnn import BACKBONES, Backbone
-    from kneeoa.models.encoder_loaders import LOADERS, Library
-    from kneeoa.models.foundation import ENCODERS, EncoderSpec
+    from kneeoa.models.cnn.backbones import BACKBONES, Backbone
+    from kneeoa.models.encoders.foundation import ENCODERS, EncoderSpec
+    from kneeoa.models.encoders.loaders import LOADERS, Library
     from kneeoa.models.hub import Layout
     from kneeoa.tasks import JSN_SITES, TASKS, Task
 

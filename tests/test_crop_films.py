@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from kneeoa.data.crop_films import (
+from kneeoa.errors import DataError
+from kneeoa.formats.dicom import read_dicom
+from kneeoa.synthetic.crop_films import (
     VARIETY,
     compose_film,
     load_crop,
@@ -18,9 +20,7 @@ from kneeoa.data.crop_films import (
     write_crop_films,
     write_crop_release,
 )
-from kneeoa.data.dicom import read_dicom
-from kneeoa.data.phantom import render_spec, simulate_cohort
-from kneeoa.errors import DataError
+from kneeoa.synthetic.phantom import render_spec, simulate_cohort
 
 FAST = replace(VARIETY, spacing_mm=(0.8, 1.0))  # coarse films keep the tests fast
 
@@ -97,7 +97,7 @@ def test_inverted_crops_are_restored_bone_bright(tmp_path):
 def test_crop_films_refuses_an_unknown_exposure_range(tmp_path):
     from typer.testing import CliRunner
 
-    from kneeoa.cli import app
+    from kneeoa.cli.app import app
 
     res = CliRunner().invoke(app, ["crop-films", str(tmp_path), str(tmp_path / "out"), "--exposure", "harsh"])
     assert res.exit_code == 2 and "--exposure is 'harsh'; expected one of standard, wide" in res.output

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 
 from kneeoa.config import Config
-from kneeoa.data.csv_table import import_csv
-from kneeoa.data.dicom import write_dicom
-from kneeoa.data.images import load_gray, save_gray16
-from kneeoa.data.manifest import validate_manifest
 from kneeoa.errors import ConfigError, DataError
+from kneeoa.formats.dicom import write_dicom
+from kneeoa.formats.images import load_gray, save_gray16
+from kneeoa.sources.csv_table import import_csv
+from kneeoa.sources.manifest import validate_manifest
 from synthetic_films import bilateral_film, single_film
 
 SP = 0.5

@@ -6,8 +6,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from kneeoa.data.dicom import ENCODINGS, is_dicom, read_dicom, write_dicom
 from kneeoa.errors import DataError
+from kneeoa.formats.dicom import ENCODINGS, is_dicom, read_dicom, write_dicom
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from kneeoa.cli import app
+from kneeoa.cli.app import app
 from kneeoa.models import hub
 from kneeoa.runfolder.arms import read_arms
 from kneeoa.runlock import LOCK_NAME

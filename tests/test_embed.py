@@ -11,10 +11,10 @@ import pytest
 
 import kneeoa.stages.embed as embed
 from kneeoa.config import Config
-from kneeoa.data.manifest import read_manifest
-from kneeoa.models.foundation import create_encoder
+from kneeoa.models.encoders.foundation import create_encoder
 from kneeoa.runfolder.arms import read_arms
 from kneeoa.runfolder.embeddings import embedding_matrix, read_embeddings
+from kneeoa.sources.manifest import read_manifest
 from standins import build_raddino
 
 
@@ -59,7 +59,7 @@ def test_embeds_every_image_with_provenance(tiny_run, standin_snapshots):
         assert not out.with_suffix(".parts").exists()
     # vectors match a direct encoder pass on the same crop
     enc = create_encoder("rad-dino", standin_snapshots["rad-dino"], precision="fp32")
-    from kneeoa.data.images import load_gray
+    from kneeoa.formats.images import load_gray
 
     first = load_gray(tiny_run / manifest["image_path"][0])
     np.testing.assert_allclose(embedding_matrix(table)[0], enc.encode(first[None])[0], rtol=1e-4, atol=1e-5)
@@ -110,7 +110,7 @@ def test_a_changed_model_restarts_cleanly(tiny_run, tmp_path, monkeypatch):
     table, info = read_embeddings(tiny_run, "rad-dino")
     assert info["checksum"] != old_meta["checksum"]
     enc = create_encoder("rad-dino", weights, precision="fp32")
-    from kneeoa.data.images import load_gray
+    from kneeoa.formats.images import load_gray
 
     last = load_gray(tiny_run / read_manifest(tiny_run)["image_path"].iloc[-1])
     np.testing.assert_allclose(embedding_matrix(table)[-1], enc.encode(last[None])[0], rtol=1e-4, atol=1e-5)
@@ -129,7 +129,7 @@ def test_run_records_missing_weights_and_goes_on(tiny_run, tmp_path, standin_sna
 def test_embed_command(tiny_run, tmp_path, standin_snapshots):
     from typer.testing import CliRunner
 
-    from kneeoa.cli import app
+    from kneeoa.cli.app import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["embed", str(tiny_run), "--encoder", "rad-dino", "--weights",

@@ -9,18 +9,18 @@ import pytest
 import torch
 
 from conftest import make_tiny_run
-from kneeoa import cam
+from kneeoa.arms.encoder_cam import ProbeClassifier, encoder_arm_classifier, probe_arms
 from kneeoa.config import Config
-from kneeoa.data.manifest import write_manifest
 from kneeoa.errors import ConfigError, MissingInputError, WeightsNotFoundError
-from kneeoa.estimators import XGBHead
-from kneeoa.models.encoder_cam import ProbeClassifier, encoder_arm_classifier, probe_arms
-from kneeoa.models.foundation import get_encoder_spec
+from kneeoa.explain import cam
+from kneeoa.models.encoders.foundation import get_encoder_spec
+from kneeoa.models.estimators import XGBHead
 from kneeoa.models.probes import fit_linear
 from kneeoa.runfolder.embeddings import embedding_matrix, read_embeddings
 from kneeoa.runfolder.heads import head_path, read_linear_probe, write_linear_probe
 from kneeoa.runfolder.manifest import load_knee, read_manifest
 from kneeoa.runfolder.predictions import prediction_path, read_predictions
+from kneeoa.sources.manifest import write_manifest
 from kneeoa.stages import boost, embed
 from standins import build_kneessl, build_raddino
 
@@ -114,7 +114,7 @@ def test_the_classifier_is_the_probe_on_the_encoder_and_its_cams_are_maps(probed
     assert maps.min() >= 0 and maps.max() <= 1 + 1e-6
     varies = np.ptp(maps, axis=(1, 2)) > 0
     assert (varies[:len(x)] | varies[len(x):]).all()
-    if reshape is not None:  # the ViTs: the same maps through kneeoa.cam's ViT entry point
+    if reshape is not None:  # the ViTs: the same maps through kneeoa.explain.cam's ViT entry point
         np.testing.assert_allclose(cam.vit_cam(model, layer, both, classes, grid=reshape.keywords["grid"]), maps,
                                    atol=1e-5)
     else:
@@ -175,7 +175,7 @@ def test_the_explain_command_prints_what_it_drew_and_exits_0(probed_run, tmp_pat
 
     from typer.testing import CliRunner
 
-    from kneeoa.cli import app
+    from kneeoa.cli.app import app
     from kneeoa.config import dump_config
 
     src, cfg = probed_run

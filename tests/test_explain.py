@@ -11,18 +11,18 @@ import timm
 import torch
 
 from kneeoa.config import Config
-from kneeoa.data.images import save_gray16
-from kneeoa.data.manifest import write_manifest
 from kneeoa.errors import DataError
+from kneeoa.formats.images import save_gray16
 from kneeoa.runfolder.metrics import COLUMNS, read_metrics_part
 from kneeoa.runfolder.predictions import make_prediction_table, write_predictions
+from kneeoa.sources.manifest import write_manifest
 from kneeoa.stages import get_stage
 
 SIZE = 48
 
 
 def make_cam_run(run_dir, *, n_patients=6):
-    from kneeoa.models.cnn import MultiTaskNet, checkpoint_path, save_checkpoint
+    from kneeoa.models.cnn.backbones import MultiTaskNet, checkpoint_path, save_checkpoint
 
     rng = np.random.default_rng(0)
     rows = []

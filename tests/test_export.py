@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from kneeoa.cli import app
-from kneeoa.data.images import save_gray16
+from kneeoa.cli.app import app
 from kneeoa.deploy.package import FORMAT, PackageError, export_arm, load_model, read_info
 from kneeoa.errors import ConfigError
+from kneeoa.formats.images import save_gray16
 
 pytest_plugins = ["deploy_fixtures"]
 

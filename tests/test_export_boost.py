@@ -11,13 +11,13 @@ import pytest
 from conftest import make_tiny_run
 from deploy_fixtures import crop_list
 from kneeoa.config import Config, dump_config
-from kneeoa.data.manifest import read_manifest, write_manifest
 from kneeoa.deploy.inputs import collect_inputs
 from kneeoa.deploy.package import PackageError, export_arm, load_model, read_info
 from kneeoa.deploy.predict import predict_files
-from kneeoa.estimators import XGBHead
+from kneeoa.models.estimators import XGBHead
 from kneeoa.runfolder.heads import head_path
 from kneeoa.runfolder.predictions import prediction_path
+from kneeoa.sources.manifest import read_manifest, write_manifest
 from kneeoa.stages import boost, embed
 
 ARM = "raddino_xgb"

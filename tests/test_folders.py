@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from kneeoa.config import Config
-from kneeoa.data.folders import parse_name
-from kneeoa.data.manifest import read_manifest
 from kneeoa.errors import DataError
+from kneeoa.sources.folders import parse_name
+from kneeoa.sources.manifest import read_manifest
 from kneeoa.stages.prepare import prepare
 
 

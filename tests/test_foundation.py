@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from kneeoa.commands_models import models_app
+from kneeoa.cli.models import models_app
 from kneeoa.config import FoundationCfg
 from kneeoa.errors import ConfigError, DataError, WeightsNotFoundError
-from kneeoa.models.device import resolve_precision
-from kneeoa.models.encoder_loaders import LOADERS
-from kneeoa.models.encoders import ClipEncoder
-from kneeoa.models.foundation import (
+from kneeoa.models.encoders.base import ClipEncoder
+from kneeoa.models.encoders.device import resolve_precision
+from kneeoa.models.encoders.foundation import (
     ENCODERS,
     create_encoder,
     features_for,
@@ -24,8 +23,9 @@ from kneeoa.models.foundation import (
     list_encoders,
     zero_shot_spec,
 )
+from kneeoa.models.encoders.loaders import LOADERS
 from kneeoa.models.hub import folder_revision
-from kneeoa.models.preprocess import Preprocess
+from kneeoa.transforms.preprocess import Preprocess
 from standins import build_biomedclip, build_raddino
 
 
@@ -191,7 +191,7 @@ def test_models_list_verify_and_fetch_cli(tmp_path, standin_snapshots):
 @pytest.mark.slow
 def test_full_size_snapshots_load_without_code_change(tmp_path):
     """Published architectures from the hub repositories' own config files, random weights: 512 / 768 dims."""
-    from kneeoa.commands_models import verify_encoder
+    from kneeoa.cli.models import verify_encoder
 
     bc = build_biomedclip(tmp_path / "biomedclip", full_size=True)
     assert verify_encoder("biomedclip", bc) == []

@@ -283,7 +283,7 @@ def test_the_fused_arms_are_re_run_on_crops_and_get_occlusion_maps(finished_run)
     """Explanations for every arm: the fused arms are rebuilt from their kept models (the stacker over its re-run
     members; the features of each source into the kept head) and reproduce their own test tables on the unoccluded
     crops; the explain stage draws their occlusion maps."""
-    from kneeoa.models.arm_predictors import arm_predictor
+    from kneeoa.arms.predictors import arm_predictor
     from kneeoa.runfolder.manifest import load_knee, read_manifest
     from kneeoa.runfolder.occlusion import OCCLUSION
 
@@ -300,7 +300,7 @@ def test_the_fused_arms_are_re_run_on_crops_and_get_occlusion_maps(finished_run)
 
 
 def test_gradcam_leaves_the_feature_fusion_linear_arm_to_occlusion(finished_run):
-    from kneeoa.models.encoder_cam import probe_arms
+    from kneeoa.arms.encoder_cam import probe_arms
 
     run, _ = finished_run
     assert "fusion_features_linear" not in probe_arms(run)

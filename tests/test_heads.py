@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import cohen_kappa_score
 
-from kneeoa.models.heads import (
+from kneeoa.models.cnn.heads import (
     HEADS,
     apply_cutpoints,
     corn_loss,

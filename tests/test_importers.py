@@ -12,13 +12,13 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from kneeoa.cli import app
+from kneeoa.cli.app import app
 from kneeoa.config import Config, config_from_dict
 from kneeoa.config_checks import validate_config
-from kneeoa.data.images import load_gray
-from kneeoa.data.importers import IMPORTERS, ImporterOption, ImporterSpec, ImportResult, importer_option
-from kneeoa.data.manifest import REQUIRED, read_manifest, resolve_image_path
 from kneeoa.errors import ConfigError
+from kneeoa.formats.images import load_gray
+from kneeoa.sources.importers import IMPORTERS, ImporterOption, ImporterSpec, ImportResult, importer_option
+from kneeoa.sources.manifest import REQUIRED, read_manifest, resolve_image_path
 from kneeoa.stages.prepare import prepare
 
 runner = CliRunner()
@@ -50,7 +50,7 @@ def _csv(tmp_path: Path, cfg: Config) -> Path:
 
 
 def _oai(tmp_path: Path, cfg: Config) -> Path:
-    from kneeoa.data.phantom.films import write_phantom_release
+    from kneeoa.synthetic.phantom.films import write_phantom_release
 
     write_phantom_release(tmp_path / "release", patients=3, visits=1, seed=0, spacings_mm=(0.6,), workers=1)
     cfg.data.image_size = 64

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kneeoa.data.dicom import write_dicom
-from kneeoa.data.films import FilmJob, load_film
-from kneeoa.data.knee_gate import file_reason, image_reason, tag_reason
 from kneeoa.errors import NotKneeError
+from kneeoa.formats.dicom import write_dicom
+from kneeoa.localize.films import FilmJob, load_film
+from kneeoa.localize.knee_gate import file_reason, image_reason, tag_reason
 
 
 @pytest.mark.parametrize(("tags", "words"), [

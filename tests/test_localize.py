@@ -7,12 +7,12 @@ import re
 import numpy as np
 import pytest
 
-from kneeoa.data.dicom import write_dicom
-from kneeoa.data.films import FilmJob, process_film, run_film_jobs
-from kneeoa.data.images import load_gray
-from kneeoa.data.localize import LOCALIZERS, LocalizationError, crop_square_mm, localize_profile, orient, pad_square
-from kneeoa.data.phantom.films import chest_film
 from kneeoa.errors import ConfigError
+from kneeoa.formats.dicom import write_dicom
+from kneeoa.formats.images import load_gray
+from kneeoa.localize.core import LOCALIZERS, LocalizationError, crop_square_mm, localize_profile, orient, pad_square
+from kneeoa.localize.films import FilmJob, process_film, run_film_jobs
+from kneeoa.synthetic.phantom.films import chest_film
 from synthetic_films import bilateral_film, single_film
 
 SP = 0.5

@@ -10,13 +10,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from kneeoa.cli import app
-from kneeoa.data.crop_films import VARIETY, write_crop_films
-from kneeoa.data.dicom import write_dicom
-from kneeoa.data.films import FilmJob, process_film
-from kneeoa.data.localize import LIMITS, LOCALIZERS, KneesMissing, LocalizationError
-from kneeoa.data.localize_check import score_film_set
-from kneeoa.data.localize_heatmap import (
+from kneeoa.cli.app import app
+from kneeoa.errors import ConfigError, DataError
+from kneeoa.formats.dicom import write_dicom
+from kneeoa.localize.check import score_film_set
+from kneeoa.localize.core import LIMITS, LOCALIZERS, KneesMissing, LocalizationError
+from kneeoa.localize.films import FilmJob, process_film
+from kneeoa.localize.heatmap import (
     WEIGHTS,
     KneeCandidate,
     installed_refiner,
@@ -25,9 +25,9 @@ from kneeoa.data.localize_heatmap import (
     load_net,
     localize_heatmap,
 )
-from kneeoa.data.phantom import simulate_cohort
-from kneeoa.data.phantom.films import chest_film, render_film
-from kneeoa.errors import ConfigError, DataError
+from kneeoa.synthetic.crop_films import VARIETY, write_crop_films
+from kneeoa.synthetic.phantom import simulate_cohort
+from kneeoa.synthetic.phantom.films import chest_film, render_film
 from test_crop_films import FAST, phantom_crop_tree
 
 SP = 0.5
@@ -57,7 +57,7 @@ def test_candidates_of_a_phantom_film(phantom_film):
 
 
 def test_refining_pass_runs_with_given_weights(phantom_film, tmp_path):
-    from kneeoa.data.localize_train import train_localizer
+    from kneeoa.localize.train import train_localizer
 
     weights = tmp_path / "refine.safetensors"
     train_localizer(phantom_crop_tree(tmp_path / "kl", patients=4), stage="refine", out=weights, films=6, epochs=1,
@@ -174,7 +174,7 @@ def test_score_film_set_never_calls_a_missing_knee_ok(tmp_path):
 
 @pytest.mark.parametrize("stage", ["coarse", "refine"])
 def test_retraining_writes_loadable_weights(tmp_path, stage):
-    from kneeoa.data.localize_train import train_localizer
+    from kneeoa.localize.train import train_localizer
 
     out = tmp_path / "w.safetensors"
     result = train_localizer(phantom_crop_tree(tmp_path / "kl", patients=4), stage=stage, out=out, films=8, epochs=1,
@@ -184,14 +184,14 @@ def test_retraining_writes_loadable_weights(tmp_path, stage):
 
 
 def test_retraining_refuses_an_unknown_stage(tmp_path):
-    from kneeoa.data.localize_train import train_localizer
+    from kneeoa.localize.train import train_localizer
 
     with pytest.raises(ConfigError, match="unknown localiser stage 'fine'; one of coarse, refine"):
         train_localizer(tmp_path, stage="fine")
 
 
 def test_retraining_needs_enough_patients(tmp_path):
-    from kneeoa.data.localize_train import train_localizer
+    from kneeoa.localize.train import train_localizer
 
     with pytest.raises(DataError, match="too few train patients"):
         train_localizer(phantom_crop_tree(tmp_path / "kl", patients=1), out=tmp_path / "w", films=4, epochs=1,
@@ -205,8 +205,8 @@ def test_variety_defaults_match_the_issue():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_crop_frame_offset_turns_a_film_offset_back_into_the_source_crop(seed):
     """A mark 20 mm below and 10 mm right of a crop's centre is found there again from its place on the film."""
-    from kneeoa.data.crop_films import compose_film
-    from kneeoa.data.localize_check import crop_frame_offset
+    from kneeoa.localize.check import crop_frame_offset
+    from kneeoa.synthetic.crop_films import compose_film
 
     crop = np.full((200, 200), 0.3, np.float32)  # 100 mm at 0.5 mm per pixel
     crop[139:142, 119:122] = 1.0  # centre of the mark: row 140, column 120
@@ -222,7 +222,7 @@ def test_crop_frame_offset_turns_a_film_offset_back_into_the_source_crop(seed):
 
 
 def test_metal_share_is_measured_against_the_shafts():
-    from kneeoa.data.localize_heatmap import metal_share
+    from kneeoa.localize.heatmap import metal_share
 
     film = np.full((400, 200), 0.3, np.float32)
     film[:, 60:140] = 0.7  # a leg of bone, joint centre at (200, 100)
@@ -236,7 +236,7 @@ def test_metal_share_is_measured_against_the_shafts():
 
 
 def test_wide_exposure_films_reach_underexposed_and_saturated(tmp_path):
-    from kneeoa.data.crop_films import VARIETY, WIDE_EXPOSURE, compose_film
+    from kneeoa.synthetic.crop_films import VARIETY, WIDE_EXPOSURE, compose_film
 
     rng = np.random.default_rng(0)
     crop = np.clip(rng.normal(0.6, 0.1, (64, 64)), 0, 1).astype(np.float32)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from kneeoa.config import Config
-from kneeoa.data.crop_films import write_crop_films, write_crop_release
-from kneeoa.data.localize_check import score_film_set
+from kneeoa.localize.check import score_film_set
+from kneeoa.synthetic.crop_films import write_crop_films, write_crop_release
 
 KNEE_KL224 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "kneeKL224"
 pytestmark = [pytest.mark.slow,
@@ -37,7 +37,7 @@ def test_val_films_no_knee_cropped_beyond_10_mm(val_scored):
 
 
 def test_prepare_oai_recovers_every_knee_of_real_films(tmp_path):
-    from kneeoa.data.oai import import_oai
+    from kneeoa.sources.oai import import_oai
 
     truth = write_crop_release(KNEE_KL224, tmp_path / "rel", split="val", films=12, seed=3, workers=2)
     cfg = Config()

@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from kneeoa.config import Config
-from kneeoa.data.dicom import read_dicom, write_dicom
-from kneeoa.data.films import OVERVIEW_DIR, FilmJob, process_film, with_overviews
-from kneeoa.data.oai import import_oai
-from kneeoa.data.phantom.films import chest_film, read_truth, write_phantom_release
+from kneeoa.formats.dicom import read_dicom, write_dicom
+from kneeoa.localize.films import OVERVIEW_DIR, FilmJob, process_film, with_overviews
 from kneeoa.report.localize_sections import localize_section
+from kneeoa.sources.oai import import_oai
+from kneeoa.synthetic.phantom.films import chest_film, read_truth, write_phantom_release
 
 
 @pytest.fixture(scope="module")

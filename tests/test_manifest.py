@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
-from kneeoa.data.manifest import read_manifest, validate_manifest, write_manifest
 from kneeoa.errors import LeakageError, ManifestError
+from kneeoa.sources.manifest import read_manifest, validate_manifest, write_manifest
 
 
 def _rows(n=4):
@@ -50,7 +50,7 @@ def test_patient_in_two_splits_is_a_hard_error(tmp_path):
     df.loc[1, "split"] = "val"
     with pytest.raises(LeakageError, match="patient 'P0' appears in splits") as err:
         validate_manifest(df)
-    from kneeoa.cli import app
+    from kneeoa.cli.app import app
 
     command = str(err.value).split("re-run `kneeoa ")[1].split("`")[0]
     assert command == "prepare" and command in [g.name for g in app.registered_groups]  # a command that exists

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from kneeoa.metrics import METRICS, confusion, metrics_for
+from kneeoa.stats.metrics import METRICS, confusion, metrics_for
 from kneeoa.tasks import get_task
 
 

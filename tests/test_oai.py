@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 
 from kneeoa.config import Config
-from kneeoa.data.images import load_gray
-from kneeoa.data.manifest import validate_manifest
-from kneeoa.data.oai import VARIABLES, import_oai, parse_code, read_readings
-from kneeoa.data.phantom.films import read_truth, write_phantom_release
 from kneeoa.errors import DataError
+from kneeoa.formats.images import load_gray
+from kneeoa.sources.manifest import validate_manifest
+from kneeoa.sources.oai import VARIABLES, import_oai, parse_code, read_readings
+from kneeoa.synthetic.phantom.films import read_truth, write_phantom_release
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,15 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from kneeoa import cam
 from kneeoa.config import Config
-from kneeoa.data.images import save_gray16
-from kneeoa.data.manifest import write_manifest
-from kneeoa.occlusion import occlusion_map, positions
+from kneeoa.explain import cam
+from kneeoa.explain.occlusion import occlusion_map, positions
+from kneeoa.formats.images import save_gray16
 from kneeoa.runfolder.arms import record_arm
 from kneeoa.runfolder.manifest import load_knee
 from kneeoa.runfolder.metrics import read_metrics_part
 from kneeoa.runfolder.predictions import make_prediction_table, prediction_path, read_predictions, write_predictions
+from kneeoa.sources.manifest import write_manifest
 
 SIZE = 48
 ARM = "discnet"
@@ -147,9 +147,9 @@ def make_disc_run(run_dir, *, patients: int = 40, seed: int = 0) -> pd.DataFrame
 
 def train_discnet(run_dir, manifest: pd.DataFrame, *, epochs: int = 15) -> None:
     """Train DiscNet on the train knees as the model sees them, save its checkpoint and its prediction table."""
-    from kneeoa.data.cache import to_uint8
-    from kneeoa.models.cnn import MultiTaskNet, checkpoint_path, save_checkpoint
-    from kneeoa.models.infer import CnnPredictor
+    from kneeoa.models.cnn.backbones import MultiTaskNet, checkpoint_path, save_checkpoint
+    from kneeoa.models.cnn.infer import CnnPredictor
+    from kneeoa.transforms.cache import to_uint8
 
     torch.manual_seed(0)
     net = MultiTaskNet(DiscNet(1), {TASK: 2})
@@ -200,7 +200,7 @@ def _cfg(standin_snapshots) -> Config:
 @pytest.fixture(scope="module")
 def disc_run(tmp_path_factory, standin_snapshots):
     """The trained run, with an encoder + XGBoost arm and two arms no model can be re-run for (zero-shot, fusion)."""
-    from kneeoa.models.cnn import BACKBONES, Backbone
+    from kneeoa.models.cnn.backbones import BACKBONES, Backbone
     from kneeoa.stages import boost, embed
 
     BACKBONES.add(ARM, Backbone(ARM, None, False, {"last": lambda m: m.top, "penultimate": lambda m: m.mid},
@@ -249,8 +249,8 @@ def test_occlusion_maps_of_a_trained_cnn_agree_with_its_gradcam(disc_run):
     median r 0.71-0.78; every seed passes. Controls, failing in every seed: another knee's occlusion map 0-0.29 of
     the knees and r -0.09-0.04; the knee's own map shifted by half the crop 0 and r about -0.09.
     """
-    from kneeoa.models.arm_predictors import arm_predictor
-    from kneeoa.models.infer import load_classifier
+    from kneeoa.arms.predictors import arm_predictor
+    from kneeoa.models.cnn.infer import load_classifier
 
     run, cfg = disc_run
     test = pd.read_parquet(run / "manifest.parquet").query("split == 'test'")
@@ -272,7 +272,7 @@ def test_occlusion_maps_of_a_trained_cnn_agree_with_its_gradcam(disc_run):
 
 def test_every_kind_of_predictor_reproduces_the_runs_probabilities(disc_run):
     """Re-run on the unoccluded crops, each arm's predictor gives its prediction table (the XGBoost arm re-embeds)."""
-    from kneeoa.models.arm_predictors import arm_predictor
+    from kneeoa.arms.predictors import arm_predictor
 
     run, cfg = disc_run
     manifest = pd.read_parquet(run / "manifest.parquet")
@@ -285,7 +285,7 @@ def test_every_kind_of_predictor_reproduces_the_runs_probabilities(disc_run):
 
 
 def test_an_arm_no_kind_takes_is_refused_with_each_kinds_reason(disc_run):
-    from kneeoa.models.arm_predictors import NoArmPredictor, arm_predictor
+    from kneeoa.arms.predictors import NoArmPredictor, arm_predictor
 
     run, cfg = disc_run
     with pytest.raises(NoArmPredictor, match=r"'fusion_stack' cannot be re-run .*cnn: no checkpoint under .*"

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from kneeoa.config import Config
-from kneeoa.data.images import load_gray
-from kneeoa.data.manifest import validate_manifest
-from kneeoa.data.phantom import (
+from kneeoa.errors import ConfigError
+from kneeoa.formats.images import load_gray
+from kneeoa.sources.manifest import validate_manifest
+from kneeoa.sources.splits import assign_splits
+from kneeoa.synthetic.phantom import (
     KneeGrades,
     import_phantom,
     progress,
@@ -21,11 +23,9 @@ from kneeoa.data.phantom import (
     sample_grades,
     simulate_cohort,
 )
-from kneeoa.data.phantom.grades import KL_MIX
-from kneeoa.data.phantom.quality import DEGRADATIONS
-from kneeoa.data.phantom.render import MASK_NAMES
-from kneeoa.data.splits import assign_splits
-from kneeoa.errors import ConfigError
+from kneeoa.synthetic.phantom.grades import KL_MIX
+from kneeoa.synthetic.phantom.quality import DEGRADATIONS
+from kneeoa.synthetic.phantom.render import MASK_NAMES
 from kneeoa.tasks import JSN_SITES, OSTEOPHYTE_SITES, RAW_GRADE_COLUMNS, SCLEROSIS_SITES, add_task_labels
 
 CLEAN = {"noise_sd": 0.0, "blur_mm": 0.0}  # neutral pose and exposure, no noise: only the grades differ

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from deploy_fixtures import crop_list
-from kneeoa.cli import app
+from kneeoa.cli.app import app
 from kneeoa.deploy.inputs import FileFacts, collect_inputs, detect_kind
 from kneeoa.deploy.package import load_model
 from kneeoa.deploy.predict import predict_files

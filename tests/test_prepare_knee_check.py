@@ -8,10 +8,10 @@ import pytest
 
 from kneeoa.config import Config
 from kneeoa.config_checks import validate_config
-from kneeoa.data.manifest import read_manifest
 from kneeoa.errors import ConfigError
 from kneeoa.report.knee_check_sections import knee_check_section
 from kneeoa.runfolder.manifest import read_data_report
+from kneeoa.sources.manifest import read_manifest
 from kneeoa.stages.prepare import prepare
 from real_data import KNEEKL224, NONKNEE, labels, needs_kneekl224, needs_nonknee
 

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 
 from kneeoa.config import Config
-from kneeoa.data import films
-from kneeoa.data.phantom.films import write_phantom_release
+from kneeoa.localize import films
 from kneeoa.runfolder.manifest import PREPARE_JOURNAL
 from kneeoa.stages.prepare import prepare
+from kneeoa.synthetic.phantom.films import write_phantom_release
 
 FILMS, KILLED_AT = 4, 2  # the first run dies when it reaches film KILLED_AT + 1
 
@@ -45,7 +45,7 @@ def test_a_killed_film_import_resumes_with_the_films_not_yet_done_and_equals_a_c
 
     seen.clear()
     monkeypatch.setattr(films, "process_film", lambda job: seen.append(job.path) or real(job))
-    with caplog.at_level(logging.WARNING, logger="kneeoa.data.films"):
+    with caplog.at_level(logging.WARNING, logger="kneeoa.localize.films"):
         resumed = prepare(run, cfg, source="oai", path=release)
     assert len(seen) == FILMS - KILLED_AT  # only the films the killed run had not finished
     assert f"resuming: {KILLED_AT} of {FILMS} films already processed" in caplog.text

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from kneeoa.config import Config
-from kneeoa.data.cache import image_cache
-from kneeoa.data.manifest import load_knee, read_manifest, write_manifest
 from kneeoa.errors import ConfigError
-from kneeoa.models.infer import CnnPredictor, read_members
+from kneeoa.models.cnn.infer import CnnPredictor, read_members
 from kneeoa.runfolder.arms import read_arms
 from kneeoa.runfolder.predictions import read_predictions
+from kneeoa.sources.manifest import load_knee, read_manifest, write_manifest
 from kneeoa.stages import train
+from kneeoa.transforms.cache import image_cache
 
 
 def _cfg(**cnn):
@@ -143,7 +143,7 @@ def test_prepare_marks_left_knees_mirrored_and_stages_read_them_flipped(tmp_path
 
 
 def test_augmentation_keeps_range_and_is_reproducible():
-    from kneeoa.data.augment import POLICIES, Policy, augment_batch, tta_views
+    from kneeoa.transforms.augment import POLICIES, Policy, augment_batch, tta_views
 
     x = torch.randint(0, 256, (6, 1, 24, 24), dtype=torch.uint8)
     a = augment_batch(x, POLICIES.get("strong"), hflip=True, generator=torch.Generator().manual_seed(1))
@@ -157,8 +157,8 @@ def test_augmentation_keeps_range_and_is_reproducible():
 
 
 def test_y_pred_drives_hard_metrics():
-    from kneeoa.metrics import METRICS
     from kneeoa.runfolder.predictions import make_prediction_table, validate_predictions
+    from kneeoa.stats.metrics import METRICS
 
     probs = np.array([[0.6, 0.4], [0.6, 0.4], [0.3, 0.7]])
     t = make_prediction_table(["a", "b", "c"], ["val"] * 3, [0, 1, 1], probs, y_pred=[0, 1, 1])
@@ -173,7 +173,7 @@ def test_y_pred_drives_hard_metrics():
 def test_fast_affine_grid_matches_torch_and_the_opencv_warp_samples_the_same_points():
     import torch.nn.functional as F
 
-    from kneeoa.data.augment import _cv2, affine_grid, pixel_matrices
+    from kneeoa.transforms.augment import _cv2, affine_grid, pixel_matrices
 
     theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
     expected = F.affine_grid(theta, (5, 1, 7, 9), align_corners=False)
@@ -200,7 +200,7 @@ def test_fast_affine_grid_matches_torch_and_the_opencv_warp_samples_the_same_poi
 def test_augmentation_blur_is_the_binomial_kernel_with_replicated_edges():
     import torch.nn.functional as F
 
-    from kneeoa.data.augment import Policy, augment_batch
+    from kneeoa.transforms.augment import Policy, augment_batch
 
     x = torch.randint(0, 256, (3, 1, 8, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     blur_only = Policy(degrees=0, scale=(1, 1), translate=0, gamma=(1, 1), contrast=(1, 1), brightness=0, blur_p=1.0)
@@ -212,8 +212,8 @@ def test_augmentation_blur_is_the_binomial_kernel_with_replicated_edges():
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_training_loader_augments_reproducibly_and_validation_only_normalises(workers):
-    from kneeoa.data.dataset import KneeDataset
     from kneeoa.stages.train import training_loaders
+    from kneeoa.transforms.dataset import KneeDataset
 
     images = np.random.default_rng(0).integers(0, 256, (24, 16, 16), dtype=np.uint8)
     ds = KneeDataset(images, np.arange(24), {"klg": np.arange(24)})  # the label is the row, to find it in a batch
@@ -238,7 +238,7 @@ def test_training_loader_augments_reproducibly_and_validation_only_normalises(wo
 
 
 def test_augmentation_folds_the_normalisation_in_exactly():
-    from kneeoa.data.augment import POLICIES, augment_batch
+    from kneeoa.transforms.augment import POLICIES, augment_batch
 
     x = torch.randint(0, 256, (6, 1, 24, 24), dtype=torch.uint8)
     plain = augment_batch(x, POLICIES.get("strong"), hflip=False, generator=torch.Generator().manual_seed(2))
@@ -250,8 +250,8 @@ def test_augmentation_folds_the_normalisation_in_exactly():
 def test_band_augmentation_gives_the_two_branch_net_what_a_whole_image_would():
     from dataclasses import replace
 
-    from kneeoa.data.augment import POLICIES, BatchTransform, augment_batch
-    from kneeoa.models.cnn import create_backbone, input_rows
+    from kneeoa.models.cnn.backbones import create_backbone, input_rows
+    from kneeoa.transforms.augment import POLICIES, BatchTransform, augment_batch
 
     net = create_backbone("twobranch", source=None)[0].eval()
     top, bottom = input_rows(net, 48)
@@ -282,7 +282,7 @@ def test_band_augmentation_gives_the_two_branch_net_what_a_whole_image_would():
 def test_grouped_geometry_moves_batch_neighbours_alike_and_keeps_their_own_intensity():
     from dataclasses import replace
 
-    from kneeoa.data.augment import POLICIES, Policy, augment_batch
+    from kneeoa.transforms.augment import POLICIES, Policy, augment_batch
 
     one = torch.randint(0, 256, (1, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     x = one.expand(10, 1, 32, 32).contiguous()  # ten copies of one image: any difference is the augmentation's
@@ -309,7 +309,7 @@ def test_grouped_geometry_moves_batch_neighbours_alike_and_keeps_their_own_inten
 @pytest.mark.parametrize("group", [0, 5])
 def test_augment_group_outside_one_to_four_is_refused(group):
     from kneeoa.config_checks import config_problems
-    from kneeoa.data.augment import POLICIES, augment_batch
+    from kneeoa.transforms.augment import POLICIES, augment_batch
 
     with pytest.raises(ValueError, match=f"group must be 1-4 .* got {group}"):
         augment_batch(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), POLICIES.get("strong"), hflip=False, group=group)
@@ -318,8 +318,8 @@ def test_augment_group_outside_one_to_four_is_refused(group):
 
 
 def test_training_loader_hands_the_configured_group_to_the_augmentation():
-    from kneeoa.data.dataset import KneeDataset
     from kneeoa.stages.train import training_loaders
+    from kneeoa.transforms.dataset import KneeDataset
 
     ds = KneeDataset(np.zeros((8, 16, 16), dtype=np.uint8), np.arange(8), {"klg": np.zeros(8, dtype=int)})
     hp = _cfg(augment_policy="strong", augment_group=3).cnn

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from kneeoa.config import Config
-from kneeoa.data.manifest import read_manifest
 from kneeoa.report.html import ReportError, build_report
 from kneeoa.runfolder.arms import record_arm
 from kneeoa.runfolder.predictions import make_prediction_table, write_predictions
+from kneeoa.sources.manifest import read_manifest
 from kneeoa.stages import evaluate
 from kneeoa.tasks import get_task
 
@@ -60,7 +60,7 @@ def test_a_failing_section_does_not_sink_the_report(tiny_run, monkeypatch):
 def test_row_12_report_with_a_failing_section_exits_non_zero(tiny_run, monkeypatch):
     from typer.testing import CliRunner
 
-    from kneeoa.cli import app
+    from kneeoa.cli.app import app
     from kneeoa.report import core
 
     write_fake_predictions(tiny_run, "resnet18", 0.5)

@@ -16,7 +16,7 @@ import torch
 
 from conftest import make_tiny_run
 from kneeoa.config import Config, dump_config
-from kneeoa.models.resume import LAST, STATE, find_resume_point, fingerprint, mark_started
+from kneeoa.models.cnn.resume import LAST, STATE, find_resume_point, fingerprint, mark_started
 from kneeoa.runfolder.arms import read_arms
 
 EPOCHS = 10
@@ -34,7 +34,7 @@ def _config() -> Config:
 
 def _train(run_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "250"}
-    return subprocess.Popen([sys.executable, "-c", "from kneeoa.cli import app; app()", "train", str(run_dir)],
+    return subprocess.Popen([sys.executable, "-c", "from kneeoa.cli.app import app; app()", "train", str(run_dir)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from kneeoa.cli import app
+from kneeoa.cli.app import app
 from kneeoa.runlock import LOCK_NAME, RunFolderBusyError, global_rank, run_lock
 
 runner = CliRunner()

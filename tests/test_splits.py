@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kneeoa.data.splits import assign_splits
 from kneeoa.errors import ConfigError
+from kneeoa.sources.splits import assign_splits
 
 
 def _cohort(n_patients=300, seed=1):

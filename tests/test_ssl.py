@@ -13,12 +13,12 @@ import torch
 from typer.testing import CliRunner
 
 import kneeoa.stages.pretrain as pretrain
-from kneeoa.cli import app
+from kneeoa.cli.app import app
 from kneeoa.config import Config
 from kneeoa.errors import ConfigError, DataError, WeightsNotFoundError
-from kneeoa.models.cnn import BACKBONES, create_backbone, resolve_pretrained
-from kneeoa.models.foundation import create_encoder
-from kneeoa.models.ssl import nt_xent
+from kneeoa.models.cnn.backbones import BACKBONES, create_backbone, resolve_pretrained
+from kneeoa.models.cnn.ssl import nt_xent
+from kneeoa.models.encoders.foundation import create_encoder
 from kneeoa.runfolder.arms import read_arms
 from kneeoa.runfolder.embeddings import embedding_matrix, read_embeddings
 from kneeoa.runfolder.encoders import encoder_dir, pretrain_state_path
@@ -294,7 +294,7 @@ def test_missing_extra_folder_is_a_config_error(tiny_run, tmp_path):
 
 
 def test_extra_folders_add_their_images(tiny_run, tmp_path):
-    from kneeoa.data.images import save_gray16
+    from kneeoa.formats.images import save_gray16
 
     extra = tmp_path / "unlabelled" / "deeper"
     for i in range(3):

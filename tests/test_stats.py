@@ -8,14 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kneeoa.calibration import CALIBRATION_METRICS
 from kneeoa.config import Config
-from kneeoa.data.manifest import write_manifest
 from kneeoa.errors import ManifestError, MissingInputError
 from kneeoa.runfolder.predictions import make_prediction_table, read_predictions, write_predictions
 from kneeoa.runfolder.tables import columns
+from kneeoa.sources.manifest import write_manifest
 from kneeoa.stages import get_stage
 from kneeoa.stages import stats as stats_stage
+from kneeoa.stats.calibration import CALIBRATION_METRICS
 from kneeoa.tasks import get_task
 from test_bootstrap import class_probs
 

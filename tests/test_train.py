@@ -5,8 +5,8 @@ import torch
 
 from kneeoa.config import Config
 from kneeoa.errors import ConfigError, WeightsNotFoundError
-from kneeoa.models.cnn import BACKBONES, resolve_pretrained
-from kneeoa.models.infer import load_classifier
+from kneeoa.models.cnn.backbones import BACKBONES, resolve_pretrained
+from kneeoa.models.cnn.infer import load_classifier
 from kneeoa.runfolder.arms import read_arms
 from kneeoa.runfolder.predictions import list_predictions, read_predictions
 from kneeoa.stages import evaluate, train
@@ -79,7 +79,7 @@ def test_local_weights_file_is_used(tmp_path):
     path = tmp_path / "resnet18.safetensors"
     save_file(src.state_dict(), str(path))
     file, text = resolve_pretrained(BACKBONES.get("resnet18"), str(path), None)
-    from kneeoa.models.cnn import create_backbone
+    from kneeoa.models.cnn.backbones import create_backbone
 
     model, err = create_backbone("resnet18", source=file)
     assert err is None and "local file" in text
@@ -116,9 +116,9 @@ def test_logged_train_loss_is_the_epochs_mean_step_loss(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     from kneeoa.config import CnnCfg
-    from kneeoa.data.dataset import KneeDataset
-    from kneeoa.models.cnn import MultiTaskNet, create_backbone
+    from kneeoa.models.cnn.backbones import MultiTaskNet, create_backbone
     from kneeoa.stages.train import _make_module, training_loaders
+    from kneeoa.transforms.dataset import KneeDataset
 
     hp = CnnCfg(image_size=32, batch_size=5, epochs=2)
     hp.augment = False

@@ -1,8 +1,8 @@
 import torch
 
-from kneeoa.cam import gradcam
-from kneeoa.models.cnn import BACKBONES, MultiTaskNet, TaskView
-from kneeoa.models.twobranch import TwoBranchNet
+from kneeoa.explain.cam import gradcam
+from kneeoa.models.cnn.backbones import BACKBONES, MultiTaskNet, TaskView
+from kneeoa.models.cnn.twobranch import TwoBranchNet
 
 
 def test_shapes_and_shared_weights():

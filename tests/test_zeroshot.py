@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 
 from kneeoa.config import Config, ZeroShotCfg
-from kneeoa.data.images import load_gray
-from kneeoa.data.manifest import read_manifest, write_manifest
 from kneeoa.errors import ConfigError
-from kneeoa.models import zero_shot
-from kneeoa.models.encoders import ClipEncoder
-from kneeoa.models.foundation import create_encoder
+from kneeoa.formats.images import load_gray
+from kneeoa.models.encoders import zero_shot
+from kneeoa.models.encoders.base import ClipEncoder
+from kneeoa.models.encoders.foundation import create_encoder
 from kneeoa.report.foundation_sections import embeddings_section, zeroshot_section
 from kneeoa.runfolder.arms import read_arms
 from kneeoa.runfolder.predictions import prediction_path, read_predictions
 from kneeoa.runfolder.qc import read_zeroshot_qc, read_zeroshot_summary
+from kneeoa.sources.manifest import read_manifest, write_manifest
 from kneeoa.stages import zeroshot
 
 
@@ -153,7 +153,7 @@ def test_disabled_zeroshot_is_recorded(tiny_run):
 def test_a_zero_shot_arm_is_re_run_on_crops_for_its_occlusion_maps(finished_run):
     """The zero-shot arm re-grades crops with the prompts its record holds and reproduces its own table; the explain
     stage draws its occlusion maps like any other arm's."""
-    from kneeoa.models.arm_predictors import arm_predictor
+    from kneeoa.arms.predictors import arm_predictor
     from kneeoa.runfolder.manifest import load_knee
     from kneeoa.runfolder.occlusion import OCCLUSION
 

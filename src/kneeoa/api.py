@@ -51,8 +51,8 @@ class Grader:
     @contextmanager
     def _files(self, inputs: Input | Iterable[Input], side: str | None, kind: str | None):
         """The inputs as `InputFile`s; numpy crops are written as 16-bit PNG crops into a temporary folder."""
-        from kneeoa.data.images import save_gray16
         from kneeoa.deploy.inputs import collect_inputs
+        from kneeoa.formats.images import save_gray16
 
         if isinstance(inputs, str | Path | np.ndarray | InputFile):
             inputs = [inputs]
@@ -109,9 +109,9 @@ class Grader:
         Raises:
             ConfigError: `task` is not one of `tasks`.
         """
-        from kneeoa.cam import resize_map
         from kneeoa.deploy.predict import explain, grade_films
         from kneeoa.errors import ConfigError
+        from kneeoa.explain.cam import resize_map
 
         tasks = [task] if task else self.tasks
         unknown = [t for t in tasks if t not in self.info["tasks"]]

@@ -28,7 +28,7 @@ _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 @dataclass
 class DataCfg:
-    source: str = "phantom"  # an importer (kneeoa.data.importers: phantom | folders | oai | csv) or manifest (an
+    source: str = "phantom"  # an importer (kneeoa.sources.importers: phantom | folders | oai | csv) or manifest (an
     # existing RUN_DIR/manifest.parquet)
     path: str | None = None  # source folder or table (not used by the phantom)
     patients: int = 400  # phantom: number of patients
@@ -42,13 +42,13 @@ class DataCfg:
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     csv_columns: dict[str, str] = field(default_factory=dict)  # csv importer: manifest column -> table column
     workers: int = 2  # processes for prepare (DICOM decoding, localisation)
-    localizer: str = "heatmap"  # knee localiser for films (kneeoa.data.localize.LOCALIZERS): heatmap | profile
+    localizer: str = "heatmap"  # knee localiser for films (kneeoa.localize.core.LOCALIZERS): heatmap | profile
     default_spacing_mm: float | None = None  # films without pixel spacing: assume this (mm); None quarantines them
     csv_kind: str = "auto"  # csv importer without a `kind` column: auto | crop | single | bilateral
     # The knee check prepare runs on every imported image (manifest columns knee_score, not_knee; a report
     # section): builtin (the default built-in grader's), a built-in's name, a model package folder, or none.
     knee_check: str = "builtin"
-    # importer -> its own options, for importers whose options are not fields above (kneeoa.data.importers)
+    # importer -> its own options, for importers whose options are not fields above (kneeoa.sources.importers)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -70,7 +70,7 @@ class CnnCfg:
     weight_decay: float = 0.05
     label_smoothing: float = 0.0
     class_balance: str = "weighted_loss"  # none | weighted_loss (inverse-frequency class weights) | balanced_sampling
-    klg_head: str = "ce"  # output head for ordinal tasks (KLG): ce | corn | regression (kneeoa.models.heads)
+    klg_head: str = "ce"  # output head for ordinal tasks (KLG): ce | corn | regression (kneeoa.models.cnn.heads)
     klg_decode: str = "argmax"  # argmax | cutpoints (expected grade, cut-points tuned on val for quadratic kappa)
     cutpoint_bootstrap: int = 0  # >0: each cut-point is the median over that many val-patient bootstrap tunings
     cutpoint_accuracy_weight: float = 0.0  # cut-points maximise quadratic kappa + this x accuracy (0: kappa alone)
@@ -78,7 +78,7 @@ class CnnCfg:
     patience: int = 6  # early stopping on the selection criterion, in epochs
     max_minutes: float | None = None  # wall-clock cap per model (Lightning max_time); None = no cap
     augment: bool = True
-    augment_policy: str = "standard"  # standard | strong (kneeoa.data.augment.POLICIES)
+    augment_policy: str = "standard"  # standard | strong (kneeoa.transforms.augment.POLICIES)
     augment_group: int = 1  # 1-4 batch neighbours share one geometric draw, warped in one call (cheaper on CPU)
     hflip: str = "auto"  # horizontal-flip augmentation: auto (only when the data are not mirrored) | true | false
     ema: float | None = None  # decay of an exponential moving average of the weights (e.g. 0.998); None = off
@@ -183,7 +183,7 @@ class FusionCfg:
 class PretrainCfg:
     """Self-supervised pretraining of a knee encoder (`kneeoa pretrain`, `kneeoa.stages.pretrain`)."""
 
-    backbone: str = "twobranch"  # a cnn backbone (kneeoa.models.cnn.BACKBONES)
+    backbone: str = "twobranch"  # a cnn backbone (kneeoa.models.cnn.backbones.BACKBONES)
     image_size: int = 160
     method: str = "simclr"  # kneeoa.stages.pretrain.METHODS
     epochs: int = 100  # upper bound; max_minutes usually ends training first

@@ -81,7 +81,7 @@ AT_LEAST_ONE = Range(1)
 SHARE = Range(0, 1)
 
 CNN_CHECKS: dict[str, OneOf | Range] = {
-    "backbones": OneOf("kneeoa.models.cnn:BACKBONES"),
+    "backbones": OneOf("kneeoa.models.cnn.backbones:BACKBONES"),
     "image_size": Range(16),
     "epochs": AT_LEAST_ONE,
     "batch_size": AT_LEAST_ONE,
@@ -89,20 +89,20 @@ CNN_CHECKS: dict[str, OneOf | Range] = {
     "weight_decay": NON_NEGATIVE,
     "label_smoothing": Range(0, 1, open_hi=True),
     "class_balance": OneOf(words=("none", "weighted_loss", "balanced_sampling")),
-    "klg_head": OneOf("kneeoa.models.heads:HEADS"),
+    "klg_head": OneOf("kneeoa.models.cnn.heads:HEADS"),
     "klg_decode": OneOf(words=("argmax", "cutpoints")),
     "cutpoint_bootstrap": NON_NEGATIVE,
     "cutpoint_accuracy_weight": NON_NEGATIVE,
     "select_by": OneOf(words=("metric", "loss")),
     "patience": NON_NEGATIVE,
     "max_minutes": POSITIVE,
-    "augment_policy": OneOf("kneeoa.data.augment:POLICIES"),
+    "augment_policy": OneOf("kneeoa.transforms.augment:POLICIES"),
     "augment_group": Range(1, 4),
     "hflip": OneOf(words=("auto", "true", "false")),
     "ema": Range(0, 1, open_lo=True, open_hi=True),
     "ensemble_seeds": AT_LEAST_ONE,
-    "weights": OneOf("kneeoa.models.cnn:BACKBONES"),
-    "overrides": OneOf("kneeoa.models.cnn:BACKBONES"),
+    "weights": OneOf("kneeoa.models.cnn.backbones:BACKBONES"),
+    "overrides": OneOf("kneeoa.models.cnn.backbones:BACKBONES"),
     "num_nodes": AT_LEAST_ONE,
     "num_workers": NON_NEGATIVE,
     "max_train_images": AT_LEAST_ONE,
@@ -112,7 +112,7 @@ CNN_CHECKS: dict[str, OneOf | Range] = {
 # Config key (dotted) -> its check. Lists are checked element by element, mappings by their keys.
 CHECKS: dict[str, OneOf | Range] = {
     "stages": OneOf("kneeoa.stages:STAGES"),
-    "data.source": OneOf("kneeoa.data.importers:IMPORTERS", words=("manifest",)),
+    "data.source": OneOf("kneeoa.sources.importers:IMPORTERS", words=("manifest",)),
     "data.patients": AT_LEAST_ONE,
     "data.visits": Range(1, 7),
     "data.image_size": Range(16),
@@ -120,24 +120,24 @@ CHECKS: dict[str, OneOf | Range] = {
     "data.crop_mm": POSITIVE,
     "data.split_fractions": SHARE,
     "data.workers": AT_LEAST_ONE,
-    "data.localizer": OneOf("kneeoa.data.localize:LOCALIZERS"),
+    "data.localizer": OneOf("kneeoa.localize.core:LOCALIZERS"),
     "data.default_spacing_mm": POSITIVE,
     "data.csv_kind": OneOf(words=("auto", "crop", "single", "bilateral")),
     "tasks.names": OneOf("kneeoa.tasks:TASKS"),
     "tasks.thresholds": OneOf(words=("osteophytes", "jsn", "sclerosis")),
     **{f"cnn.{k}": v for k, v in CNN_CHECKS.items()},
-    "foundation.encoders": OneOf("kneeoa.models.foundation:ENCODERS"),
-    "foundation.weights": OneOf("kneeoa.models.foundation:ENCODERS"),
+    "foundation.encoders": OneOf("kneeoa.models.encoders.foundation:ENCODERS"),
+    "foundation.weights": OneOf("kneeoa.models.encoders.foundation:ENCODERS"),
     "foundation.device": OneOf(words=("auto", "cpu", "cuda", *(f"cuda:{i}" for i in range(16)))),
     "foundation.batch_size": AT_LEAST_ONE,
-    "foundation.features": OneOf("kneeoa.models.foundation:ENCODERS"),
+    "foundation.features": OneOf("kneeoa.models.encoders.foundation:ENCODERS"),
     "foundation.precision": OneOf(words=("auto", "bf16", "fp32")),
     "foundation.linear_c_grid": POSITIVE,
     "foundation.xgb_n_estimators": AT_LEAST_ONE,
     "foundation.xgb_early_stopping": AT_LEAST_ONE,
     "foundation.xgb_max_bin": Range(2),
     "foundation.n_jobs": AT_LEAST_ONE,
-    "zeroshot.encoder": OneOf("kneeoa.models.foundation:ENCODERS"),
+    "zeroshot.encoder": OneOf("kneeoa.models.encoders.foundation:ENCODERS"),
     "stats.n_boot": AT_LEAST_ONE,
     "stats.confidence": Range(0, 1, open_lo=True, open_hi=True),
     "stats.calibration_bins": AT_LEAST_ONE,
@@ -157,7 +157,7 @@ CHECKS: dict[str, OneOf | Range] = {
     "fusion.folds": Range(2),
     "fusion.stack_c": POSITIVE,
     "fusion.heads": OneOf("kneeoa.models.probes:HEADS"),
-    "pretrain.backbone": OneOf("kneeoa.models.cnn:BACKBONES"),
+    "pretrain.backbone": OneOf("kneeoa.models.cnn.backbones:BACKBONES"),
     "pretrain.method": OneOf("kneeoa.stages.pretrain:METHODS"),
     "pretrain.image_size": Range(16),
     "pretrain.epochs": AT_LEAST_ONE,
@@ -193,10 +193,10 @@ def _cross_checks(cfg: Any) -> Iterable[str]:
     for task, grade in cfg.tasks.thresholds.items():
         if grade not in (1, 2, 3):
             yield f"tasks.thresholds.{task}: {grade!r} is not an OARSI grade 1, 2 or 3."
-    from kneeoa.data.importers import option_problems
+    from kneeoa.sources.importers import option_problems
 
     yield from option_problems(cfg.data.options)
-    from kneeoa.models.foundation import ENCODERS
+    from kneeoa.models.encoders.foundation import ENCODERS
 
     for encoder, choice in cfg.foundation.features.items():
         if encoder in ENCODERS:
@@ -208,7 +208,7 @@ def _cross_checks(cfg: Any) -> Iterable[str]:
     fused = [a for a in cfg.fusion.arms if a.startswith("fusion_")]
     if fused:
         yield f"fusion.arms: {fused[0]!r} is a fused arm; members must be arms that other stages make."
-    metrics = OneOf("kneeoa.metrics:METRICS")
+    metrics = OneOf("kneeoa.stats.metrics:METRICS")
     for kind, names in cfg.stats.compare_metrics.items():
         yield from metrics.problems(f"stats.compare_metrics.{kind}", names)
 

@@ -42,7 +42,7 @@ class Task:
         sources: raw manifest columns the label is derived from (empty: the label column itself is the source).
         reduce: "max" over sites (graded) or "any" over sites at `threshold` (binary).
         threshold: default binarisation threshold for "any" tasks.
-        headline: the metric the paper reports for it, which also selects the CNN epoch (a `kneeoa.metrics` name;
+        headline: the metric the paper reports for it, which also selects the CNN epoch (a `kneeoa.stats.metrics` name;
             empty: the kind's, `HEADLINE_METRIC`).
         masks: the phantom mask arrays (RUN_DIR/masks/<image_id>.npz keys) whose union is the task's feature, for
             scoring where Grad-CAM looks; empty: the task is not scored.

@@ -20,14 +20,14 @@ import numpy as np
 import pandas as pd
 
 from kneeoa.config import Config
-from kneeoa.data.localize import orient
-from kneeoa.data.manifest import read_manifest
 from kneeoa.deploy.package import ModelKind, PackageError, task_entry
 from kneeoa.errors import WeightsNotFoundError
-from kneeoa.estimators import XGBHead
+from kneeoa.localize.core import orient
+from kneeoa.models.estimators import XGBHead
 from kneeoa.runfolder.embeddings import embedding_matrix, read_embeddings
 from kneeoa.runfolder.heads import head_path
 from kneeoa.runfolder.predictions import prediction_path, prob_columns
+from kneeoa.sources.manifest import read_manifest
 
 ENCODER_JSON = "encoder.json"
 #: Largest |package - run| probability difference accepted at export.
@@ -112,7 +112,7 @@ def _head(path: Path, task: str) -> XGBHead:
 
 def _load(model_dir: Path, info: dict[str, Any], *, encoder_weights: Path | None = None) -> EmbedXgbModel:
     """The package's heads on its encoder, loaded from `encoder_weights` or else where the run loaded it from."""
-    from kneeoa.models.foundation import create_encoder
+    from kneeoa.models.encoders.foundation import create_encoder
 
     ref = info["encoder"]
     weights = encoder_weights or ref["weights_path"]

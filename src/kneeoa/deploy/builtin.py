@@ -98,8 +98,8 @@ def builtin_table() -> list[tuple[str, str, str, str, str]]:
 
 def _val_reference(run_dir: Path, arm: str, data_root: Path | None) -> pd.DataFrame:
     """The run's val probabilities of `arm` for every task, one row per knee, with the crop's file and side."""
-    from kneeoa.data.manifest import read_manifest, resolve_image_path
     from kneeoa.runfolder.predictions import read_predictions
+    from kneeoa.sources.manifest import read_manifest, resolve_image_path
 
     manifest = read_manifest(run_dir).set_index("image_id")
     out = None

@@ -1,6 +1,6 @@
 """Packaging the supervised CNN arms: every member checkpoint as safetensors weights plus a JSON of the rest.
 
-The run's checkpoint payloads (`kneeoa.models.infer.CnnPredictor.payloads`) are split into
+The run's checkpoint payloads (`kneeoa.models.cnn.infer.CnnPredictor.payloads`) are split into
 `weights/member<i>.safetensors` (the state dict) and `weights/member<i>.json` (backbone, tasks, heads,
 preprocessing, decoding, weights source), and rebuilt with `CnnPredictor.from_payloads`: the package runs the very
 inference code the run's train stage ran, which is what makes `predict` equal the run's own prediction tables.
@@ -40,7 +40,7 @@ def _owns(run_dir: Path, arm: str, record: dict[str, Any]) -> bool:
 def _export(run_dir: Path, arm: str, cfg: Config, weights_dir: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    from kneeoa.models.infer import CnnPredictor
+    from kneeoa.models.cnn.infer import CnnPredictor
 
     predictor = CnnPredictor.from_run(run_dir, arm)
     members = []
@@ -79,7 +79,7 @@ class CnnModel:
 
     def cam(self, crop: np.ndarray, side: str, task: str, cls: int) -> np.ndarray:
         """Grad-CAM of class `cls` over the crop, returned in the crop's own (radiographic) orientation."""
-        from kneeoa.cam import gradcam
+        from kneeoa.explain.cam import gradcam
 
         if task not in self._cams:
             self._cams[task] = self.predictor.cam_model(task)
@@ -93,7 +93,7 @@ class CnnModel:
 def _load(model_dir: Path, info: dict[str, Any], **_options: Any) -> CnnModel:
     from safetensors.torch import load_file
 
-    from kneeoa.models.infer import CnnPredictor
+    from kneeoa.models.cnn.infer import CnnPredictor
 
     payloads = []
     for name in info["members"]:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from kneeoa.data.films import FILM_KINDS
 from kneeoa.errors import ConfigError, DataError
+from kneeoa.localize.films import FILM_KINDS
 
 #: A DICOM at least this wide (mm) shows both knees; at most CROP_MM wide it is a knee crop.
 BILATERAL_MM = 250.0
@@ -99,7 +99,7 @@ def read_facts(path: Path) -> FileFacts:
     Raises:
         DataError: the file is missing, or neither DICOM, PNG nor JPEG.
     """
-    from kneeoa.data.dicom import _laterality, _spacing, is_dicom, read_header
+    from kneeoa.formats.dicom import _laterality, _spacing, is_dicom, read_header
 
     if not path.is_file():
         raise DataError(f"{path} does not exist or is not a file.")

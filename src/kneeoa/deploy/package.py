@@ -143,7 +143,7 @@ def _arm_metrics(run_dir: Path, arm: str) -> pd.DataFrame:
 
 def _data_summary(run_dir: Path, tasks: list[str]) -> dict[str, Any]:
     """Images and patients per split and label counts per task, from the manifest, beside the run's data report."""
-    from kneeoa.data.manifest import read_manifest
+    from kneeoa.sources.manifest import read_manifest
 
     m = read_manifest(run_dir)
     report = run_dir / "data_report.json"
@@ -258,9 +258,9 @@ def fit_knee_check(model: KneeModel, run_dir: Path, out_dir: Path, *, seed: int 
     from safetensors.numpy import save_file
     from tqdm.auto import tqdm
 
-    from kneeoa.data.images import load_gray
-    from kneeoa.data.manifest import read_manifest, resolve_image_path
+    from kneeoa.formats.images import load_gray
     from kneeoa.models.knee_check import FILM_COPIES, KNEE_CHECKS, film_like, layout
+    from kneeoa.sources.manifest import read_manifest, resolve_image_path
 
     method = KNEE_CHECKS.get("layout_features")
     train = read_manifest(run_dir).query("split == 'train'")

@@ -1,6 +1,6 @@
 """Grading new films with a model package: localise -> crop -> every task per knee -> a table, and CAM overlays.
 
-Films go through the importers' own path (`kneeoa.data.films.process_film`): the package's localiser, crop size
+Films go through the importers' own path (`kneeoa.localize.films.process_film`): the package's localiser, crop size
 in mm and crop resolution, the crop written as a 16-bit PNG and read back. So a crop graded here is the crop a run
 would have trained and predicted on, and `predict` on a run's own crops gives the run's own prediction tables.
 
@@ -18,7 +18,7 @@ would have trained and predicted on, and `predict` on a run's own crops gives th
 | error | why the file, or this knee of it, was not graded (empty when it was) |
 
 Before any grade, the knee check runs: a file whose DICOM tags, colour or size say it is no knee radiograph is
-refused first (`kneeoa.data.knee_gate`), then every knee crop is scored by the package's fitted check and a knee
+refused first (`kneeoa.localize.knee_gate`), then every knee crop is scored by the package's fitted check and a knee
 too unlike the grader's training knees gets its reason in `error` and its `knee_score`, never a grade.
 """
 
@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kneeoa.data.films import FilmJob, process_film
-from kneeoa.data.images import load_gray
 from kneeoa.deploy.inputs import InputFile, detect_kind, read_facts
 from kneeoa.deploy.package import KneeModel
 from kneeoa.errors import DataError
+from kneeoa.formats.images import load_gray
 from kneeoa.io import write_text
+from kneeoa.localize.films import FilmJob, process_film
 
 _logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def overlay_png(crop: np.ndarray, heat: np.ndarray | None) -> bytes:
 
     from PIL import Image
 
-    from kneeoa.cam import overlay
+    from kneeoa.explain.cam import overlay
 
     rgb = overlay(crop, heat) if heat is not None else np.repeat(np.clip(crop, 0, 1)[..., None], 3, axis=2)
     buf = io.BytesIO()

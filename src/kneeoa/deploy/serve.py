@@ -35,11 +35,11 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kneeoa.data.films import SIDE_WORDS
 from kneeoa.deploy.inputs import InputFile
 from kneeoa.deploy.package import KneeModel, load_model
 from kneeoa.deploy.predict import QC_FLAGS, explain, grade_films, overlay_png
 from kneeoa.errors import KneeoaError
+from kneeoa.localize.films import SIDE_WORDS
 
 #: Default upload limit: a large uncompressed bilateral film is ~50 MB.
 MAX_UPLOAD_MB = 64.0

@@ -2,7 +2,7 @@
 (`kneeoa boost`) and of the feature-fusion arms (`kneeoa fusion`).
 
 `HEADS` maps a head name to `fit(Xtr, ytr, Xva, yva, k, cfg) -> (model, chosen settings)`:
-- `xgb`: XGBoost (`kneeoa.estimators.XGBHead`), class-weighted, `multi:softprob` for more than two classes; every
+- `xgb`: XGBoost (`kneeoa.models.estimators.XGBHead`), class-weighted, `multi:softprob` for more than two classes; every
   combination of `foundation.xgb_grid` is fit on train and early-stopped on val, and the lowest class-weighted val
   log-loss wins;
 - `linear`: standardised features + class-weighted logistic regression, C from `foundation.linear_c_grid` by the same
@@ -27,7 +27,7 @@ from sklearn.preprocessing import StandardScaler
 
 from kneeoa.config import Config, FoundationCfg
 from kneeoa.errors import ConfigError
-from kneeoa.estimators import XGBHead, balanced_weights
+from kneeoa.models.estimators import XGBHead, balanced_weights
 from kneeoa.registry import Registry
 from kneeoa.runfolder.heads import save_head
 from kneeoa.runfolder.predictions import make_prediction_table, write_predictions

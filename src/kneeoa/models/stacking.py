@@ -23,7 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 
 from kneeoa.errors import DataError
-from kneeoa.models.heads import decode, tune_cutpoints
+from kneeoa.models.cnn.heads import decode, tune_cutpoints
 
 EPS = 1e-6
 
@@ -40,7 +40,7 @@ class Stacker:
     Attributes:
         coef: (K, F) weights, intercept: (K,), classes: the class index of each row of `coef` (classes absent
         from the fitting rows get probability 0), n_classes: K of the task, decoding: {"method": "argmax"} or
-        {"method": "cutpoints", "cuts": [...]} (`kneeoa.models.heads.decode`).
+        {"method": "cutpoints", "cuts": [...]} (`kneeoa.models.cnn.heads.decode`).
     """
 
     coef: np.ndarray

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 
 from kneeoa.config import Config, dump_config
-from kneeoa.metrics import METRICS
 from kneeoa.plotting import new_figure
 from kneeoa.report.figures import fig_to_img_tag, table_html
 from kneeoa.report.formatting import format_ci
@@ -20,6 +19,7 @@ from kneeoa.runfolder.manifest import read_data_report, read_manifest
 from kneeoa.runfolder.metrics import read_metrics
 from kneeoa.runfolder.predictions import list_predictions, prob_columns, read_predictions
 from kneeoa.runfolder.tables import read_table
+from kneeoa.stats.metrics import METRICS
 from kneeoa.tasks import get_task
 
 PACKAGES = ("kneeoa", "torch", "torchvision", "timm", "lightning", "open_clip_torch", "transformers", "xgboost-cpu",
@@ -115,7 +115,7 @@ def _tables(run_dir: Path):
 
 
 def confusion_section(run_dir: Path, cfg: Config) -> str | None:
-    from kneeoa.metrics import confusion
+    from kneeoa.stats.metrics import confusion
 
     imgs = []
     for arm, task, test in _tables(run_dir):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 
 from kneeoa.config import Config
-from kneeoa.data.images import load_gray
 from kneeoa.errors import DataError
-from kneeoa.models.foundation import encoder_arms, get_encoder_spec
+from kneeoa.formats.images import load_gray
+from kneeoa.models.encoders.foundation import encoder_arms, get_encoder_spec
 from kneeoa.report.figures import array_to_img_tag, table_html
 from kneeoa.runfolder.arms import read_arms
 from kneeoa.runfolder.embeddings import read_embedding_info

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from kneeoa.config import Config
-from kneeoa.models.foundation import get_encoder_spec
+from kneeoa.models.encoders.foundation import get_encoder_spec
 from kneeoa.report.figures import table_html
 from kneeoa.report.formatting import format_ci
 from kneeoa.runfolder.arms import read_arms

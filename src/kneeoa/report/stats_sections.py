@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kneeoa.calibration import CALIBRATION_METRICS
 from kneeoa.config import Config
 from kneeoa.plotting import new_figure, panels
 from kneeoa.report.figures import fig_to_img_tag, table_html
 from kneeoa.report.formatting import format_ci, format_p
 from kneeoa.runfolder.metrics import read_metrics_part
 from kneeoa.runfolder.tables import read_table
+from kneeoa.stats.calibration import CALIBRATION_METRICS
 
 
 def forest_plot(comp: pd.DataFrame):

@@ -1,7 +1,7 @@
 """CNN checkpoints (owner: `train`): RUN_DIR/checkpoints/<arm>/<group>.pt, group = "multitask" or a task name.
 
 The payload format (weights, preprocessing, heads, decoding; `{"members": [...]}` for an ensemble) belongs to
-`kneeoa.models.cnn`; this module names the files and lists which arms have them.
+`kneeoa.models.cnn.backbones`; this module names the files and lists which arms have them.
 """
 
 from __future__ import annotations

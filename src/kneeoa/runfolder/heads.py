@@ -1,9 +1,9 @@
 """Fitted embedding heads (owner: `boost`): RUN_DIR/heads/<arm>/<task>.json, one file per arm x task.
 
-- `<prefix>_xgb` arms: an XGBoost model file (`kneeoa.estimators.XGBHead.save`), kept for `kneeoa export`.
+- `<prefix>_xgb` arms: an XGBoost model file (`kneeoa.models.estimators.XGBHead.save`), kept for `kneeoa export`.
 - `<prefix>_linear` arms: the linear probe as plain numbers (`write_linear_probe`): the scaler's mean and scale and the
   logistic regression's coef, intercept and classes, enough to rebuild its probabilities exactly. Grad-CAM through the
-  encoder (`kneeoa.models.encoder_cam`) reads it back as a `LinearProbe`; export never packages it.
+  encoder (`kneeoa.arms.encoder_cam`) reads it back as a `LinearProbe`; export never packages it.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _save_xgb(model: Any, path: Path, n_classes: int) -> Path:
 
 
 def _load_xgb(path: Path) -> Any:
-    from kneeoa.estimators import XGBHead
+    from kneeoa.models.estimators import XGBHead
 
     if not Path(path).exists():
         raise WeightsNotFoundError(f"{path} is missing: the fitted XGBoost head of this arm and task was not kept. "

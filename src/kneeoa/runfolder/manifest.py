@@ -1,6 +1,6 @@
 """RUN_DIR/manifest.parquet (owner: `prepare`) and RUN_DIR/data_report.json, as every later stage reads them.
 
-The manifest's schema and validator belong to the importers' contract (`kneeoa.data.manifest`: one row per knee
+The manifest's schema and validator belong to the importers' contract (`kneeoa.sources.manifest`: one row per knee
 image, validated on every read and write); this module is where stages and the report get them from, so none of
 them reaches into the data package or the prepare stage for a file name.
 """
@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kneeoa.data.manifest import (
+from kneeoa.io import write_json
+from kneeoa.sources.manifest import (
     MANIFEST_NAME,
     load_knee,
     read_manifest,
@@ -19,7 +20,6 @@ from kneeoa.data.manifest import (
     validate_manifest,
     write_manifest,
 )
-from kneeoa.io import write_json
 
 DATA_REPORT = "data_report.json"
 QUARANTINE = "quarantine.parquet"

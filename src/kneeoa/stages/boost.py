@@ -1,7 +1,7 @@
 """Stage `boost`: classifiers on frozen embeddings, one per encoder x task (the paper's foundation-model arms).
 
 Two heads per encoder (fitted by `kneeoa.models.probes`, which the feature-fusion arms share):
-- `<prefix>_xgb`: XGBoost (`kneeoa.estimators.XGBHead`), class-weighted, `multi:softprob` for KLG. For every
+- `<prefix>_xgb`: XGBoost (`kneeoa.models.estimators.XGBHead`), class-weighted, `multi:softprob` for KLG. For every
   combination of `foundation.xgb_grid` a model is fit on train and early-stopped on val (at most
   `xgb_n_estimators` trees, patience `xgb_early_stopping`); the combination with the lowest class-weighted val
   log-loss is kept. The paper does not report its search, so this small grid is our choice.
@@ -10,7 +10,7 @@ Two heads per encoder (fitted by `kneeoa.models.probes`, which the feature-fusio
 Test images are only predicted, never used for a choice. Predictions are written for every split; the arm record
 holds the weights' model id, revision and checksum and the chosen hyperparameters per task. Every fitted head is kept
 at RUN_DIR/heads/<arm>/<task>.json (`kneeoa.runfolder.heads`): the XGBoost ones for `kneeoa export`, the linear
-probes for Grad-CAM through the encoder (`kneeoa.models.encoder_cam`).
+probes for Grad-CAM through the encoder (`kneeoa.arms.encoder_cam`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kneeoa.config import Config
 from kneeoa.errors import ManifestError
-from kneeoa.models.foundation import encoder_arms, get_encoder_spec
+from kneeoa.models.encoders.foundation import encoder_arms, get_encoder_spec
 from kneeoa.models.probes import fit_arm
 from kneeoa.runfolder.arms import read_arms, record_arm
 from kneeoa.runfolder.embeddings import manifest_matrix, read_embeddings

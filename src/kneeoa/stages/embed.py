@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from kneeoa.config import Config
 from kneeoa.errors import WeightsNotFoundError
 from kneeoa.io import write_json, write_parquet
-from kneeoa.models.foundation import create_encoder, encoder_arms, features_for, get_encoder_spec, weights_for
+from kneeoa.models.encoders.foundation import create_encoder, encoder_arms, features_for, get_encoder_spec, weights_for
 from kneeoa.runfolder.arms import record_arm
 from kneeoa.runfolder.embeddings import (
     embeddings_path,

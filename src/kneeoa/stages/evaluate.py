@@ -15,9 +15,9 @@ import pandas as pd
 
 from kneeoa.config import Config
 from kneeoa.io import write_json
-from kneeoa.metrics import confusion, metrics_for
 from kneeoa.runfolder.metrics import COLUMNS, EVAL_SPLITS, METRICS_JSON, write_metrics_part
 from kneeoa.runfolder.predictions import list_predictions, prob_columns, read_predictions
+from kneeoa.stats.metrics import confusion, metrics_for
 from kneeoa.tasks import get_task
 
 

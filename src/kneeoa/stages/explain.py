@@ -3,11 +3,11 @@ find the feature.
 
 Two kinds of map (`MAPS`), each for every arm it can explain and every configured task the arm has predictions for:
 
-* **Grad-CAM** (`kneeoa.cam`), for every arm with a checkpoint (RUN_DIR/checkpoints/<arm>/) and every linear-probe
-  encoder arm (through the encoder's real architecture, `kneeoa.models.encoder_cam`): montages in
+* **Grad-CAM** (`kneeoa.explain.cam`), for every arm with a checkpoint (RUN_DIR/checkpoints/<arm>/) and every
+  linear-probe encoder arm (through the encoder's real architecture, `kneeoa.arms.encoder_cam`): montages in
   RUN_DIR/figures/gradcam/ (`kneeoa.runfolder.gradcam`);
-* **occlusion** (`kneeoa.occlusion`, when `explain.occlusion` is on), for every arm whose model can be re-run on new
-  crops (`kneeoa.models.arm_predictors`: CNNs, encoder + XGBoost or linear arms, zero-shot arms, fused arms):
+* **occlusion** (`kneeoa.explain.occlusion`, when `explain.occlusion` is on), for every arm whose model can be re-run
+  on new crops (`kneeoa.arms.predictors`: CNNs, encoder + XGBoost or linear arms, zero-shot arms, fused arms):
   montages in RUN_DIR/figures/occlusion/ (`kneeoa.runfolder.occlusion`); arms that cannot be re-run (a missing
   weights file, an unknown kind) are listed in its index with why.
 
@@ -17,7 +17,7 @@ test split is held out), each overlaid with the map of its *predicted* class (wh
 draw the same knees (the same seeded choice per arm x task).
 
 Where the manifest has `mask_path` (phantom), the maps are scored against the task's feature mask
-(`kneeoa.mask_scores`): Grad-CAMs over up to `explain.max_score_images` images of that split whose task mask is
+(`kneeoa.explain.mask_scores`): Grad-CAMs over up to `explain.max_score_images` images of that split whose task mask is
 non-empty, occlusion maps over the first `explain.occlusion_images` of the same images, each with the map of the
 class that means "feature present" (binary tasks: class 1; KLG: the true grade), as metrics.csv rows
 `cam_energy_in_mask`, `cam_pointing_game`, `occlusion_energy_in_mask`, `occlusion_pointing_game` and their `_random`
@@ -39,13 +39,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kneeoa import cam
+from kneeoa.arms.predictors import NoArmPredictor, arm_predictor
 from kneeoa.config import Config
-from kneeoa.data.images import load_gray
 from kneeoa.errors import MissingInputError, WeightsNotFoundError
-from kneeoa.mask_scores import metric_names, metric_rows, scored_rows
-from kneeoa.models.arm_predictors import NoArmPredictor, arm_predictor
-from kneeoa.occlusion import occlusion_map
+from kneeoa.explain import cam
+from kneeoa.explain.mask_scores import metric_names, metric_rows, scored_rows
+from kneeoa.explain.occlusion import occlusion_map
+from kneeoa.formats.images import load_gray
 from kneeoa.registry import Registry
 from kneeoa.runfolder.checkpoints import CHECKPOINTS_DIR, checkpoint_arms
 from kneeoa.runfolder.gradcam import GRADCAM
@@ -77,10 +77,10 @@ def _as_stored(maps: list[np.ndarray], records: list[dict]) -> list[np.ndarray]:
 
 def _gradcam_maps(run_dir: Path, arm: str, task: str, cfg: Config) -> RowMaps:
     """Grad-CAMs, in batches: of a CNN arm's (first member's) network on the block `explain.cam_layer` names, or of a
-    linear-probe arm through its encoder's own architecture (`kneeoa.models.encoder_cam`: a ViT block's tokens
+    linear-probe arm through its encoder's own architecture (`kneeoa.arms.encoder_cam`: a ViT block's tokens
     folded into the patch grid, or the knee CNN's last block)."""
-    from kneeoa.models.encoder_cam import encoder_arm_classifier
-    from kneeoa.models.infer import load_classifier
+    from kneeoa.arms.encoder_cam import encoder_arm_classifier
+    from kneeoa.models.cnn.infer import load_classifier
 
     if arm in checkpoint_arms(run_dir):
         model, layer, preprocess = load_classifier(run_dir, arm, task, cam_layer=cfg.explain.cam_layer)
@@ -102,7 +102,7 @@ def _gradcam_maps(run_dir: Path, arm: str, task: str, cfg: Config) -> RowMaps:
 
 def _gradcam_arms(run_dir: Path, cfg: Config) -> list[str]:
     """CNN arms (checkpoints) and linear-probe encoder arms: the arms gradients flow through."""
-    from kneeoa.models.encoder_cam import probe_arms
+    from kneeoa.arms.encoder_cam import probe_arms
 
     return sorted(set(checkpoint_arms(run_dir)) | set(probe_arms(run_dir)))
 

@@ -193,7 +193,7 @@ def stack(run_dir: Path, cfg: Config, manifest: pd.DataFrame, members: list[str]
 
 def cnn_features(run_dir: Path, arm: str, manifest: pd.DataFrame, cfg: Config, batch: int = 256) -> np.ndarray:
     """(n_manifest_rows, D) pooled backbone features of a CNN arm, every member side by side, in manifest order."""
-    from kneeoa.models.arm_predictors import FEATURE_SOURCES
+    from kneeoa.arms.predictors import FEATURE_SOURCES
 
     features = FEATURE_SOURCES["cnn"](run_dir, arm, cfg)
     rows = manifest.to_dict("records")

@@ -21,13 +21,13 @@ import numpy as np
 import pandas as pd
 
 from kneeoa.config import Config, dump_config
-from kneeoa.data.importers import ImportResult, get_importer
-from kneeoa.data.manifest import mark_mirrored, validate_manifest, write_manifest
-from kneeoa.data.splits import assign_splits
 from kneeoa.errors import DataError
 from kneeoa.io import write_parquet, write_text
 from kneeoa.runfolder.manifest import DATA_REPORT, PREPARE_JOURNAL, QUARANTINE, SKIPPED, write_data_report
 from kneeoa.runlock import run_lock
+from kneeoa.sources.importers import ImportResult, get_importer
+from kneeoa.sources.manifest import mark_mirrored, validate_manifest, write_manifest
+from kneeoa.sources.splits import assign_splits
 from kneeoa.tasks import TASKS, add_task_labels
 
 _logger = logging.getLogger(__name__)
@@ -102,10 +102,10 @@ def knee_check_columns(df: pd.DataFrame, run_dir: Path, check: str) -> pd.DataFr
     """
     from tqdm.auto import tqdm
 
-    from kneeoa.data.manifest import resolve_image_path
     from kneeoa.deploy.builtin import resolve_model
     from kneeoa.deploy.package import load_model
     from kneeoa.errors import ConfigError
+    from kneeoa.sources.manifest import resolve_image_path
 
     if check == "none":
         return df
@@ -114,7 +114,7 @@ def knee_check_columns(df: pd.DataFrame, run_dir: Path, check: str) -> pd.DataFr
     if model.knee_check is None:
         raise ConfigError(f"data.knee_check: {check!r} ({model_dir}) has no fitted knee check; name another "
                           "grader or set data.knee_check: none.")
-    from kneeoa.data.images import load_gray
+    from kneeoa.formats.images import load_gray
 
     scores = []
     for start in tqdm(range(0, len(df), 256), desc="knee check", leave=False):

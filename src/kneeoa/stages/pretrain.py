@@ -2,10 +2,10 @@
 
 The images are the manifest's rows of `pretrain.splits` (train only by default: val and test images seen during
 pretraining would no longer be unseen at evaluation) plus every image under `pretrain.extra_dirs`; labels are never
-read. They are decoded once into the uint8 image cache (`kneeoa.data.cache`) at `pretrain.image_size`. The method
-(`METHODS`, SimCLR by default, `kneeoa.models.ssl`) trains the backbone with a projection head on two augmented views
-per image; AdamW with a short warm-up and a cosine schedule that anneals within whichever ends first, the epochs or
-`pretrain.max_minutes`.
+read. They are decoded once into the uint8 image cache (`kneeoa.transforms.cache`) at `pretrain.image_size`. The method
+(`METHODS`, SimCLR by default, `kneeoa.models.cnn.ssl`) trains the backbone with a projection head on two augmented
+views per image; AdamW with a short warm-up and a cosine schedule that anneals within whichever ends first, the epochs
+or `pretrain.max_minutes`.
 
 Resumable: RUN_DIR/pretrain/state.pt (weights, optimizer, epoch and step, elapsed seconds, loss history) is written
 atomically every `checkpoint_every_s` seconds and at each epoch end; a rerun with the same settings and images
@@ -32,17 +32,17 @@ import torch
 from tqdm.auto import tqdm
 
 from kneeoa.config import Config, PretrainCfg
-from kneeoa.data.augment import POLICIES
-from kneeoa.data.cache import image_cache
-from kneeoa.data.folders import IMAGE_SUFFIXES
 from kneeoa.errors import ConfigError, DataError
 from kneeoa.io import atomic_path, write_json, write_text
-from kneeoa.models.cnn import BACKBONES, create_backbone, norm_stats
-from kneeoa.models.resume import fingerprint
-from kneeoa.models.ssl import SimCLR, simclr_step
+from kneeoa.models.cnn.backbones import BACKBONES, create_backbone, norm_stats
+from kneeoa.models.cnn.resume import fingerprint
+from kneeoa.models.cnn.ssl import SimCLR, simclr_step
 from kneeoa.registry import Registry
 from kneeoa.runfolder.encoders import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, encoder_dir, pretrain_state_path
 from kneeoa.runfolder.manifest import read_manifest
+from kneeoa.sources.folders import IMAGE_SUFFIXES
+from kneeoa.transforms.augment import POLICIES
+from kneeoa.transforms.cache import image_cache
 
 _log = logging.getLogger(__name__)
 

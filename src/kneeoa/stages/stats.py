@@ -23,16 +23,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kneeoa import bootstrap
-from kneeoa.calibration import calibration_metrics, reliability_table
-from kneeoa.comparisons import delong_test, holm
 from kneeoa.config import Config
 from kneeoa.errors import ManifestError
-from kneeoa.metrics import METRICS, metrics_for
 from kneeoa.runfolder.manifest import read_manifest
 from kneeoa.runfolder.metrics import COLUMNS, EVAL_SPLITS, write_metrics_part
 from kneeoa.runfolder.predictions import list_predictions, prob_columns, read_predictions
 from kneeoa.runfolder.tables import columns, write_table
+from kneeoa.stats import bootstrap
+from kneeoa.stats.calibration import calibration_metrics, reliability_table
+from kneeoa.stats.comparisons import delong_test, holm
+from kneeoa.stats.metrics import METRICS, metrics_for
 from kneeoa.tasks import get_task
 
 

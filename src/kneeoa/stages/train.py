@@ -1,16 +1,16 @@
 """Train the supervised CNN arms with Lightning and write their prediction tables.
 
 For every backbone in `cnn.backbones`: build the model (pretrained weights if found, else random init, recorded),
-train on the train split (each task's head and loss from `kneeoa.models.heads`; class-weighted loss or
+train on the train split (each task's head and loss from `kneeoa.models.cnn.heads`; class-weighted loss or
 class-balanced sampling), select the epoch by the tasks' headline val metric (or the val loss), optionally with an
 EMA of the weights, then tune the KLG decoding on val (cut-points on the expected grade, when asked), store it in
 the checkpoint and predict every split into RUN_DIR/predictions/<arm>__<task>.parquet through
-`kneeoa.models.infer` -- the same code that grades new images later. With `cnn.ensemble_seeds` > 1 the backbone is
+`kneeoa.models.cnn.infer` -- the same code that grades new images later. With `cnn.ensemble_seeds` > 1 the backbone is
 trained once per seed and the averaged arm `<backbone>_ens` is added (the first seed is the arm `<backbone>`).
 The test split is read only to write its predictions, after every choice is fixed.
 
-Images come from the decoded uint8 cache (`kneeoa.data.cache`); augmentation runs on whole batches
-(`kneeoa.data.augment`). `accelerator`, `devices`, `strategy` and `num_nodes` go to Lightning unchanged.
+Images come from the decoded uint8 cache (`kneeoa.transforms.cache`); augmentation runs on whole batches
+(`kneeoa.transforms.augment`). `accelerator`, `devices`, `strategy` and `num_nodes` go to Lightning unchanged.
 """
 
 from __future__ import annotations
@@ -27,12 +27,8 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from kneeoa.config import CnnCfg, Config, backbone_cfg
-from kneeoa.data.augment import POLICIES, BatchTransform
-from kneeoa.data.cache import image_cache
-from kneeoa.data.dataset import MISSING_LABEL, KneeDataset, task_labels
 from kneeoa.errors import ConfigError
-from kneeoa.metrics import METRICS
-from kneeoa.models.cnn import (
+from kneeoa.models.cnn.backbones import (
     BACKBONES,
     MultiTaskNet,
     checkpoint_path,
@@ -44,9 +40,9 @@ from kneeoa.models.cnn import (
     resolve_pretrained,
     write_checkpoint,
 )
-from kneeoa.models.heads import HEADS, decode, tune_cutpoints
-from kneeoa.models.infer import CnnPredictor
-from kneeoa.models.resume import (
+from kneeoa.models.cnn.heads import HEADS, decode, tune_cutpoints
+from kneeoa.models.cnn.infer import CnnPredictor
+from kneeoa.models.cnn.resume import (
     clear_finished,
     find_resume_point,
     fingerprint,
@@ -60,7 +56,11 @@ from kneeoa.runfolder.checkpoints import CHECKPOINTS_DIR
 from kneeoa.runfolder.manifest import read_manifest
 from kneeoa.runfolder.predictions import make_prediction_table, write_predictions
 from kneeoa.runlock import is_rank_zero
+from kneeoa.stats.metrics import METRICS
 from kneeoa.tasks import available_tasks, get_task
+from kneeoa.transforms.augment import POLICIES, BatchTransform
+from kneeoa.transforms.cache import image_cache
+from kneeoa.transforms.dataset import MISSING_LABEL, KneeDataset, task_labels
 
 _logger = logging.getLogger(__name__)
 

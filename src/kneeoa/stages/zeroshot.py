@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from kneeoa.config import Config, ZeroShotCfg
 from kneeoa.errors import ConfigError, WeightsNotFoundError
-from kneeoa.models.encoders import ClipEncoder
-from kneeoa.models.foundation import create_encoder, weights_for, zero_shot_spec
-from kneeoa.models.zero_shot import prompts, zero_shot_probs
+from kneeoa.models.encoders.base import ClipEncoder
+from kneeoa.models.encoders.foundation import create_encoder, weights_for, zero_shot_spec
+from kneeoa.models.encoders.zero_shot import prompts, zero_shot_probs
 from kneeoa.runfolder.arms import record_arm
 from kneeoa.runfolder.embeddings import embedding_matrix, embeddings_path, read_embedding_info, read_embeddings
 from kneeoa.runfolder.manifest import load_knee, read_manifest

@@ -1,0 +1,1 @@
+"""Explanation maps for any model: Grad-CAM, occlusion, and their scores against phantom masks."""

@@ -1,0 +1,1 @@
+"""Finding knees on films and cutting crops: localisers, the film step, overviews, the model-free knee gate."""

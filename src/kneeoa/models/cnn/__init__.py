@@ -1,0 +1,1 @@
+"""Supervised CNNs: backbones, task heads, inference, resume, self-supervised pieces."""

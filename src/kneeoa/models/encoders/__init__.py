@@ -1,0 +1,1 @@
+"""Frozen encoders: the registry, the libraries that load them, zero-shot, device."""

@@ -1,0 +1,1 @@
+"""Data sources: importers, the manifest they all produce, and patient-level splits."""

@@ -1,0 +1,1 @@
+"""Statistics: point metrics, their weighted forms, the patient bootstrap, paired tests, calibration."""

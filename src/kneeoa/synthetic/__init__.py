@@ -1,0 +1,1 @@
+"""Synthetic knees: the phantom generator and films composed from real crops."""

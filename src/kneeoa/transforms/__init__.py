@@ -1,0 +1,1 @@
+"""What an image goes through on its way into a model: preprocessing, augmentation, the decoded cache."""
