@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kneeoa.config import DataCfg
 from kneeoa.localize.check import score_film_set
 from kneeoa.localize.films import FilmJob, run_film_jobs
 from kneeoa.synthetic.crop_films import VARIETY, write_crop_films
@@ -53,7 +54,8 @@ def phantom(args: argparse.Namespace) -> None:
         crops = args.out / f"crops_w{workers}"
         shutil.rmtree(crops, ignore_errors=True)
         jobs = [FilmJob(release / path, dict(zip(g["side"], g["image_id"], strict=True)), "bilateral", crops,
-                        image_size=args.image_size, localizer=args.localizer, dicom=True) for path, g in films]
+                        crop_mm=DataCfg.crop_mm, image_size=args.image_size, localizer=args.localizer, dicom=True)
+                for path, g in films]
         t0 = time.perf_counter()
         outcomes = run_film_jobs(jobs, workers=workers, desc=f"{workers} worker(s)")
         dt = time.perf_counter() - t0
@@ -146,7 +148,7 @@ def draw_misses(misses: pd.DataFrame, out: Path, size: int = 224) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/kneeoa_bench"))
-    ap.add_argument("--localizer", default="heatmap")
+    ap.add_argument("--localizer", default=DataCfg.localizer)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--tolerance-mm", type=float, default=None, help="default: 5 (phantom), 10 (real knees)")
     ap.add_argument("--seed", type=int, default=0)
@@ -155,7 +157,7 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=12)
     ap.add_argument("--visits", type=int, default=2)
     ap.add_argument("--low-quality-share", type=float, default=0.0)
-    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--image-size", type=int, default=DataCfg.image_size)
     ap.add_argument("--crop-films", type=Path, default=None, help="film set with truth.csv (kneeoa crop-films)")
     ap.add_argument("--from-crops", type=Path, default=None, help="kneeKL224 folder to write --crop-films from")
     ap.add_argument("--split", default="val")

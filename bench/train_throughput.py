@@ -68,6 +68,7 @@ def paired_times(loop_net, bare_net, hp, images: np.ndarray, labels: np.ndarray,
     from kneeoa.models.cnn.backbones import input_rows
     from kneeoa.stages.train import _make_module, training_loaders
     from kneeoa.transforms.dataset import KneeDataset
+    from kneeoa.transforms.preprocess import Preprocess
 
     step = bare_step(bare_net, hp, hp.batch_size, hp.image_size, channels_last)
 
@@ -85,7 +86,8 @@ def paired_times(loop_net, bare_net, hp, images: np.ndarray, labels: np.ndarray,
             self.bare.append(time.perf_counter() - t0)
 
     ds = KneeDataset(images, np.arange(len(images)), {"klg": labels})
-    dl, _ = training_loaders(ds, ds, hp, seed=0, mean=0.5, std=0.25, hflip=False, channels_last=channels_last,
+    pre = Preprocess.for_cnn(hp.image_size, 0.5, 0.25, in_chans=1)
+    dl, _ = training_loaders(ds, ds, hp, seed=0, pre=pre, hflip=False, channels_last=channels_last,
                              rows=input_rows(loop_net.backbone, hp.image_size))
     if ready_batch:
         dl.collate_fn = ReadyBatch(dl.collate_fn)

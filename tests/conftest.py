@@ -16,6 +16,8 @@ import pytest  # noqa: E402
 from kneeoa.config import Config  # noqa: E402
 from kneeoa.formats.images import save_gray16  # noqa: E402
 
+pytest_plugins = ["plugin_package"]  # fixture `outside_plugins`: an outside package's kneeoa entries
+
 
 def make_tiny_run(run_dir: Path, *, patients: int = 12, size: int = 32, seed: int = 0) -> pd.DataFrame:
     """A run folder with random 16-bit crops whose brightness follows the KL grade, and a valid manifest.

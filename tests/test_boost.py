@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.base import clone
 
@@ -13,6 +14,7 @@ from kneeoa.errors import ConfigError
 from kneeoa.models import probes
 from kneeoa.models.estimators import XGBHead
 from kneeoa.runfolder.arms import read_arms
+from kneeoa.runfolder.heads import keep_fits
 from kneeoa.runfolder.predictions import prediction_path, read_predictions
 from kneeoa.sources.manifest import read_manifest, write_manifest
 from kneeoa.stages import boost, embed
@@ -80,6 +82,28 @@ def test_missing_embeddings_are_recorded_not_run(tiny_run, standin_snapshots):
     boost.run(tiny_run, cfg)
     rec = read_arms(tiny_run)["raddino_xgb"]
     assert rec["status"] == "not_run" and "kneeoa embed" in rec["reason"]
+
+
+def test_a_task_without_two_train_classes_is_skipped_and_nothing_is_kept(tmp_path):
+    """`fit_arm` says why it could not fit a task; `keep_fits` then writes no head and no table for it."""
+    rng = np.random.default_rng(0)
+    split = ["train"] * 12 + ["val"] * 6
+    manifest = pd.DataFrame({"image_id": [f"i{i}" for i in range(18)], "split": split,
+                             "osteophytes": [1] * 12 + [0, 1] * 3, "jsn": [0, 1] * 9})
+    X = rng.normal(size=(18, 4))
+    cfg = Config()
+    cfg.foundation.linear_c_grid = [1.0]
+    fits = probes.fit_arm("linear", X, manifest, ["osteophytes", "jsn"], cfg)
+    assert not fits["osteophytes"].fitted and fits["osteophytes"].chosen["skipped"].startswith(
+        "needs two classes in train and labelled val images; train has classes [1], val has 6 image(s)")
+    assert fits["jsn"].fitted and fits["jsn"].probs.shape == (18, 2)
+    chosen = keep_fits("linear", fits, run_dir=tmp_path, arm="toy_linear",
+                       keep=lambda task: tmp_path / "heads" / f"{task}.json")
+    assert chosen == {task: fit.chosen for task, fit in fits.items()}
+    assert sorted(p.name for p in (tmp_path / "heads").iterdir()) == ["jsn.json"]
+    assert not prediction_path(tmp_path, "toy_linear", "osteophytes").exists()
+    _, _, table = read_predictions(prediction_path(tmp_path, "toy_linear", "jsn"))
+    assert list(table["image_id"]) == list(manifest["image_id"]) and list(table["y_true"]) == [0, 1] * 9
 
 
 def test_bad_grid_key():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,6 +13,8 @@ from kneeoa.cli.app import app
 from kneeoa.config import Config, config_from_dict
 from kneeoa.config_checks import CHECKS, config_problems, load_config, validate_config
 from kneeoa.errors import ConfigError
+from kneeoa.sources.importers import IMPORTERS
+from kneeoa.tasks import TASKS
 
 runner = CliRunner()
 
@@ -112,16 +116,55 @@ def test_run_study_checks_stage_names_before_the_first_stage(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@settings(max_examples=60, deadline=None)
+def _number(value) -> float | None:
+    """The float a config value stands for (a number, or text in decimal or exponent notation), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and "_" not in value and not any(c.isalpha() and c not in "eE" for c in value):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _in(registry_names, value) -> bool:
+    return isinstance(value, str) and value.lower() in registry_names
+
+
+#: Fuzzed keys -> (is the value valid, the value the config then holds), stated independently of the checks.
+_FUZZED = {
+    "cnn.epochs": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, lambda v: v),
+    "cnn.lr": (lambda v: _number(v) is not None and math.isfinite(_number(v)) and _number(v) > 0, _number),
+    "cnn.ema": (lambda v: v is None or (_number(v) is not None and 0 < _number(v) < 1), _number),
+    "data.split_fractions": (lambda v: isinstance(v, list) and len(v) == 3 and all(
+        _number(x) is not None and 0 <= _number(x) <= 1 for x in v) and abs(sum(map(_number, v)) - 1) <= 1e-6,
+        lambda v: [float(x) for x in v]),
+    "tasks.names": (lambda v: isinstance(v, list) and all(_in(TASKS.names(), x) for x in v), lambda v: v),
+    "data.source": (lambda v: _in([*IMPORTERS.names(), "manifest"], v), lambda v: v),
+}
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(st.one_of(st.integers(), st.floats(allow_nan=True), st.text(max_size=8), st.booleans(), st.none(),
-                 st.lists(st.integers(), max_size=3)))
-def test_any_value_for_any_checked_key_is_accepted_or_a_config_error(value):
-    for key in ("cnn.epochs", "cnn.lr", "data.split_fractions", "tasks.names", "cnn.ema", "data.source"):
+                 st.lists(st.integers(), max_size=3), st.lists(st.sampled_from(["klg", "jsn", "jnz", 1]), max_size=3),
+                 st.sampled_from(["csv", "Phantom", "manifest", "1e-3", "0.5", "2", "nan"])))
+def test_any_value_for_any_checked_key_is_accepted_exactly_when_valid(value):
+    """A value is accepted exactly when it is valid, and then held as given; a refusal is a ConfigError that names
+    the key."""
+    for key, (valid, held) in _FUZZED.items():
         section, name = key.split(".")
         try:
-            validate_config(config_from_dict({section: {name: value}}))
-        except ConfigError:
-            pass
+            cfg = validate_config(config_from_dict({section: {name: value}}))
+        except ConfigError as e:
+            assert not valid(value), f"{key}: {value!r} refused: {e}"
+            assert key in str(e)
+            continue
+        assert valid(value), f"{key}: {value!r} accepted"
+        got = getattr(getattr(cfg, section), name)
+        assert got == held(value) or (got is None and value is None), key
 
 
 @settings(max_examples=60, deadline=None)

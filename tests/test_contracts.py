@@ -1,10 +1,9 @@
-"""Contracts between the parts: imports that never reach into a stage, run-folder files with one owner, stages that
-read only their declared inputs and write only their declared outputs, and registries that take new entries at
-runtime with no other edit."""
+"""Contracts between the parts: run-folder files with one owner, stages that read only their declared inputs and
+write only their declared outputs, and registries that take new entries at runtime with no other edit. (The import
+layers and the shape of the tree are `tests/test_architecture.py`.)"""
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import shutil
 from fnmatch import fnmatch
@@ -26,118 +25,6 @@ from kneeoa.stages import STAGES, get_stage
 from kneeoa.study import run_study
 
 PACKAGE = Path(kneeoa.__file__).parent
-
-# ------------------------------------------------------------------------------------------------------ imports
-
-
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
-def _imports(path: Path, modules: set[str]) -> set[str]:
-    """kneeoa modules `path` imports anywhere (functions included, `if TYPE_CHECKING:` blocks excluded), with the
-    packages whose __init__ an import runs."""
-    found: set[str] = set()
-
-    def add(name: str) -> None:
-        parts = name.split(".")
-        for i in range(2, len(parts) + 1):
-            if ".".join(parts[:i]) in modules:
-                found.add(".".join(parts[:i]))
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                add(alias.name)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            add(node.module)
-            for alias in node.names:
-                add(f"{node.module}.{alias.name}")
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(ast.parse(path.read_text()))
-    return found
-
-
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the kneeoa modules it imports. A module's own parent packages are left out: they are always
-    initialised before it, so importing them again is never a cycle."""
-    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph = {name: _imports(path, set(files)) for name, path in files.items()}
-    return {name: {d for d in deps if d != name and not name.startswith(d + ".")} for name, deps in graph.items()}
-
-
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
-    index, low, stack, on_stack, out = {}, {}, [], set(), []
-
-    def strong(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on_stack.add(v)
-        for w in sorted(graph.get(v, ())):
-            if w not in index:
-                strong(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    for v in sorted(graph):
-        if v not in index:
-            strong(v)
-    return out
-
-
-def test_the_import_walk_sees_function_level_imports_and_cycles(tmp_path):
-    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    source = tmp_path / "m.py"
-    source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from kneeoa import cli\n\n"
-                      "def f():\n    from kneeoa.cli.models import embed_cmd\n")
-    modules = {"kneeoa.cli.app", "kneeoa.cli.models"}
-    assert _imports(source, modules) == {"kneeoa.cli.models"}
-
-
-def test_no_import_cycle():
-    found = cycles(import_graph())
-    assert not found, f"import cycles: {found}"
-
-
-def test_stages_and_the_report_never_import_a_stage():
-    graph = import_graph()
-    offenders = {name: sorted(d for d in deps if d == "kneeoa.stages" or d.startswith("kneeoa.stages."))
-                 for name, deps in graph.items()
-                 if name.startswith(("kneeoa.stages.", "kneeoa.report"))}
-    assert not {k: v for k, v in offenders.items() if v}
-
-
-def test_no_module_is_over_the_size_limit():
-    """Every module of the package stays small enough to read in one sitting (about 400 lines)."""
-    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > 420}
-    assert not long
-
 
 # ------------------------------------------------------------------------------------------- run-folder owners
 
@@ -263,8 +150,9 @@ def _toy_encoder_parts(spec, snap, features, device):
 def toy_entries(tmp_path):
     """A backbone, an encoder (with its library loader) and a task, registered for the test and removed after."""
     from kneeoa.models.cnn.backbones import BACKBONES, Backbone
-    from kneeoa.models.encoders.foundation import ENCODERS, EncoderSpec
+    from kneeoa.models.encoders.foundation import ENCODERS
     from kneeoa.models.encoders.loaders import LOADERS, Library
+    from kneeoa.models.encoders.spec import EncoderSpec
     from kneeoa.models.hub import Layout
     from kneeoa.tasks import JSN_SITES, TASKS, Task
 

@@ -10,6 +10,7 @@ from kneeoa.config import Config
 from kneeoa.errors import ConfigError, DataError
 from kneeoa.formats.dicom import write_dicom
 from kneeoa.formats.images import load_gray, save_gray16
+from kneeoa.runfolder.manifest import import_target
 from kneeoa.sources.csv_table import import_csv
 from kneeoa.sources.manifest import validate_manifest
 from synthetic_films import bilateral_film, single_film
@@ -50,7 +51,7 @@ def hospital(tmp_path):
 
 def test_import_mixed_table(hospital, tmp_path):
     cfg = _cfg(csv_columns={"image_path": "file", "patient_id": "patient", "klg": "KL"})
-    result = import_csv(hospital, tmp_path / "run", cfg)
+    result = import_csv(hospital, import_target(tmp_path / "run"), cfg)
     m = validate_manifest(result.manifest).set_index("image_id")
     assert list(m.index) == ["A_L_V00", "B_L_V01", "B_R_V01", "C_R_V00"]
     assert list(m["klg"].astype("float").fillna(-1)) == [2, 0, 3, -1]
@@ -71,7 +72,7 @@ def test_film_that_fails_localisation_names_its_lines(tmp_path):
     write_dicom(np.full((200, 300), 0.5), root / "flat.dcm", spacing_mm=SP)
     pd.DataFrame({"image_path": ["flat.dcm", "flat.dcm"], "patient_id": ["F", "F"], "side": ["R", "L"]}).to_csv(
         root / "t.csv", index=False)
-    result = import_csv(root / "t.csv", tmp_path / "run", _cfg())
+    result = import_csv(root / "t.csv", import_target(tmp_path / "run"), _cfg())
     assert result.manifest.empty
     assert result.quarantine["item"].iloc[0] == "t.csv line(s) 2, 3"
     assert "flat.dcm" in result.quarantine["reason"].iloc[0]
@@ -82,7 +83,7 @@ def test_single_film_listed_twice_is_refused(tmp_path):
     write_dicom(single_film(SP), root / "s.dcm", spacing_mm=SP)
     pd.DataFrame({"image_path": ["s.dcm", "s.dcm"], "patient_id": ["S", "S"], "side": ["R", "L"],
                   "kind": ["single", "single"]}).to_csv(root / "t.csv", index=False)
-    result = import_csv(root / "t.csv", tmp_path / "run", _cfg())
+    result = import_csv(root / "t.csv", import_target(tmp_path / "run"), _cfg())
     assert result.manifest.empty and len(result.quarantine) == 2
     assert "is a single image listed for 2 knees" in result.quarantine["reason"].iloc[0]
 
@@ -90,20 +91,20 @@ def test_single_film_listed_twice_is_refused(tmp_path):
 def test_missing_required_column(tmp_path):
     pd.DataFrame({"file": ["a.png"], "patient_id": ["A"], "side": ["R"]}).to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(DataError, match=r"lacks image_path \(column 'image_path'\).*csv_columns"):
-        import_csv(tmp_path / "t.csv", tmp_path / "run", _cfg())
+        import_csv(tmp_path / "t.csv", import_target(tmp_path / "run"), _cfg())
 
 
 def test_unknown_mapping_and_kind(tmp_path):
     pd.DataFrame({"image_path": ["a.png"], "patient_id": ["A"], "side": ["R"]}).to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(ConfigError, match="unknown manifest column.*'grade'"):
-        import_csv(tmp_path / "t.csv", tmp_path / "run", _cfg(csv_columns={"grade": "KL"}))
+        import_csv(tmp_path / "t.csv", import_target(tmp_path / "run"), _cfg(csv_columns={"grade": "KL"}))
     with pytest.raises(ConfigError, match="data.csv_kind must be one of"):
-        import_csv(tmp_path / "t.csv", tmp_path / "run", _cfg(csv_kind="film"))
+        import_csv(tmp_path / "t.csv", import_target(tmp_path / "run"), _cfg(csv_kind="film"))
 
 
 def test_missing_table(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        import_csv(tmp_path / "nope.csv", tmp_path / "run", _cfg())
+        import_csv(tmp_path / "nope.csv", import_target(tmp_path / "run"), _cfg())
 
 
 def _table(tmp_path, rows, columns=("image_path", "patient_id", "side", "klg")):
@@ -121,12 +122,12 @@ def test_labels_must_be_whole_grades_in_range_named_by_csv_line(tmp_path, value)
     path = _table(tmp_path, [("a.png", "A", "R", "1"), ("a.png", "B", "R", value)])
     with pytest.raises(DataError, match=rf"t.csv line 3: column 'klg' \(klg\) is '{value}'; labels must be whole "
                                         r"numbers 0-4 or blank"):
-        import_csv(path, tmp_path / "run", _cfg())
+        import_csv(path, import_target(tmp_path / "run"), _cfg())
 
 
 def test_blank_and_na_labels_are_missing(tmp_path):
     path = _table(tmp_path, [("a.png", "A", "R", ""), ("a.png", "B", "R", "NA"), ("a.png", "C", "R", "4")])
-    m = import_csv(path, tmp_path / "run", _cfg()).manifest.set_index("patient_id")
+    m = import_csv(path, import_target(tmp_path / "run"), _cfg()).manifest.set_index("patient_id")
     assert pd.isna(m.loc["A", "klg"]) and pd.isna(m.loc["B", "klg"]) and m.loc["C", "klg"] == 4
 
 
@@ -134,7 +135,7 @@ def test_split_aliases_match_the_folder_importer(tmp_path):
     path = _table(tmp_path, [("a.png", "A", "R", "1", "valid"), ("a.png", "B", "R", "1", "Train"),
                              ("a.png", "C", "R", "1", "holdout")], columns=("image_path", "patient_id", "side", "klg",
                                                                            "split"))
-    result = import_csv(path, tmp_path / "run", _cfg())
+    result = import_csv(path, import_target(tmp_path / "run"), _cfg())
     assert dict(zip(result.manifest["patient_id"], result.manifest["split"], strict=True)) == {"A": "val",
                                                                                                 "B": "train"}
     assert "split 'holdout' is not one of train, val, valid" in result.quarantine["reason"].iloc[0]
@@ -145,6 +146,6 @@ def test_duplicate_rows_say_whether_their_labels_conflict(tmp_path):
     pd.read_csv(path).assign(image_path=["A.png", "A2.png", "A3.png"]).to_csv(path, index=False)
     for name in ("A2.png", "A3.png"):
         save_gray16(np.full((20, 20), 0.5), tmp_path / name)
-    reasons = import_csv(path, tmp_path / "run", _cfg()).quarantine.set_index("item")["reason"]
+    reasons = import_csv(path, import_target(tmp_path / "run"), _cfg()).quarantine.set_index("item")["reason"]
     assert reasons["t.csv line 3"].endswith("repeats line 2 (same labels)")
     assert reasons["t.csv line 4"].endswith("repeats line 2 with conflicting labels (klg 1 vs 3)")

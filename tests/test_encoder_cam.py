@@ -151,8 +151,7 @@ def test_the_explain_stage_draws_gradcam_and_occlusion_for_the_linear_arms(probe
     montage of the same knees; the XGBoost arms get occlusion only."""
     import shutil
 
-    from kneeoa.runfolder.gradcam import GRADCAM
-    from kneeoa.runfolder.occlusion import OCCLUSION
+    from kneeoa.runfolder.montages import GRADCAM, OCCLUSION
     from kneeoa.stages import explain
 
     src, cfg = probed_run

@@ -13,6 +13,7 @@ import torch
 from kneeoa.config import Config
 from kneeoa.errors import DataError
 from kneeoa.formats.images import save_gray16
+from kneeoa.runfolder.checkpoints import checkpoint_path
 from kneeoa.runfolder.metrics import COLUMNS, read_metrics_part
 from kneeoa.runfolder.predictions import make_prediction_table, write_predictions
 from kneeoa.sources.manifest import write_manifest
@@ -22,7 +23,8 @@ SIZE = 48
 
 
 def make_cam_run(run_dir, *, n_patients=6):
-    from kneeoa.models.cnn.backbones import MultiTaskNet, checkpoint_path, save_checkpoint
+    from kneeoa.models.cnn.backbones import MultiTaskNet, save_checkpoint
+    from kneeoa.transforms.preprocess import Preprocess
 
     rng = np.random.default_rng(0)
     rows = []
@@ -47,7 +49,7 @@ def make_cam_run(run_dir, *, n_patients=6):
     net = MultiTaskNet(timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=0),
                        {"osteophytes": 2, "klg": 5})
     save_checkpoint(checkpoint_path(run_dir, "resnet18", "multitask"), net, backbone="resnet18",
-                    preprocess={"in_chans": 1, "image_size": SIZE, "mean": 0.5, "std": 0.25}, weights_source="none")
+                    preprocess=Preprocess.for_cnn(SIZE, 0.5, 0.25, in_chans=1), weights_source="none")
     for task, k in (("osteophytes", 2), ("klg", 5)):
         y = manifest[task].to_numpy()
         probs = rng.dirichlet(np.ones(k), len(y))

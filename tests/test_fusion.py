@@ -285,7 +285,7 @@ def test_the_fused_arms_are_re_run_on_crops_and_get_occlusion_maps(finished_run)
     crops; the explain stage draws their occlusion maps."""
     from kneeoa.arms.predictors import arm_predictor
     from kneeoa.runfolder.manifest import load_knee, read_manifest
-    from kneeoa.runfolder.occlusion import OCCLUSION
+    from kneeoa.runfolder.montages import OCCLUSION
 
     run, cfg = finished_run
     manifest = read_manifest(run).set_index("image_id")

@@ -17,7 +17,14 @@ from kneeoa.config import Config, config_from_dict
 from kneeoa.config_checks import validate_config
 from kneeoa.errors import ConfigError
 from kneeoa.formats.images import load_gray
-from kneeoa.sources.importers import IMPORTERS, ImporterOption, ImporterSpec, ImportResult, importer_option
+from kneeoa.sources.importers import (
+    IMPORTERS,
+    ImporterOption,
+    ImporterSpec,
+    ImportResult,
+    ImportTarget,
+    importer_option,
+)
 from kneeoa.sources.manifest import REQUIRED, read_manifest, resolve_image_path
 from kneeoa.stages.prepare import prepare
 
@@ -87,14 +94,14 @@ def test_importer_contract(tmp_path, name):
     assert written["source"] == name and written["path"] == (str(source) if source else None)
 
 
-def import_toy(source: Path | None, run_dir: Path, cfg) -> ImportResult:
+def import_toy(source: Path | None, target: ImportTarget, cfg) -> ImportResult:
     """A runtime-registered importer: one crop per line of a text file, labelled by its own option."""
     grade = importer_option(cfg, "toy", "grade")
     rows = []
     for i, line in enumerate(Path(source).read_text().split()):
-        _png(run_dir / "crops" / f"{line}.png")
+        _png(target.crop_file(line))
         rows.append({"image_id": line, "patient_id": f"T{i}", "visit": 0, "side": "R", "low_quality": False,
-                     "image_path": f"crops/{line}.png", "source": "toy", "klg": grade})
+                     "image_path": target.manifest_path(target.crop_file(line)), "source": "toy", "klg": grade})
     return ImportResult(manifest=pd.DataFrame(rows))
 
 

@@ -52,9 +52,10 @@ def test_colour_files_are_refused_and_grey_ones_not(tmp_path):
 def test_load_film_refuses_by_tags_before_decoding(tmp_path):
     path = write_dicom(np.random.default_rng(0).random((200, 200)), tmp_path / "chest.dcm", spacing_mm=0.2,
                        body_part="CHEST")
-    job = FilmJob(path=path, image_ids={"R": "a"}, kind="single", crops_dir=tmp_path / "crops")
+    job = FilmJob(path=path, image_ids={"R": "a"}, kind="single", crops_dir=tmp_path / "crops", crop_mm=140.0,
+                  image_size=64, localizer="profile")
     with pytest.raises(NotKneeError, match="BodyPartExamined is 'CHEST'"):
         load_film(job)
     image, spacing = load_film(FilmJob(path=path, image_ids={"R": "a"}, kind="single", crops_dir=tmp_path,
-                                       expect_knee=False))
+                                       crop_mm=140.0, image_size=64, localizer="profile", expect_knee=False))
     assert image.shape == (200, 200) and spacing == (0.2, 0.2)

@@ -10,9 +10,10 @@ import pytest
 from kneeoa.errors import ConfigError
 from kneeoa.formats.dicom import write_dicom
 from kneeoa.formats.images import load_gray
-from kneeoa.localize.core import LOCALIZERS, LocalizationError, crop_square_mm, localize_profile, orient, pad_square
+from kneeoa.localize.core import LOCALIZERS, LocalizationError, crop_square_mm, localize_profile, pad_square
 from kneeoa.localize.films import FilmJob, process_film, run_film_jobs
 from kneeoa.synthetic.phantom.films import chest_film
+from kneeoa.transforms.preprocess import orient
 from synthetic_films import bilateral_film, single_film
 
 SP = 0.5
@@ -70,8 +71,7 @@ def test_low_contrast_film_is_refused():
         localize_profile(film, (SP, SP), knees=2)
 
 
-def test_registry_lists_profile():
-    assert LOCALIZERS.load("profile") is localize_profile
+def test_an_unknown_localizer_is_refused_with_the_nearest_name():
     with pytest.raises(ConfigError, match="Unknown localizer 'profil'.*Did you mean 'profile'"):
         LOCALIZERS.get("profil")
 
@@ -95,7 +95,7 @@ def test_pad_square_and_orient():
 
 def _film_job(tmp_path, path, **kw):
     return FilmJob(path, kw.pop("ids", {"R": "p_R", "L": "p_L"}), kw.pop("kind", "bilateral"), tmp_path / "crops",
-                   crop_mm=100.0, image_size=64, **kw)
+                   crop_mm=100.0, image_size=64, localizer="profile", **kw)
 
 
 def test_process_film_writes_both_crops_in_orientation(tmp_path):

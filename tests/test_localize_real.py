@@ -37,12 +37,13 @@ def test_val_films_no_knee_cropped_beyond_10_mm(val_scored):
 
 
 def test_prepare_oai_recovers_every_knee_of_real_films(tmp_path):
+    from kneeoa.runfolder.manifest import import_target
     from kneeoa.sources.oai import import_oai
 
     truth = write_crop_release(KNEE_KL224, tmp_path / "rel", split="val", films=12, seed=3, workers=2)
     cfg = Config()
     cfg.data.localizer = "heatmap"
-    result = import_oai(tmp_path / "rel", tmp_path / "run", cfg)
+    result = import_oai(tmp_path / "rel", import_target(tmp_path / "run"), cfg)
     knees = set(truth.loc[truth["content"] == "knee", "image_id"])
     assert set(result.manifest["image_id"]) == knees
     absent = truth.loc[truth["content"] != "knee", "image_id"]

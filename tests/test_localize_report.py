@@ -10,8 +10,9 @@ from PIL import Image
 
 from kneeoa.config import Config
 from kneeoa.formats.dicom import read_dicom, write_dicom
-from kneeoa.localize.films import OVERVIEW_DIR, FilmJob, process_film, with_overviews
+from kneeoa.localize.films import FilmJob, process_film, with_overviews
 from kneeoa.report.localize_sections import localize_section
+from kneeoa.runfolder.manifest import OVERVIEW_DIR, import_target
 from kneeoa.sources.oai import import_oai
 from kneeoa.synthetic.phantom.films import chest_film, read_truth, write_phantom_release
 
@@ -30,7 +31,7 @@ def prepared(tmp_path_factory):
     cfg = Config()
     cfg.data.image_size = 64
     run_dir = tmp_path_factory.mktemp("run")
-    return import_oai(release, run_dir, cfg), run_dir, cfg, read_truth(release)
+    return import_oai(release, import_target(run_dir), cfg), run_dir, cfg, read_truth(release)
 
 
 def test_prepare_draws_sampled_films_and_every_film_with_a_missed_knee(prepared):
@@ -59,7 +60,8 @@ def test_report_section_absent_without_overviews(tmp_path):
 
 
 def test_with_overviews_samples_evenly_and_draws_misses_of_the_rest(tmp_path):
-    jobs = [FilmJob(tmp_path / f"{i}.dcm", {"R": f"{i}_R", "L": f"{i}_L"}, "bilateral", tmp_path) for i in range(20)]
+    jobs = [FilmJob(tmp_path / f"{i}.dcm", {"R": f"{i}_R", "L": f"{i}_L"}, "bilateral", tmp_path, crop_mm=140.0,
+                    image_size=64, localizer="profile") for i in range(20)]
     drawn = with_overviews(jobs, tmp_path / "o", sample=4)
     assert [j.overview.name for j in drawn[:2]] == ["0_R__0_L.png", "1_R__1_L.png"]
     assert [i for i, j in enumerate(drawn) if not j.overview_if_missed] == [0, 6, 13, 19]
@@ -68,8 +70,8 @@ def test_with_overviews_samples_evenly_and_draws_misses_of_the_rest(tmp_path):
 
 def test_a_film_refused_whole_is_drawn_with_its_reason(tmp_path):
     path = write_dicom(chest_film(0.5, np.random.default_rng(1)), tmp_path / "chest.dcm", spacing_mm=0.5)
-    job = FilmJob(path, {"R": "c_R", "L": "c_L"}, "bilateral", tmp_path / "crops", localizer="profile",
-                  overview=tmp_path / "o" / "chest.png")
+    job = FilmJob(path, {"R": "c_R", "L": "c_L"}, "bilateral", tmp_path / "crops", crop_mm=140.0, image_size=64,
+                  localizer="profile", overview=tmp_path / "o" / "chest.png")
     out = process_film(job)
     info = json.loads((tmp_path / "o" / "chest.json").read_text())
     assert out.reason and not out.crops and (tmp_path / "o" / "chest.png").exists()

@@ -9,6 +9,7 @@ import pytest
 from kneeoa.config import Config
 from kneeoa.errors import DataError
 from kneeoa.formats.images import load_gray
+from kneeoa.runfolder.manifest import import_target
 from kneeoa.sources.manifest import validate_manifest
 from kneeoa.sources.oai import VARIABLES, import_oai, parse_code, read_readings
 from kneeoa.synthetic.phantom.films import read_truth, write_phantom_release
@@ -26,7 +27,7 @@ def imported(release, tmp_path_factory):
     cfg = Config()
     cfg.data.image_size, cfg.data.workers = 64, 2
     run_dir = tmp_path_factory.mktemp("run")
-    return import_oai(release, run_dir, cfg), run_dir
+    return import_oai(release, import_target(run_dir), cfg), run_dir
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -76,7 +77,7 @@ def test_table_without_required_columns(tmp_path):
 
 def test_no_tables(tmp_path):
     with pytest.raises(DataError, match="No OAI reading tables"):
-        import_oai(tmp_path, tmp_path / "run", Config())
+        import_oai(tmp_path, import_target(tmp_path / "run"), Config())
 
 
 def test_rebuilds_phantom_truth_exactly(release, imported):
@@ -122,6 +123,6 @@ def test_film_that_cannot_be_read_is_quarantined(release, tmp_path):
     film.write_bytes(b"\0" * 50)
     cfg = Config()
     cfg.data.image_size, cfg.data.workers = 32, 1
-    result = import_oai(broken, tmp_path / "run", cfg)
+    result = import_oai(broken, import_target(tmp_path / "run"), cfg)
     assert len(result.quarantine) == 1 and str(film) == result.quarantine["item"].iloc[0]
     assert "not a readable DICOM" in result.quarantine["reason"].iloc[0]

@@ -24,6 +24,7 @@ from kneeoa.explain import cam
 from kneeoa.explain.occlusion import occlusion_map, positions
 from kneeoa.formats.images import save_gray16
 from kneeoa.runfolder.arms import record_arm
+from kneeoa.runfolder.checkpoints import arm_dir, checkpoint_path
 from kneeoa.runfolder.manifest import load_knee
 from kneeoa.runfolder.metrics import read_metrics_part
 from kneeoa.runfolder.predictions import make_prediction_table, prediction_path, read_predictions, write_predictions
@@ -147,15 +148,15 @@ def make_disc_run(run_dir, *, patients: int = 40, seed: int = 0) -> pd.DataFrame
 
 def train_discnet(run_dir, manifest: pd.DataFrame, *, epochs: int = 15) -> None:
     """Train DiscNet on the train knees as the model sees them, save its checkpoint and its prediction table."""
-    from kneeoa.models.cnn.backbones import MultiTaskNet, checkpoint_path, save_checkpoint
+    from kneeoa.models.cnn.backbones import MultiTaskNet, save_checkpoint
     from kneeoa.models.cnn.infer import CnnPredictor
-    from kneeoa.transforms.cache import to_uint8
+    from kneeoa.transforms.preprocess import Preprocess
 
     torch.manual_seed(0)
     net = MultiTaskNet(DiscNet(1), {TASK: 2})
     train = manifest[manifest["split"] == "train"].to_dict("records")
-    x = torch.from_numpy(np.stack([to_uint8(load_knee(run_dir, r), SIZE) for r in train])).float()
-    x = ((x / 255 - 0.5) / 0.25).unsqueeze(1)
+    pre = Preprocess.for_cnn(SIZE, 0.5, 0.25, in_chans=1)
+    x = pre([load_knee(run_dir, r) for r in train])
     y = torch.tensor([r[TASK] for r in train])
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     order = torch.Generator().manual_seed(0)
@@ -174,8 +175,8 @@ def train_discnet(run_dir, manifest: pd.DataFrame, *, epochs: int = 15) -> None:
     finally:
         torch.set_num_threads(threads)
     save_checkpoint(checkpoint_path(run_dir, ARM, "multitask"), net.eval(), backbone=ARM,
-                    preprocess={"in_chans": 1, "image_size": SIZE, "mean": 0.5, "std": 0.25}, weights_source="none")
-    probs = CnnPredictor.from_run(run_dir, ARM).predict_proba(
+                    preprocess=pre, weights_source="none")
+    probs = CnnPredictor.from_folder(arm_dir(run_dir, ARM)).predict_proba(
         [load_knee(run_dir, r) for r in manifest.to_dict("records")])[TASK]
     write_predictions(make_prediction_table(manifest["image_id"], manifest["split"], manifest[TASK], probs), run_dir,
                       ARM, TASK)
@@ -259,7 +260,7 @@ def test_occlusion_maps_of_a_trained_cnn_agree_with_its_gradcam(disc_run):
     assert (preds["y_pred"].to_numpy() == test[TASK].to_numpy()).mean() >= 0.75  # the network found the disc
     knees = [load_knee(run, r) for r in test[test[TASK] == 1].to_dict("records")]
     assert len(knees) >= 6
-    model, layer, preprocess = load_classifier(run, ARM, TASK, cam_layer="last")
+    model, layer, preprocess = load_classifier(arm_dir(run, ARM), TASK, cam_layer="last")
     cams = list(cam.gradcam(model, layer, torch.stack([preprocess(k) for k in knees]), [1] * len(knees)))
     predict = arm_predictor(run, ARM, TASK, cfg)
     maps = [occlusion_map(predict, k, 1, patch=0.2, stride=0.1, batch=64) for k in knees]  # the config's defaults

@@ -11,6 +11,7 @@ import pytest
 from kneeoa.config import Config
 from kneeoa.errors import ConfigError
 from kneeoa.formats.images import load_gray
+from kneeoa.runfolder.manifest import import_target
 from kneeoa.sources.manifest import validate_manifest
 from kneeoa.sources.splits import assign_splits
 from kneeoa.synthetic.phantom import (
@@ -214,7 +215,7 @@ def test_film_field_of_view_reaches_the_shafts():
 
 def test_import_phantom_rows_pass_the_manifest_contract(tmp_path):
     cfg = _cfg(patients=4, visits=2)
-    result = import_phantom(None, tmp_path, cfg, show_progress=False)
+    result = import_phantom(None, import_target(tmp_path), cfg, show_progress=False)
     df = result.manifest
     assert len(df) == 4 * 2 * 2 and "split" not in df
     assert set(df["source"]) == {"phantom"} and df["pixel_spacing_mm"].eq(140.0 / 64).all()
@@ -233,7 +234,7 @@ def test_import_phantom_rows_pass_the_manifest_contract(tmp_path):
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     def files(seed: int, name: str) -> dict[str, bytes]:
         out = tmp_path / name
-        import_phantom(None, out, _cfg(seed=seed), show_progress=False)
+        import_phantom(None, import_target(out), _cfg(seed=seed), show_progress=False)
         return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
     first, again, other = files(0, "a"), files(0, "b"), files(1, "c")
@@ -242,7 +243,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 
 
 def test_import_notes_an_unused_source(tmp_path):
-    result = import_phantom(tmp_path / "ignored", tmp_path / "run", _cfg(patients=1), show_progress=False)
+    result = import_phantom(tmp_path / "ignored", import_target(tmp_path / "run"), _cfg(patients=1),
+                            show_progress=False)
     assert any("not used" in note for note in result.notes)
 
 
@@ -264,11 +266,11 @@ def test_simulate_cohort_rejects_bad_arguments(kwargs, match):
 
 def test_import_phantom_rejects_bad_config(tmp_path):
     with pytest.raises(ConfigError, match=r"data.image_size must be an integer >= 64"):
-        import_phantom(None, tmp_path, _cfg(size=16), show_progress=False)
+        import_phantom(None, import_target(tmp_path), _cfg(size=16), show_progress=False)
     with pytest.raises(ConfigError, match="patients must be an integer >= 1"):
-        import_phantom(None, tmp_path, _cfg(patients=0), show_progress=False)
+        import_phantom(None, import_target(tmp_path), _cfg(patients=0), show_progress=False)
     with pytest.raises(ConfigError, match="low_quality_share must be a number between 0 and 1"):
-        import_phantom(None, tmp_path, _cfg(share=2.0), show_progress=False)
+        import_phantom(None, import_target(tmp_path), _cfg(share=2.0), show_progress=False)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

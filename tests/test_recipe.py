@@ -8,10 +8,12 @@ from kneeoa.config import Config
 from kneeoa.errors import ConfigError
 from kneeoa.models.cnn.infer import CnnPredictor, read_members
 from kneeoa.runfolder.arms import read_arms
+from kneeoa.runfolder.checkpoints import arm_dir
 from kneeoa.runfolder.predictions import read_predictions
 from kneeoa.sources.manifest import load_knee, read_manifest, write_manifest
 from kneeoa.stages import train
 from kneeoa.transforms.cache import image_cache
+from kneeoa.transforms.preprocess import Preprocess
 
 
 def _cfg(**cnn):
@@ -40,7 +42,7 @@ def test_corn_head_with_cutpoints_stores_the_decoding_and_predict_reproduces_the
     assert payload["decoding"]["jsn"] == {"method": "argmax"}
     assert payload["preprocess"]["mirror_left"] is True
     _, _, table = read_predictions(tiny_run / "predictions" / "twobranch__klg.parquet")
-    predictor = CnnPredictor.from_run(tiny_run, "twobranch")
+    predictor = CnnPredictor.from_folder(arm_dir(tiny_run, "twobranch"))
     rows = manifest.set_index("image_id").loc[table["image_id"]].reset_index()
     images = [load_knee(tiny_run, r) for r in rows.to_dict("records")]
     probs = predictor.predict_proba(images)["klg"]
@@ -222,8 +224,8 @@ def test_training_loader_augments_reproducibly_and_validation_only_normalises(wo
 
     def first_batches(seed):
         torch.manual_seed(seed)  # inline (workers=0) augmentation draws from the process generator
-        train_dl, val_dl = training_loaders(ds, ds, hp, seed=seed, mean=0.5, std=0.25, hflip=False,
-                                            channels_last=False)
+        train_dl, val_dl = training_loaders(ds, ds, hp, seed=seed, pre=Preprocess.for_cnn(16, 0.5, 0.25, in_chans=1),
+                                            hflip=False, channels_last=False)
         return next(iter(train_dl)), next(iter(val_dl))
 
     def plain(rows):
@@ -275,7 +277,8 @@ def test_band_augmentation_gives_the_two_branch_net_what_a_whole_image_would():
     with torch.inference_mode():  # the rows outside the band never reach the network
         assert torch.equal(net(band), net(outside))
     torch.manual_seed(5)
-    collated, _ = BatchTransform(0.5, 0.25, policy, rows=(top, bottom))((x, {}))
+    pre = Preprocess.for_cnn(x.shape[-1], 0.5, 0.25, in_chans=1)
+    collated, _ = BatchTransform(pre, policy, rows=(top, bottom))((x, {}))
     assert (collated[:, :, :top] == -2).all() and not (collated[:, :, top:bottom] == -2).all()
 
 
@@ -323,5 +326,6 @@ def test_training_loader_hands_the_configured_group_to_the_augmentation():
 
     ds = KneeDataset(np.zeros((8, 16, 16), dtype=np.uint8), np.arange(8), {"klg": np.zeros(8, dtype=int)})
     hp = _cfg(augment_policy="strong", augment_group=3).cnn
-    train_dl, val_dl = training_loaders(ds, ds, hp, seed=0, mean=0.5, std=0.25, hflip=False, channels_last=False)
+    train_dl, val_dl = training_loaders(ds, ds, hp, seed=0, pre=Preprocess.for_cnn(16, 0.5, 0.25, in_chans=1),
+                                        hflip=False, channels_last=False)
     assert train_dl.collate_fn.group == 3 and val_dl.collate_fn.policy is None

@@ -45,12 +45,12 @@ def test_report_is_self_contained_and_complete(tiny_run):
 
 
 def test_a_failing_section_does_not_sink_the_report(tiny_run, monkeypatch):
-    from kneeoa.report import core
+    from kneeoa.report.sections import SECTIONS
 
     def broken(run_dir, cfg):
         raise RuntimeError("boom in ROC")
 
-    monkeypatch.setattr(core, "roc_section", broken)
+    monkeypatch.setitem(SECTIONS._entries, "roc", broken)
     with pytest.raises(ReportError, match=r"report.html was written, but \d section\(s\) failed .*roc \(RuntimeError"):
         build_report(tiny_run, Config())
     page = (tiny_run / "report.html").read_text()
@@ -61,11 +61,11 @@ def test_row_12_report_with_a_failing_section_exits_non_zero(tiny_run, monkeypat
     from typer.testing import CliRunner
 
     from kneeoa.cli.app import app
-    from kneeoa.report import core
+    from kneeoa.report.sections import SECTIONS
 
     write_fake_predictions(tiny_run, "resnet18", 0.5)
     evaluate.run(tiny_run, Config())
-    monkeypatch.setattr(core, "roc_section", lambda run_dir, cfg: 1 / 0)
+    monkeypatch.setitem(SECTIONS._entries, "roc", lambda run_dir, cfg: 1 / 0)
     res = CliRunner().invoke(app, ["report", str(tiny_run)])
     assert res.exit_code == 2 and "1 section(s) failed" in res.output and (tiny_run / "report.html").exists()
 

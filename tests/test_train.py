@@ -8,6 +8,7 @@ from kneeoa.errors import ConfigError, WeightsNotFoundError
 from kneeoa.models.cnn.backbones import BACKBONES, resolve_pretrained
 from kneeoa.models.cnn.infer import load_classifier
 from kneeoa.runfolder.arms import read_arms
+from kneeoa.runfolder.checkpoints import arm_dir
 from kneeoa.runfolder.predictions import list_predictions, read_predictions
 from kneeoa.stages import evaluate, train
 from kneeoa.stages.train import class_weights
@@ -21,7 +22,13 @@ def _cfg(backbone, multitask=True):
     return cfg
 
 
-@pytest.mark.parametrize("backbone", BACKBONES.names())
+#: The default backbone trains end to end in the default suite; every other one is checked there by its fast
+#: registry contract (tests/test_registry_contracts.py) and trained end to end with `-m slow`.
+DEFAULT_BACKBONE = Config().cnn.backbones[0]
+
+
+@pytest.mark.parametrize("backbone", [pytest.param(b, marks=() if b == DEFAULT_BACKBONE else pytest.mark.slow)
+                                      for b in BACKBONES.names()])
 def test_short_training_run_writes_checkpoint_predictions_and_record(tiny_run, backbone):
     cfg = _cfg(backbone)
     train.run(tiny_run, cfg)
@@ -31,7 +38,7 @@ def test_short_training_run_writes_checkpoint_predictions_and_record(tiny_run, b
     assert set(klg["split"]) == {"train", "val", "test"} and len(klg) == 24
     rec = read_arms(tiny_run)[backbone]
     assert rec["status"] == "ran" and "random init" in rec["weights"]
-    model, layer, pre = load_classifier(tiny_run, backbone, "klg")
+    model, layer, pre = load_classifier(arm_dir(tiny_run, backbone), "klg")
     x = pre(np.random.default_rng(0).random((50, 40)).astype(np.float32))
     assert x.shape == (1, 32, 32)
     with torch.no_grad():
@@ -39,10 +46,10 @@ def test_short_training_run_writes_checkpoint_predictions_and_record(tiny_run, b
     assert isinstance(layer, torch.nn.Module)
     layers = BACKBONES.get(backbone).cam_layers
     assert layer is layers["last"](model.net.backbone)  # the default
-    model2, finer, _ = load_classifier(tiny_run, backbone, "klg", cam_layer="penultimate")
+    model2, finer, _ = load_classifier(arm_dir(tiny_run, backbone), "klg", cam_layer="penultimate")
     assert finer is layers["penultimate"](model2.net.backbone)
     with pytest.raises(ConfigError, match="explain.cam_layer must be one of last, penultimate. Got 'first'"):
-        load_classifier(tiny_run, backbone, "klg", cam_layer="first")
+        load_classifier(arm_dir(tiny_run, backbone), "klg", cam_layer="first")
     evaluate.run(tiny_run, cfg)
     m = pd.read_csv(tiny_run / "metrics.csv")
     assert list(m.columns) == ["arm", "task", "split", "metric", "value", "ci_low", "ci_high", "n"]
@@ -55,9 +62,11 @@ def test_per_task_models(tiny_run):
     cfg.tasks.names = ["klg", "jsn"]
     train.run(tiny_run, cfg)
     assert sorted(p.name for p in (tiny_run / "checkpoints" / "resnet18").glob("*.pt")) == ["jsn.pt", "klg.pt"]
-    load_classifier(tiny_run, "resnet18", "jsn")
+    load_classifier(arm_dir(tiny_run, "resnet18"), "jsn")
     with pytest.raises(WeightsNotFoundError, match="No checkpoint for arm 'resnet18' and task 'sclerosis'"):
-        load_classifier(tiny_run, "resnet18", "sclerosis")
+        load_classifier(arm_dir(tiny_run, "resnet18"), "sclerosis")
+    with pytest.raises(WeightsNotFoundError, match="No checkpoint for arm 'resnet50' under .*kneeoa train"):
+        load_classifier(arm_dir(tiny_run, "resnet50"), "klg")
 
 
 def test_class_weights_balance_the_loss():
@@ -119,12 +128,14 @@ def test_logged_train_loss_is_the_epochs_mean_step_loss(tmp_path):
     from kneeoa.models.cnn.backbones import MultiTaskNet, create_backbone
     from kneeoa.stages.train import _make_module, training_loaders
     from kneeoa.transforms.dataset import KneeDataset
+    from kneeoa.transforms.preprocess import Preprocess
 
     hp = CnnCfg(image_size=32, batch_size=5, epochs=2)
     hp.augment = False
     rng = np.random.default_rng(0)
     ds = KneeDataset(rng.integers(0, 256, (13, 32, 32), dtype=np.uint8), np.arange(13), {"klg": rng.integers(0, 5, 13)})
-    dl, _ = training_loaders(ds, ds, hp, seed=0, mean=0.5, std=0.25, hflip=False, channels_last=False)
+    pre = Preprocess.for_cnn(hp.image_size, 0.5, 0.25, in_chans=1)
+    dl, _ = training_loaders(ds, ds, hp, seed=0, pre=pre, hflip=False, channels_last=False)
     torch.manual_seed(0)
     net = MultiTaskNet(create_backbone("twobranch", source=None)[0], {"klg": 5}, {"klg": "ce"})
     module = _make_module(net, {"klg": torch.ones(5)}, hp, steps_per_epoch=len(dl))

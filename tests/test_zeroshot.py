@@ -155,7 +155,7 @@ def test_a_zero_shot_arm_is_re_run_on_crops_for_its_occlusion_maps(finished_run)
     stage draws its occlusion maps like any other arm's."""
     from kneeoa.arms.predictors import arm_predictor
     from kneeoa.runfolder.manifest import load_knee
-    from kneeoa.runfolder.occlusion import OCCLUSION
+    from kneeoa.runfolder.montages import OCCLUSION
 
     run, cfg = finished_run
     manifest = read_manifest(run).set_index("image_id")

@@ -5,11 +5,16 @@ The public Python surface is `__all__`: `load_model` returns a `Grader` (the bui
 They are imported on first use, so `import kneeoa` stays light.
 """
 
+from kneeoa import moved as _moved
+
 __version__ = "0.1.0"
 __all__ = ["Grader", "InputFile", "builtin_models", "load_model", "__version__"]
 
 _LAZY = {"Grader": "kneeoa.api", "builtin_models": "kneeoa.api", "load_model": "kneeoa.api",
          "InputFile": "kneeoa.deploy.inputs"}
+
+
+_moved.install()  # old import paths (kneeoa.data.dicom, kneeoa.cam, ...) keep working for one release
 
 
 def __getattr__(name: str):

@@ -42,7 +42,7 @@ class DataCfg:
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     csv_columns: dict[str, str] = field(default_factory=dict)  # csv importer: manifest column -> table column
     workers: int = 2  # processes for prepare (DICOM decoding, localisation)
-    localizer: str = "heatmap"  # knee localiser for films (kneeoa.localize.core.LOCALIZERS): heatmap | profile
+    localizer: str = "heatmap"  # knee localiser for films (kneeoa.localize.core.LOCALIZERS; built in: heatmap, profile)
     default_spacing_mm: float | None = None  # films without pixel spacing: assume this (mm); None quarantines them
     csv_kind: str = "auto"  # csv importer without a `kind` column: auto | crop | single | bilateral
     # The knee check prepare runs on every imported image (manifest columns knee_score, not_knee; a report
@@ -62,7 +62,7 @@ class TasksCfg:
 @dataclass
 class CnnCfg:
     backbones: list[str] = field(default_factory=lambda: ["resnet18", "convnext_small"])
-    image_size: int = 224
+    image_size: int = DataCfg.image_size  # network input side in pixels; by default the crops' own size
     multitask: bool = True  # one shared backbone with a head per task; False trains one model per task
     epochs: int = 30
     batch_size: int = 32

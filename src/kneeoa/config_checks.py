@@ -2,18 +2,19 @@
 
 `kneeoa.config` checks the shape of a config (known keys, types); this module checks its meaning, declared as data
 (`CHECKS`), so that a task typo or `epochs: -3` fails at once with the key, the bad value and the valid choices or
-range, instead of after an hour of training. Registries are named as "module:ATTRIBUTE" and imported only when a
-config is validated, so a runtime-registered entry (a toy importer in a test, a site's own backbone) is valid too.
+range, instead of after an hour of training. A check names the registry whose entries are the valid values (`OneOf`,
+by the registry's kind in `REGISTRIES`); the registries are imported only when a config is validated and read then,
+so an entry registered at run time or by a plugin (a toy importer in a test, a site's own backbone) is valid too.
 `load_config` reads a study YAML and validates it whole: the one way a config enters from a file.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +22,44 @@ import yaml
 
 from kneeoa.config import Config, backbone_cfg, config_from_dict
 from kneeoa.errors import ConfigError
+from kneeoa.registry import Registry
+
+#: The registries config values name entries of, by their kind (lazy: imported when a config is validated).
+REGISTRIES: Registry[Registry] = Registry("registry", entry_type=Registry)
+REGISTRIES.add("stage", "kneeoa.stages:STAGES")
+REGISTRIES.add("importer", "kneeoa.sources.importers:IMPORTERS")
+REGISTRIES.add("localizer", "kneeoa.localize.core:LOCALIZERS")
+REGISTRIES.add("task", "kneeoa.tasks:TASKS")
+REGISTRIES.add("backbone", "kneeoa.models.cnn.backbones:BACKBONES")
+REGISTRIES.add("output head", "kneeoa.models.cnn.heads:HEADS")
+REGISTRIES.add("augmentation policy", "kneeoa.transforms.augment:POLICIES")
+REGISTRIES.add("encoder", "kneeoa.models.encoders.foundation:ENCODERS")
+REGISTRIES.add("fusion method", "kneeoa.stages.fusion:METHODS")
+REGISTRIES.add("embedding head", "kneeoa.models.probes:HEADS")
+REGISTRIES.add("pretraining method", "kneeoa.stages.pretrain:METHODS")
+REGISTRIES.add("metric", "kneeoa.stats.metrics:METRICS")
 
 
 @dataclass(frozen=True)
 class OneOf:
-    """The value (each element of a list, each key of a mapping) must be a registered name or one of `words`."""
+    """The value (each element of a list, each key of a mapping) must be a registered name or one of `words`.
 
-    registry: str | None = None  # "module:ATTRIBUTE" of a kneeoa.registry.Registry
-    words: tuple[str, ...] = ()  # fixed choices, added to the registry's names
+    Attributes:
+        registry: the kind of entry the value names (a `REGISTRIES` name); None: `words` only.
+        words: fixed choices, listed before the registry's names.
+        where: only the registry's entries it holds for (e.g. the binarised tasks); None: every entry.
+    """
+
+    registry: str | None = None
+    words: tuple[str, ...] = ()
+    where: Callable[[Any], bool] | None = None
 
     def choices(self) -> list[str]:
         names = list(self.words)
         if self.registry:
-            module, _, attr = self.registry.partition(":")
-            names += [n for n in getattr(importlib.import_module(module), attr).names() if n not in names]
+            registry = REGISTRIES.get(self.registry)
+            listed = registry.names() if self.where is None else [n for n, e in registry.items() if self.where(e)]
+            names += [n for n in listed if n not in names]
         return names
 
     def problems(self, key: str, value: Any) -> list[str]:
@@ -81,7 +106,7 @@ AT_LEAST_ONE = Range(1)
 SHARE = Range(0, 1)
 
 CNN_CHECKS: dict[str, OneOf | Range] = {
-    "backbones": OneOf("kneeoa.models.cnn.backbones:BACKBONES"),
+    "backbones": OneOf("backbone"),
     "image_size": Range(16),
     "epochs": AT_LEAST_ONE,
     "batch_size": AT_LEAST_ONE,
@@ -89,20 +114,20 @@ CNN_CHECKS: dict[str, OneOf | Range] = {
     "weight_decay": NON_NEGATIVE,
     "label_smoothing": Range(0, 1, open_hi=True),
     "class_balance": OneOf(words=("none", "weighted_loss", "balanced_sampling")),
-    "klg_head": OneOf("kneeoa.models.cnn.heads:HEADS"),
+    "klg_head": OneOf("output head"),
     "klg_decode": OneOf(words=("argmax", "cutpoints")),
     "cutpoint_bootstrap": NON_NEGATIVE,
     "cutpoint_accuracy_weight": NON_NEGATIVE,
     "select_by": OneOf(words=("metric", "loss")),
     "patience": NON_NEGATIVE,
     "max_minutes": POSITIVE,
-    "augment_policy": OneOf("kneeoa.transforms.augment:POLICIES"),
+    "augment_policy": OneOf("augmentation policy"),
     "augment_group": Range(1, 4),
     "hflip": OneOf(words=("auto", "true", "false")),
     "ema": Range(0, 1, open_lo=True, open_hi=True),
     "ensemble_seeds": AT_LEAST_ONE,
-    "weights": OneOf("kneeoa.models.cnn.backbones:BACKBONES"),
-    "overrides": OneOf("kneeoa.models.cnn.backbones:BACKBONES"),
+    "weights": OneOf("backbone"),
+    "overrides": OneOf("backbone"),
     "num_nodes": AT_LEAST_ONE,
     "num_workers": NON_NEGATIVE,
     "max_train_images": AT_LEAST_ONE,
@@ -111,8 +136,8 @@ CNN_CHECKS: dict[str, OneOf | Range] = {
 
 # Config key (dotted) -> its check. Lists are checked element by element, mappings by their keys.
 CHECKS: dict[str, OneOf | Range] = {
-    "stages": OneOf("kneeoa.stages:STAGES"),
-    "data.source": OneOf("kneeoa.sources.importers:IMPORTERS", words=("manifest",)),
+    "stages": OneOf("stage"),
+    "data.source": OneOf("importer", words=("manifest",)),
     "data.patients": AT_LEAST_ONE,
     "data.visits": Range(1, 7),
     "data.image_size": Range(16),
@@ -120,24 +145,24 @@ CHECKS: dict[str, OneOf | Range] = {
     "data.crop_mm": POSITIVE,
     "data.split_fractions": SHARE,
     "data.workers": AT_LEAST_ONE,
-    "data.localizer": OneOf("kneeoa.localize.core:LOCALIZERS"),
+    "data.localizer": OneOf("localizer"),
     "data.default_spacing_mm": POSITIVE,
     "data.csv_kind": OneOf(words=("auto", "crop", "single", "bilateral")),
-    "tasks.names": OneOf("kneeoa.tasks:TASKS"),
-    "tasks.thresholds": OneOf(words=("osteophytes", "jsn", "sclerosis")),
+    "tasks.names": OneOf("task"),
+    "tasks.thresholds": OneOf("task", where=attrgetter("binarised")),
     **{f"cnn.{k}": v for k, v in CNN_CHECKS.items()},
-    "foundation.encoders": OneOf("kneeoa.models.encoders.foundation:ENCODERS"),
-    "foundation.weights": OneOf("kneeoa.models.encoders.foundation:ENCODERS"),
+    "foundation.encoders": OneOf("encoder"),
+    "foundation.weights": OneOf("encoder"),
     "foundation.device": OneOf(words=("auto", "cpu", "cuda", *(f"cuda:{i}" for i in range(16)))),
     "foundation.batch_size": AT_LEAST_ONE,
-    "foundation.features": OneOf("kneeoa.models.encoders.foundation:ENCODERS"),
+    "foundation.features": OneOf("encoder"),
     "foundation.precision": OneOf(words=("auto", "bf16", "fp32")),
     "foundation.linear_c_grid": POSITIVE,
     "foundation.xgb_n_estimators": AT_LEAST_ONE,
     "foundation.xgb_early_stopping": AT_LEAST_ONE,
     "foundation.xgb_max_bin": Range(2),
     "foundation.n_jobs": AT_LEAST_ONE,
-    "zeroshot.encoder": OneOf("kneeoa.models.encoders.foundation:ENCODERS"),
+    "zeroshot.encoder": OneOf("encoder"),
     "stats.n_boot": AT_LEAST_ONE,
     "stats.confidence": Range(0, 1, open_lo=True, open_hi=True),
     "stats.calibration_bins": AT_LEAST_ONE,
@@ -153,12 +178,12 @@ CHECKS: dict[str, OneOf | Range] = {
     "explain.occlusion_patch": Range(0, 1, open_lo=True),
     "explain.occlusion_stride": Range(0, 1, open_lo=True),
     "explain.occlusion_batch": AT_LEAST_ONE,
-    "fusion.methods": OneOf(words=("stack", "features")),
+    "fusion.methods": OneOf("fusion method"),
     "fusion.folds": Range(2),
     "fusion.stack_c": POSITIVE,
-    "fusion.heads": OneOf("kneeoa.models.probes:HEADS"),
-    "pretrain.backbone": OneOf("kneeoa.models.cnn.backbones:BACKBONES"),
-    "pretrain.method": OneOf("kneeoa.stages.pretrain:METHODS"),
+    "fusion.heads": OneOf("embedding head"),
+    "pretrain.backbone": OneOf("backbone"),
+    "pretrain.method": OneOf("pretraining method"),
     "pretrain.image_size": Range(16),
     "pretrain.epochs": AT_LEAST_ONE,
     "pretrain.batch_size": Range(2),
@@ -208,7 +233,7 @@ def _cross_checks(cfg: Any) -> Iterable[str]:
     fused = [a for a in cfg.fusion.arms if a.startswith("fusion_")]
     if fused:
         yield f"fusion.arms: {fused[0]!r} is a fused arm; members must be arms that other stages make."
-    metrics = OneOf("kneeoa.stats.metrics:METRICS")
+    metrics = OneOf("metric")
     for kind, names in cfg.stats.compare_metrics.items():
         yield from metrics.problems(f"stats.compare_metrics.{kind}", names)
 

@@ -8,6 +8,9 @@ sites) are registered too.
 
 A task whose source columns are absent from a manifest is simply not available for that dataset (kneeKL224 has
 KL grades only): labels are never invented.
+
+Adding a task is one `Task` entry: `TASKS.add` here, or an entry point of group `kneeoa.tasks` in another
+distribution (`kneeoa.registry`); config checks, training, metrics and the report read the registry.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ class Task:
             empty: the kind's, `HEADLINE_METRIC`).
         masks: the phantom mask arrays (RUN_DIR/masks/<image_id>.npz keys) whose union is the task's feature, for
             scoring where Grad-CAM looks; empty: the task is not scored.
+        primary: the study's main grade (KLG): listed first in data tables, the one a grader's page shows its map
+            for (see `primary_task`).
+        learned: False for a task no arm learns from labels (the zero-shot anatomy QC, whose every row is a knee):
+            the heads, fusion and the confusion matrices leave it out (see `learned_tasks`).
     """
 
     name: str
@@ -56,6 +63,8 @@ class Task:
     threshold: int = 1
     headline: str = ""
     masks: tuple[str, ...] = ()
+    primary: bool = False
+    learned: bool = True
 
     @property
     def n_classes(self) -> int:
@@ -66,6 +75,11 @@ class Task:
         """The paper's metric for this task: `headline`, else quadratic-weighted kappa for ordinal grades and ROC AUC
         for binary ones."""
         return self.headline or HEADLINE_METRIC[self.kind]
+
+    @property
+    def binarised(self) -> bool:
+        """A binary feature read as "any site at `threshold` or above": `tasks.thresholds` can set its threshold."""
+        return self.reduce == "any" and bool(self.sources)
 
     def derive(self, df: pd.DataFrame, *, threshold: int | None = None) -> pd.Series | None:
         """Label column for this task from `df`'s source columns, or None when the sources are absent.
@@ -93,28 +107,39 @@ class Task:
         return label.round().astype("Int64")
 
 
-TASKS: Registry[Task] = Registry("task")
-
-
-def _add(task: Task) -> None:
-    TASKS.add(task.name, task)
-
-
+TASKS: Registry[Task] = Registry("task", group="kneeoa.tasks", entry_type=Task)
 # KLG is scored against the union of the three feature masks: KL grades are defined by osteophytes and joint-space
 # narrowing, and the whole-joint mask (`joint`) would reward a map for merely looking at the knee.
-_add(Task("klg", "ordinal", ("KL0", "KL1", "KL2", "KL3", "KL4"), masks=("osteophytes", "jsn", "sclerosis")))
-_add(Task("osteophytes", "binary", ("absent", "present"), OSTEOPHYTE_SITES, "any", masks=("osteophytes",)))
-_add(Task("jsn", "binary", ("absent", "present"), JSN_SITES, "any", masks=("jsn",)))
-_add(Task("sclerosis", "binary", ("absent", "present"), SCLEROSIS_SITES, "any", masks=("sclerosis",)))
-_add(Task("osteophytes_grade", "ordinal", ("0", "1", "2", "3"), OSTEOPHYTE_SITES, "max"))
-_add(Task("jsn_grade", "ordinal", ("0", "1", "2", "3"), JSN_SITES, "max"))
-_add(Task("sclerosis_grade", "ordinal", ("0", "1", "2", "3"), SCLEROSIS_SITES, "max"))
+TASKS.add("klg", Task("klg", "ordinal", ("KL0", "KL1", "KL2", "KL3", "KL4"), masks=("osteophytes", "jsn", "sclerosis"),
+                      primary=True))
+TASKS.add("osteophytes", Task("osteophytes", "binary", ("absent", "present"), OSTEOPHYTE_SITES, "any",
+                              masks=("osteophytes",)))
+TASKS.add("jsn", Task("jsn", "binary", ("absent", "present"), JSN_SITES, "any", masks=("jsn",)))
+TASKS.add("sclerosis", Task("sclerosis", "binary", ("absent", "present"), SCLEROSIS_SITES, "any", masks=("sclerosis",)))
+TASKS.add("osteophytes_grade", Task("osteophytes_grade", "ordinal", ("0", "1", "2", "3"), OSTEOPHYTE_SITES, "max"))
+TASKS.add("jsn_grade", Task("jsn_grade", "ordinal", ("0", "1", "2", "3"), JSN_SITES, "max"))
+TASKS.add("sclerosis_grade", Task("sclerosis_grade", "ordinal", ("0", "1", "2", "3"), SCLEROSIS_SITES, "max"))
 # Zero-shot anatomy QC ("is this a knee radiograph?"): every manifest image is a knee, so y_true is 1.
-_add(Task("knee_id", "binary", ("not knee", "knee")))
+TASKS.add("knee_id", Task("knee_id", "binary", ("not knee", "knee"), learned=False))
 
 
 def get_task(name: str) -> Task:
     return TASKS.get(name)
+
+
+def primary_task() -> str:
+    """The study's main grade: the first registered task flagged `primary` (KLG)."""
+    return next(name for name, task in TASKS.items() if task.primary)
+
+
+def learned_tasks(names: list[str]) -> list[str]:
+    """`names` without the tasks no arm learns from labels (`Task.learned` False), in order."""
+    return [name for name in names if TASKS.get(name).learned]
+
+
+def binarised_tasks() -> list[str]:
+    """The tasks whose threshold `tasks.thresholds` may set (see `Task.binarised`)."""
+    return [name for name, task in TASKS.items() if task.binarised]
 
 
 def add_task_labels(df: pd.DataFrame, thresholds: dict[str, int] | None = None) -> pd.DataFrame:
@@ -127,9 +152,9 @@ def add_task_labels(df: pd.DataFrame, thresholds: dict[str, int] | None = None) 
     thresholds = thresholds or {}
     for name in thresholds:
         task = TASKS.get(name)
-        if task.reduce != "any":
+        if not task.binarised:
             raise ConfigError(f"tasks.thresholds names '{name}', which is not a binarised task; use one of "
-                              f"{', '.join(n for n, t in TASKS.items() if t.reduce == 'any' and t.sources)}.")
+                              f"{', '.join(binarised_tasks())}.")
         if thresholds[name] not in (1, 2, 3):
             raise ConfigError(f"The threshold of task '{name}' must be 1, 2 or 3 (an OARSI grade). "
                               f"Got {thresholds[name]!r}.")

@@ -27,7 +27,6 @@ from kneeoa.models.encoders.foundation import get_encoder_spec
 from kneeoa.models.encoders.loaders import LOADERS
 from kneeoa.runfolder.arms import ARMS_DIR, read_arms
 from kneeoa.runfolder.heads import LinearProbe, head_path, read_linear_probe
-from kneeoa.transforms.preprocess import Preprocess
 
 if TYPE_CHECKING:
     from kneeoa.config import Config
@@ -75,10 +74,6 @@ def probe_arms(run_dir: Path) -> list[str]:
     feature-fusion arms, whose linear head reads several sources; occlusion maps explain those)."""
     return [arm for arm, rec in read_arms(run_dir).items() if rec["status"] == "ran"
             and rec.get("details", {}).get("head") == "linear" and "encoder" in rec.get("details", {})]
-
-
-def _one_image(pre: Preprocess, image: np.ndarray) -> torch.Tensor:
-    return pre(np.asarray(image, dtype=np.float32)[None])[0]
 
 
 def _token_grid(encoder: Encoder, patch: tuple[int, int]) -> tuple[int, int]:
@@ -137,5 +132,5 @@ def encoder_arm_classifier(run_dir: Path, arm: str, task: str, cfg: Config) -> E
     encoder = run_encoder(run_dir, spec.name, cfg, precision="fp32")
     reshape = (partial(vit_reshape_transform, grid=_token_grid(encoder, hook.patch(encoder)))
                if hook.patch is not None else None)
-    return EncoderCam(ProbeClassifier(encoder, probe), hook.layer(encoder), partial(_one_image, encoder.preprocess),
+    return EncoderCam(ProbeClassifier(encoder, probe), hook.layer(encoder), encoder.preprocess.one,
                       reshape)

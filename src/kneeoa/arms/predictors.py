@@ -49,14 +49,12 @@ class NoArmPredictor(KneeoaError):
     """No kind of arm in `PREDICTORS` takes the arm (the message gives each kind's reason)."""
 
 
-PREDICTORS: Registry[str] = Registry("arm predictor")
-PREDICTORS.update({
-    "cnn": "kneeoa.arms.predictors:cnn_predictor",
-    "boost": "kneeoa.arms.predictors:head_predictor",
-    "fusion_stack": "kneeoa.arms.predictors:stack_predictor",
-    "fusion_features": "kneeoa.arms.predictors:features_predictor",
-    "zeroshot": "kneeoa.arms.predictors:zeroshot_predictor",
-})
+PREDICTORS: Registry[Callable[[Path, str, str, Config], Predict]] = Registry("arm predictor")
+PREDICTORS.add("cnn", "kneeoa.arms.predictors:cnn_predictor")
+PREDICTORS.add("boost", "kneeoa.arms.predictors:head_predictor")
+PREDICTORS.add("fusion_stack", "kneeoa.arms.predictors:stack_predictor")
+PREDICTORS.add("fusion_features", "kneeoa.arms.predictors:features_predictor")
+PREDICTORS.add("zeroshot", "kneeoa.arms.predictors:zeroshot_predictor")
 
 
 def arm_predictor(run_dir: Path, arm: str, task: str, cfg: Config) -> Predict:
@@ -69,7 +67,7 @@ def arm_predictor(run_dir: Path, arm: str, task: str, cfg: Config) -> Predict:
     reasons = []
     for kind in PREDICTORS:
         try:
-            return PREDICTORS.load(kind)(Path(run_dir), arm, task, cfg)
+            return PREDICTORS.get(kind)(Path(run_dir), arm, task, cfg)
         except OtherArmKind as e:
             reasons.append(f"{kind}: {e}")
     raise NoArmPredictor(f"Arm '{arm}' cannot be re-run on new crops; no kind of arm takes it ({'; '.join(reasons)}).")
@@ -85,7 +83,7 @@ def cnn_predictor(run_dir: Path, arm: str, task: str, cfg: Config) -> Predict:
     folder = arm_dir(run_dir, arm)
     if not any(folder.glob("*.pt")):
         raise OtherArmKind(f"no checkpoint under {folder}")
-    whole = CnnPredictor.from_run(run_dir, arm)
+    whole = CnnPredictor.from_folder(folder)
     if task not in whole.tasks:
         raise WeightsNotFoundError(f"No checkpoint of arm '{arm}' under {folder} predicts task '{task}' (it predicts "
                                    f"{', '.join(whole.tasks)}). Train it again (`kneeoa train {run_dir}`).")
@@ -152,7 +150,7 @@ def cnn_features(run_dir: Path, arm: str, cfg: Config) -> Callable[[Sequence[np.
     """Crops -> a CNN arm's pooled backbone features, every member side by side (what feature fusion reads)."""
     from kneeoa.models.cnn.infer import CnnPredictor
 
-    predictor = CnnPredictor.from_run(run_dir, arm)
+    predictor = CnnPredictor.from_folder(arm_dir(run_dir, arm))
     return lambda crops: predictor.features(list(crops), every_member=True)
 
 

@@ -6,6 +6,7 @@ Commands only parse arguments and delegate to the stages; every stage can also b
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -122,8 +123,9 @@ def phantom_release(
 
 #: Stages whose command prints what it made and exits 1 when it made nothing it was asked for:
 #: "module:function" of `outcome(run_dir, cfg) -> (lines, made_something)`.
-_OUTCOMES: Registry[str] = Registry("stage outcome")
-_OUTCOMES.update({"fusion": "kneeoa.stages.fusion:outcome", "explain": "kneeoa.stages.explain:outcome"})
+_OUTCOMES: Registry[Callable[[Path, object], tuple[list[str], bool]]] = Registry("stage outcome")
+_OUTCOMES.add("fusion", "kneeoa.stages.fusion:outcome")
+_OUTCOMES.add("explain", "kneeoa.stages.explain:outcome")
 
 
 def _stage_command(name: str, doc: str) -> None:
@@ -140,7 +142,7 @@ def _stage_command(name: str, doc: str) -> None:
 
         _guard(locked)
         if name in _OUTCOMES:
-            lines, made = _OUTCOMES.load(name)(run_dir, cfg)
+            lines, made = _OUTCOMES.get(name)(run_dir, cfg)
             for line in lines:
                 typer.echo(line)
             if not made:

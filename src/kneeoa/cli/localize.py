@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from kneeoa.config import DataCfg
+
 
 def _guard(fn, *args, **kwargs):
     from kneeoa.cli.common import guard
@@ -30,9 +32,9 @@ def localize_cmd(
                                       help="Folder for crops/, overview/ (PNG + JSON) and localize.csv.")],
     kind: Annotated[str, typer.Option(help="bilateral (two knees, right on the image left) or single.")] = "bilateral",
     side: Annotated[str | None, typer.Option(help="R or L: the knee single-knee films show.")] = None,
-    localizer: Annotated[str, typer.Option(help="Registered localiser: heatmap or profile.")] = "heatmap",
-    crop_mm: Annotated[float, typer.Option(help="Side of the square crop in mm.")] = 140.0,
-    image_size: Annotated[int, typer.Option(help="Crop size in pixels.")] = 224,
+    localizer: Annotated[str, typer.Option(help="A registered localiser.")] = DataCfg.localizer,
+    crop_mm: Annotated[float, typer.Option(help="Side of the square crop in mm.")] = DataCfg.crop_mm,
+    image_size: Annotated[int, typer.Option(help="Crop size in pixels.")] = DataCfg.image_size,
     spacing_mm: Annotated[float | None, typer.Option(help="Pixel spacing to assume for files without one.")] = None,
     workers: Annotated[int, typer.Option(help="Processes.")] = 1,
 ) -> None:

@@ -119,7 +119,7 @@ def verify_encoder(name: str, weights: Path | None) -> list[str]:
 
 
 @models_app.command("verify")
-def models_verify(name: Annotated[str, typer.Argument(help="Encoder: biomedclip or rad-dino.")],
+def models_verify(name: Annotated[str, typer.Argument(help="A registered encoder (`kneeoa models list`).")],
                   weights: WeightsOpt = None) -> None:
     """Check that a snapshot has the files, loads offline and gives the published embedding sizes."""
     problems = guard(verify_encoder, name, weights)
@@ -130,7 +130,7 @@ def models_verify(name: Annotated[str, typer.Argument(help="Encoder: biomedclip 
 
 
 def embed_cmd(run_dir: Annotated[Path, typer.Argument(help="Run folder.")],
-              encoder: Annotated[str | None, typer.Option(help="biomedclip or rad-dino (default: all in config).")]
+              encoder: Annotated[str | None, typer.Option(help="A registered encoder (default: all in config).")]
               = None, weights: WeightsOpt = None, config: ConfigOpt = None) -> None:
     """Embed every manifest image with frozen foundation encoders into RUN_DIR/embeddings/ (resumable)."""
     from kneeoa.stages import check_inputs, embed

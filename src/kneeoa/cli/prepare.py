@@ -55,13 +55,13 @@ class ImporterCommands(TyperGroup):
     """The `prepare` group: its sub-commands are the importers registered when the command line is parsed."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(IMPORTERS.names())
+        return guard(IMPORTERS.names)  # a broken importer plugin: one line and exit 2, not a traceback
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in IMPORTERS:
+        if not guard(IMPORTERS.__contains__, cmd_name):
             return None
         single = typer.Typer()
-        single.command(cmd_name)(_body(cmd_name, IMPORTERS.get(cmd_name)))
+        single.command(cmd_name)(_body(cmd_name, guard(IMPORTERS.get, cmd_name)))
         return typer.main.get_command(single)
 
 

@@ -39,7 +39,8 @@ def pretrain_cmd(run_dir: Annotated[Path, typer.Argument(help="Run folder (its m
 
 def run_encoders_table(run_dir: Path) -> Table:
     """The encoders pretrained in a run folder (`kneeoa models list --run RUN_DIR`): how each was made, where it is."""
-    from kneeoa.runfolder.encoders import list_encoder_dirs, read_encoder_config
+    from kneeoa.models.cnn.encoder_folder import read_encoder_config
+    from kneeoa.runfolder.encoders import list_encoder_dirs
 
     table = Table("run encoder", "backbone", "method", "images", "epochs", "minutes", "folder",
                   title=f"encoders pretrained in {run_dir}")

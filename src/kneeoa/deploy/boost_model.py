@@ -22,12 +22,12 @@ import pandas as pd
 from kneeoa.config import Config
 from kneeoa.deploy.package import ModelKind, PackageError, task_entry
 from kneeoa.errors import WeightsNotFoundError
-from kneeoa.localize.core import orient
 from kneeoa.models.estimators import XGBHead
 from kneeoa.runfolder.embeddings import embedding_matrix, read_embeddings
 from kneeoa.runfolder.heads import head_path
 from kneeoa.runfolder.predictions import prediction_path, prob_columns
 from kneeoa.sources.manifest import read_manifest
+from kneeoa.transforms.preprocess import orient
 
 ENCODER_JSON = "encoder.json"
 #: Largest |package - run| probability difference accepted at export.
@@ -35,7 +35,9 @@ TOLERANCE = 1e-5
 
 
 def _owns(run_dir: Path, arm: str, record: dict[str, Any]) -> bool:
-    return record.get("details", {}).get("head") == "xgb"
+    """An encoder's XGBoost arm: its record names the encoder (feature-fusion XGBoost arms have members instead)."""
+    details = record.get("details", {})
+    return details.get("head") == "xgb" and "encoder" in details
 
 
 def _check_reproduces(head: XGBHead, X: np.ndarray, manifest: pd.DataFrame, run_dir: Path, arm: str,

@@ -16,6 +16,7 @@ import numpy as np
 
 from kneeoa.config import Config
 from kneeoa.deploy.package import ModelKind, PackageError, task_entry
+from kneeoa.runfolder.checkpoints import arm_dir
 
 _MEMBER = "member{}"
 
@@ -42,19 +43,20 @@ def _export(run_dir: Path, arm: str, cfg: Config, weights_dir: Path) -> dict[str
 
     from kneeoa.models.cnn.infer import CnnPredictor
 
-    predictor = CnnPredictor.from_run(run_dir, arm)
+    predictor = CnnPredictor.from_folder(arm_dir(run_dir, arm))
     members = []
-    for i, payload in enumerate(predictor.payloads):
+    for i, member in enumerate(m for group in predictor.groups for m in group):
         name = _MEMBER.format(i)
-        save_file({k: v.detach().cpu().contiguous() for k, v in payload["state_dict"].items()},
+        save_file({k: v.detach().cpu().contiguous() for k, v in member.payload["state_dict"].items()},
                   str(weights_dir / f"{name}.safetensors"))
-        meta = _jsonable({k: v for k, v in payload.items() if k != "state_dict"})
+        meta = _jsonable({**{k: v for k, v in member.payload.items() if k != "state_dict"},
+                          "preprocess": member.pre.to_dict()})
         (weights_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
         members.append(name)
     first = predictor.payloads[0]
     decoding = {t: _jsonable(first.get("decoding", {}).get(t, {"method": "argmax"})) for t in predictor.tasks}
     return {"tasks": {t: task_entry(t, decoding[t]) for t in predictor.tasks},
-            "preprocess": _jsonable(first["preprocess"]), "backbone": first["backbone"],
+            "preprocess": predictor.preprocess.to_dict(), "backbone": first["backbone"],
             "heads": _jsonable(first.get("heads", {})), "members": members}
 
 
@@ -66,7 +68,8 @@ class CnnModel:
         self._cams: dict[str, Any] = {}
 
     def _oriented(self, crops: list[np.ndarray], sides: list[str]) -> list[np.ndarray]:
-        return [self.predictor.orient(np.asarray(c, dtype=np.float32), s) for c, s in zip(crops, sides, strict=True)]
+        orient = self.predictor.preprocess.orient
+        return [orient(np.asarray(c, dtype=np.float32), s) for c, s in zip(crops, sides, strict=True)]
 
     def predict_proba(self, crops: list[np.ndarray], sides: list[str]) -> dict[str, np.ndarray]:
         return self.predictor.predict_proba(self._oriented(crops, sides))
@@ -87,7 +90,7 @@ class CnnModel:
         oriented = self._oriented([crop], [side])[0]
         heat = gradcam(module, layer, preprocess(oriented)[None], [int(cls)])[0]
         # orient() mirrors a left knee into model orientation; mirroring the map again puts it back on the film.
-        return self.predictor.orient(heat, side)
+        return self.predictor.preprocess.orient(heat, side)
 
 
 def _load(model_dir: Path, info: dict[str, Any], **_options: Any) -> CnnModel:
@@ -108,7 +111,7 @@ def _load(model_dir: Path, info: dict[str, Any], **_options: Any) -> CnnModel:
             raise PackageError(f"Model package {model_dir}: {weights_path.name} or {meta_path.name} cannot be read "
                                f"({type(e).__name__}: {e}); the file is damaged or truncated. Export the package "
                                "again.") from e
-    return CnnModel(CnnPredictor.from_payloads(payloads), info)
+    return CnnModel(CnnPredictor.from_payloads(payloads, str(model_dir / "weights")), info)
 
 
 KIND = ModelKind("cnn", _owns, _export, _load)

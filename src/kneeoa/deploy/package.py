@@ -94,8 +94,9 @@ class ModelKind:
     load: Callable[..., KneeModel]
 
 
-MODEL_KINDS: Registry[str] = Registry("model kind")
-MODEL_KINDS.update({"cnn": "kneeoa.deploy.cnn_model:KIND", "embed_xgb": "kneeoa.deploy.boost_model:KIND"})
+MODEL_KINDS: Registry[ModelKind] = Registry("model kind")
+MODEL_KINDS.add("cnn", "kneeoa.deploy.cnn_model:KIND")
+MODEL_KINDS.add("embed_xgb", "kneeoa.deploy.boost_model:KIND")
 
 
 def kneeoa_version() -> str:
@@ -126,7 +127,7 @@ def _arm_record(run_dir: Path, arm: str) -> dict[str, Any]:
 
 def _kind_for(run_dir: Path, arm: str, record: dict[str, Any]) -> ModelKind:
     for name in MODEL_KINDS:
-        kind = MODEL_KINDS.load(name)
+        kind = MODEL_KINDS.get(name)
         if kind.owns(run_dir, arm, record):
             return kind
     raise ConfigError(f"Arm '{arm}' of {run_dir} is not a kind that can be packaged; exportable kinds: "
@@ -361,6 +362,6 @@ def load_model(model_dir: Path, *, encoder_weights: Path | None = None) -> KneeM
     """
     info = read_info(model_dir)
     verify_checksums(model_dir)
-    model = MODEL_KINDS.load(info["kind"]).load(Path(model_dir), info, encoder_weights=encoder_weights)
+    model = MODEL_KINDS.get(info["kind"]).load(Path(model_dir), info, encoder_weights=encoder_weights)
     model.knee_check = load_knee_check(model_dir, info)
     return model

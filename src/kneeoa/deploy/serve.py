@@ -40,6 +40,7 @@ from kneeoa.deploy.package import KneeModel, load_model
 from kneeoa.deploy.predict import QC_FLAGS, explain, grade_films, overlay_png
 from kneeoa.errors import KneeoaError
 from kneeoa.localize.films import SIDE_WORDS
+from kneeoa.tasks import primary_task
 
 #: Default upload limit: a large uncompressed bilateral film is ~50 MB.
 MAX_UPLOAD_MB = 64.0
@@ -59,8 +60,10 @@ def _b64(png: bytes) -> str:
 
 
 def cam_task(info: dict[str, Any]) -> str:
-    """The task whose Grad-CAM the page shows: the KL grade where the model has it, else its first task."""
-    return "klg" if "klg" in info["tasks"] else next(iter(info["tasks"]))
+    """The task whose Grad-CAM the page shows: the study's primary task (the KL grade) where the model has it, else
+    its first task."""
+    primary = primary_task()
+    return primary if primary in info["tasks"] else next(iter(info["tasks"]))
 
 
 def grade_upload(model: KneeModel, data: bytes, filename: str) -> dict[str, Any]:

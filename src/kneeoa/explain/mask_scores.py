@@ -5,12 +5,13 @@ The explain stage scores two kinds of map the same way: Grad-CAMs (`cam_*` rows)
 mask file, keeping the first ones whose task mask is non-empty), their masks and the class each map explains (binary
 tasks: class 1, "feature present"; KLG: the true grade); `metric_rows` turns maps of those images into the rows of
 `kneeoa.explain.cam.score_maps`' four scores. Taking the rows from one permutation makes a shorter list the head of a
-longer one, so occlusion maps are scored on the first of the images the CAMs are scored on.
+longer one, so occlusion maps are scored on the first of the images the CAMs are scored on. The stage says where a
+row's mask file is (`mask_file`: a manifest `mask_path` -> the file), so nothing here knows the run folder.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,6 @@ import pandas as pd
 from kneeoa.config import Config
 from kneeoa.errors import DataError
 from kneeoa.explain import cam
-from kneeoa.runfolder.manifest import resolve_image_path
 from kneeoa.stats import bootstrap
 from kneeoa.tasks import get_task
 
@@ -32,13 +32,12 @@ def metric_names(prefix: str) -> tuple[str, ...]:
     return tuple(f"{prefix}_{s.removeprefix('cam_')}" for s in SCORES)
 
 
-def load_task_mask(run_dir: Path, mask_path: str, task: str) -> np.ndarray:
+def load_task_mask(path: Path, task: str) -> np.ndarray:
     """The boolean mask of `task`'s feature in one image's mask file (`cam.task_mask`).
 
     Raises:
         DataError: the file cannot be read or lacks the task's arrays (names the file and the fix).
     """
-    path = resolve_image_path(run_dir, mask_path)
     try:
         with np.load(path) as npz:
             return cam.task_mask(dict(npz), task)
@@ -47,11 +46,12 @@ def load_task_mask(run_dir: Path, mask_path: str, task: str) -> np.ndarray:
                         "`kneeoa phantom`.") from e
 
 
-def scored_rows(run_dir: Path, part: pd.DataFrame, preds: pd.DataFrame, task: str, limit: int,
+def scored_rows(mask_file: Callable[[str], Path], part: pd.DataFrame, preds: pd.DataFrame, task: str, limit: int,
                 rng: np.random.Generator) -> tuple[pd.DataFrame, list[np.ndarray], np.ndarray]:
     """Up to `limit` rows of `part` whose task mask is non-empty, their masks and the class each map explains.
 
     Args:
+        mask_file: a row's `mask_path` -> its file (the stage resolves it against the run folder).
         part: the manifest's rows of the explained split (with mask_path and patient_id).
         preds: the arm's prediction table (image_id, y_true).
         rng: draws the order the rows are taken in (the same seed gives the same rows, whatever `limit`).
@@ -62,7 +62,7 @@ def scored_rows(run_dir: Path, part: pd.DataFrame, preds: pd.DataFrame, task: st
     for i, r in rows.iterrows():
         if len(keep) >= limit:
             break
-        m = load_task_mask(run_dir, r["mask_path"], task)
+        m = load_task_mask(mask_file(r["mask_path"]), task)
         if m.any():
             masks.append(m)
             keep.append(i)

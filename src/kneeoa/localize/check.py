@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kneeoa.config import DataCfg
 from kneeoa.errors import ConfigError
 from kneeoa.io import output_dir, write_text
 from kneeoa.localize.core import LOCALIZERS
@@ -38,14 +39,16 @@ def _rows(outcome: FilmOutcome) -> list[dict]:
 
 
 def check_films(films: list[Path], out: Path, *, kind: str = "bilateral", side: str | None = None,
-                localizer: str = "heatmap", crop_mm: float = 140.0, image_size: int = 224,
-                spacing_mm: float | None = None, workers: int = 1) -> pd.DataFrame:
+                localizer: str, crop_mm: float, image_size: int, spacing_mm: float | None = None,
+                workers: int = 1) -> pd.DataFrame:
     """Localise and crop each film; write OUT/crops/<stem>_<side>.png, OUT/overview/<stem>.png, OUT/localize.csv.
 
     Args:
         films: DICOM, PNG or JPEG files.
         kind: "bilateral" (two knees, right on the image left) or "single" (one knee, `side` names it).
         side: "R" or "L" for single-knee films.
+        localizer, crop_mm, image_size: the localiser and the crop's side in mm and pixels (`kneeoa localize` passes
+            its flags, whose defaults are the data config's).
         spacing_mm: pixel spacing assumed for files without one (PNG, JPEG, DICOM lacking the tag).
 
     Returns:
@@ -84,8 +87,9 @@ def crop_frame_offset(d_row: float, d_col: float, rotation_deg: float, spacing_m
             float(-np.sin(theta) * d_row + np.cos(theta) * d_col) * spacing_mm)
 
 
-def score_film_set(folder: Path, crops_dir: Path, *, localizer: str = "heatmap", tolerance_mm: float = 10.0,
-                   crop_mm: float = 140.0, workers: int = 1) -> pd.DataFrame:
+def score_film_set(folder: Path, crops_dir: Path, *, localizer: str = DataCfg.localizer, tolerance_mm: float = 10.0,
+                   crop_mm: float = DataCfg.crop_mm, image_size: int = DataCfg.image_size,
+                   workers: int = 1) -> pd.DataFrame:
     """Localise every film of a film set with truth.csv (`kneeoa crop-films`) and score each knee position.
 
     Returns:
@@ -101,7 +105,8 @@ def score_film_set(folder: Path, crops_dir: Path, *, localizer: str = "heatmap",
 
     truth = read_truth(folder)
     jobs = [FilmJob(Path(film), {s: f"{Path(film).stem}_{s}" for s in g["side"]}, g["kind"].iloc[0], crops_dir,
-                    crop_mm=crop_mm, localizer=localizer, dicom=True) for film, g in truth.groupby("film", sort=False)]
+                    crop_mm=crop_mm, image_size=image_size, localizer=localizer, dicom=True)
+            for film, g in truth.groupby("film", sort=False)]
     found = {}
     for outcome in run_film_jobs(jobs, workers=workers, desc=f"{localizer} on {Path(folder).name}"):
         crops = {c["side"]: c for c in outcome.crops}

@@ -28,6 +28,7 @@ missed one is reported with its own reason.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -212,10 +213,12 @@ def localize_profile(image: np.ndarray, spacing_mm: tuple[float, float], *, knee
     return [replace(k, row_px=(k.row_px + 0.5) * sr - 0.5, col_px=(k.col_px + 0.5) * sc - 0.5) for k in found]
 
 
-#: Localisers by name, as lazy "module:function" entries (`LOCALIZERS.load(name)`): a localiser is imported on first
-#: use, so the learned one (which needs torch, and builds on this module's types) costs nothing until it is chosen.
-#: Each is called as `fn(image, spacing_mm, knees=n)` and returns n KneeLocations (image-left first).
-LOCALIZERS: Registry[str] = Registry("localizer")
+#: Localisers by name, as lazy "module:function" entries (`LOCALIZERS.get(name)` imports one on first use), so the
+#: learned one (which needs torch, and builds on this module's types) costs nothing until it is chosen; plugins add
+#: theirs through the entry-point group `kneeoa.localizers`. Each is called as `fn(image, spacing_mm, knees=n)` and
+#: returns n KneeLocations (image-left first).
+LOCALIZERS: Registry[Callable[..., list[KneeLocation]]] = Registry("localizer", group="kneeoa.localizers",
+                                                                   entry_type=Callable)
 LOCALIZERS.add("profile", "kneeoa.localize.core:localize_profile")
 LOCALIZERS.add("heatmap", "kneeoa.localize.heatmap:localize_heatmap")
 
@@ -245,8 +248,3 @@ def pad_square(image: np.ndarray, size: int) -> np.ndarray:
     top, left = (n - h) // 2, (n - w) // 2
     padded = np.pad(image, ((top, n - h - top), (left, n - w - left)), mode="edge")
     return resize(padded.astype(np.float32), size)
-
-
-def orient(crop: np.ndarray, side: str, *, mirror_left: bool) -> np.ndarray:
-    """Keep radiographic orientation, or mirror left knees so every knee looks like a right one."""
-    return np.ascontiguousarray(crop[:, ::-1]) if mirror_left and side == "L" else crop

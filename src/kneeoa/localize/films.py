@@ -30,11 +30,11 @@ from kneeoa.localize.core import (
     KneesMissing,
     LocalizationError,
     crop_square_mm,
-    orient,
     pad_square,
 )
 from kneeoa.localize.knee_gate import file_reason, image_reason, tag_reason
 from kneeoa.localize.overview import draw_overview
+from kneeoa.transforms.preprocess import orient
 
 _logger = logging.getLogger(__name__)
 
@@ -51,7 +51,10 @@ class FilmJob:
         image_ids: side ("R"/"L") -> image_id of the crop to write; sides not listed are not written.
         kind: one of FILM_KINDS. For "single" and "crop" exactly one side is listed.
         crops_dir: folder the crops go to (``<image_id>.png``).
-        crop_mm, image_size, mirror_left, localizer: from the data config.
+        crop_mm, image_size, localizer: the crop's side in mm and in pixels and the localiser's name; the callers
+            pass them from the data config (`kneeoa.config.DataCfg`, where their defaults live).
+        mirror_left: write left-knee crops mirrored into right-knee orientation (importers leave files as acquired
+            and mark the manifest's `mirrored` column instead).
         default_spacing_mm: spacing assumed when the file has none; None quarantines such films.
         expect_knee: refuse files that say they are no knee radiograph (`kneeoa.localize.knee_gate`: DICOM tags,
             colour, size, flat pixels).
@@ -65,10 +68,10 @@ class FilmJob:
     image_ids: dict[str, str]
     kind: str
     crops_dir: Path
-    crop_mm: float = 140.0
-    image_size: int = 224
+    crop_mm: float
+    image_size: int
+    localizer: str
     mirror_left: bool = False
-    localizer: str = "profile"
     default_spacing_mm: float | None = None
     expect_knee: bool = True
     dicom: bool | None = None
@@ -103,7 +106,7 @@ def locate_knees(image: np.ndarray, spacing_mm: tuple[float, float], *, localize
         (implausible pair, no leg at all) is raised, not split per knee.
     """
     try:
-        return dict(zip(sides, LOCALIZERS.load(localizer)(image, spacing_mm, knees=len(sides)), strict=True)), {}
+        return dict(zip(sides, LOCALIZERS.get(localizer)(image, spacing_mm, knees=len(sides)), strict=True)), {}
     except KneesMissing as e:
         found = {s: k for s, k in zip(sides, e.knees, strict=True) if k is not None}
         missed = {s: r for s, r in zip(sides, e.reasons, strict=True) if r is not None}
@@ -196,8 +199,6 @@ def _write_overview(job: FilmJob, image: np.ndarray, spacing_mm: tuple[float, fl
                job.overview.with_suffix(".json"))
 
 
-#: Where `kneeoa prepare` draws its overviews, in the run folder (the data report shows them).
-OVERVIEW_DIR = Path("figures") / "localize"
 #: Films drawn for the data report by `with_overviews`, evenly spread; films with a missed knee are drawn as well.
 OVERVIEW_SAMPLE = 6
 

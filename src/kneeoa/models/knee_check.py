@@ -118,7 +118,6 @@ class GaussianView:
         return beyond / max(1, len(self.calibration))
 
 
-@KNEE_CHECKS.register("layout_features")
 @dataclass
 class KneeCheck:
     """The two-view knee check (see the module docstring).
@@ -207,3 +206,6 @@ class KneeCheck:
                                       for part in ("mean", "precision", "calibration")), bool(info["sqrt"]))
                  for name, info in meta["views"].items()}
         return cls(views, float(meta.get("alpha", DEFAULT_ALPHA)))
+
+
+KNEE_CHECKS.add("layout_features", KneeCheck)

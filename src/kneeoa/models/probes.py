@@ -7,15 +7,16 @@
   log-loss wins;
 - `linear`: standardised features + class-weighted logistic regression, C from `foundation.linear_c_grid` by the same
   val log-loss.
-Test rows are only predicted, never used for a choice.
+Test rows are only predicted, never used for a choice. `fit_arm` returns what it fitted and the probabilities of
+every labelled row (`TaskFit` per task); the run folder keeps the heads and writes the prediction tables
+(`kneeoa.runfolder.heads.keep_fits`).
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,11 +30,7 @@ from kneeoa.config import Config, FoundationCfg
 from kneeoa.errors import ConfigError
 from kneeoa.models.estimators import XGBHead, balanced_weights
 from kneeoa.registry import Registry
-from kneeoa.runfolder.heads import save_head
-from kneeoa.runfolder.predictions import make_prediction_table, write_predictions
 from kneeoa.tasks import get_task
-
-_log = logging.getLogger(__name__)
 
 #: Grid keys XGBHead takes; the rest of its parameters come from fixed config keys.
 _XGB_SEARCHABLE = ("max_depth", "learning_rate", "min_child_weight", "max_bin")
@@ -60,7 +57,6 @@ def xgb_grid(cfg: FoundationCfg) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(cfg.xgb_grid[k] for k in keys))]
 
 
-@HEADS.register("xgb")
 def fit_xgb(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, k: int,
             cfg: Config) -> tuple[XGBHead, dict[str, Any]]:
     """The grid combination with the lowest val log-loss, each early-stopped on val."""
@@ -77,7 +73,6 @@ def fit_xgb(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, 
     return best[1], best[2]
 
 
-@HEADS.register("linear")
 def fit_linear(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, k: int,
                cfg: Config) -> tuple[Any, dict[str, Any]]:
     """Standardised logistic regression, C from `linear_c_grid` by val log-loss."""
@@ -91,6 +86,10 @@ def fit_linear(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarra
     return best[1], best[2]
 
 
+HEADS.add("xgb", fit_xgb)
+HEADS.add("linear", fit_linear)
+
+
 def _full_proba(model: Any, X: np.ndarray, k: int) -> np.ndarray:
     """(n, k) probabilities; classes absent from training get probability 0."""
     p = model.predict_proba(X)
@@ -101,35 +100,47 @@ def _full_proba(model: Any, X: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def fit_task(head: str, X: np.ndarray, manifest: pd.DataFrame, task: str,
-              cfg: Config) -> tuple[Any, pd.DataFrame | None, dict[str, Any]]:
+@dataclass(frozen=True)
+class TaskFit:
+    """One task's head, fitted on train and chosen on val, with its probabilities for every labelled row.
+
+    Attributes:
+        chosen: the settings chosen on val, or {"skipped": why} when the task could not be fitted.
+        model: the fitted head (`predict_proba(X) -> (n, K)`); None when skipped.
+        image_id, split, y_true: the labelled manifest rows, in manifest order; probs: (n, K) their class
+            probabilities (all None when skipped).
+    """
+
+    chosen: dict[str, Any]
+    model: Any = None
+    image_id: pd.Series | None = None
+    split: pd.Series | None = None
+    y_true: np.ndarray | None = None
+    probs: np.ndarray | None = None
+
+    @property
+    def fitted(self) -> bool:
+        return self.model is not None
+
+
+def fit_task(head: str, X: np.ndarray, manifest: pd.DataFrame, task: str, cfg: Config) -> TaskFit:
     """Fit head `head` for `task` on the train rows of `X` (one row per manifest row), chosen on the val rows.
 
-    Returns (fitted model, prediction table of every labelled row, chosen settings), or (None, None, why it was
-    skipped) when train lacks two classes or val has no labelled image.
+    Returns the fitted head and its probabilities for every labelled row, or (not fitted) why the task was skipped:
+    train lacks two classes or val has no labelled image.
     """
     labelled = manifest[task].notna().to_numpy()
     sub, Xs = manifest[labelled], X[labelled]
     y = sub[task].to_numpy(dtype=int)
     tr, va = (sub["split"] == "train").to_numpy(), (sub["split"] == "val").to_numpy()
     if len(np.unique(y[tr])) < 2 or not va.any():
-        return None, None, {"skipped": f"needs two classes in train and labelled val images; train has classes "
-                                       f"{sorted(np.unique(y[tr]).tolist())}, val has {int(va.sum())} image(s)"}
+        return TaskFit({"skipped": f"needs two classes in train and labelled val images; train has classes "
+                                   f"{sorted(np.unique(y[tr]).tolist())}, val has {int(va.sum())} image(s)"})
     k = get_task(task).n_classes
     model, chosen = HEADS.get(head)(Xs[tr], y[tr], Xs[va], y[va], k, cfg)
-    probs = _full_proba(model, Xs, k)
-    return model, make_prediction_table(sub["image_id"], sub["split"], y, probs), chosen
+    return TaskFit(chosen, model, sub["image_id"], sub["split"], y, _full_proba(model, Xs, k))
 
 
-def fit_arm(head: str, X: np.ndarray, manifest: pd.DataFrame, tasks: list[str], cfg: Config, *, run_dir: Path,
-            arm: str, keep: Callable[[str], Path]) -> dict[str, dict[str, Any]]:
-    """Fit head `head` on `X` for every task, keep each fitted head at `keep(task)` (`save_head`) and write the
-    arm's prediction tables; returns the settings chosen (or why a task was skipped) per task, for the arm record."""
-    chosen = {}
-    for task in tasks:
-        model, table, chosen[task] = fit_task(head, X, manifest, task, cfg)
-        if table is not None:
-            save_head(head, model, keep(task), get_task(task).n_classes)
-            write_predictions(table, run_dir, arm, task)
-        _log.info("%s %s: %s", arm, task, chosen[task])
-    return chosen
+def fit_arm(head: str, X: np.ndarray, manifest: pd.DataFrame, tasks: list[str], cfg: Config) -> dict[str, TaskFit]:
+    """`fit_task` for every task, in order: the heads of one arm (a boost arm, a feature-fusion arm)."""
+    return {task: fit_task(head, X, manifest, task, cfg) for task in tasks}

@@ -20,7 +20,7 @@ from kneeoa.runfolder.metrics import read_metrics
 from kneeoa.runfolder.predictions import list_predictions, prob_columns, read_predictions
 from kneeoa.runfolder.tables import read_table
 from kneeoa.stats.metrics import METRICS
-from kneeoa.tasks import get_task
+from kneeoa.tasks import get_task, primary_task
 
 PACKAGES = ("kneeoa", "torch", "torchvision", "timm", "lightning", "open_clip_torch", "transformers", "xgboost-cpu",
             "scikit-learn", "grad-cam", "pydicom", "numpy", "pandas")
@@ -90,7 +90,8 @@ def data_section(run_dir: Path, cfg: Config) -> str | None:
     man = read_manifest(run_dir)
     parts = ["<h2>Data</h2>", f"<p>{len(man)} knee images of {man['patient_id'].nunique()} patients; "
              f"{int(man['low_quality'].sum())} flagged low quality. Splits are by patient.</p>"]
-    for task in ["klg", *[t for t in cfg.tasks.names if t != "klg"]]:
+    primary = primary_task()
+    for task in [primary, *[t for t in cfg.tasks.names if t != primary]]:
         if task in man and man[task].notna().any():
             tab = pd.crosstab(man[task], man["split"], margins=True, margins_name="all")
             parts.append(f"<h3>{task}: images per grade and split</h3>" + table_html(tab, index=True))
@@ -119,7 +120,7 @@ def confusion_section(run_dir: Path, cfg: Config) -> str | None:
 
     imgs = []
     for arm, task, test in _tables(run_dir):
-        if test.empty or task == "knee_id":
+        if test.empty or not get_task(task).learned:
             continue
         t = get_task(task)
         cm = confusion(test["y_true"].to_numpy(), test[prob_columns(t.n_classes)].to_numpy(), test["y_pred"].to_numpy())

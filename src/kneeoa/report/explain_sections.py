@@ -1,7 +1,7 @@
 """Report section for the explain stage: where every arm looks, as Grad-CAM and occlusion montages, and how well the
 maps find the phantom's features.
 
-It reads the figure folders (`kneeoa.runfolder.gradcam`, `kneeoa.runfolder.occlusion`) and the explain metrics part,
+It reads the figure folders (`kneeoa.runfolder.montages`: GRADCAM, OCCLUSION) and the explain metrics part,
 and returns None when the stage has not run.
 """
 
@@ -15,10 +15,8 @@ import pandas as pd
 from kneeoa.config import Config
 from kneeoa.report.figures import png_tag, table_html
 from kneeoa.report.formatting import format_ci
-from kneeoa.runfolder.gradcam import GRADCAM
 from kneeoa.runfolder.metrics import read_metrics_part
-from kneeoa.runfolder.montages import MontageFolder
-from kneeoa.runfolder.occlusion import OCCLUSION
+from kneeoa.runfolder.montages import GRADCAM, OCCLUSION, MontageFolder
 
 #: The kinds of map, as the report names them, with their folders; montages of one arm x task sit side by side.
 KINDS: tuple[tuple[str, MontageFolder], ...] = (("Grad-CAM", GRADCAM), ("occlusion", OCCLUSION))

@@ -1,6 +1,6 @@
 """Report section for knee localisation: the film overviews `kneeoa prepare` drew, so a reader can check the crops.
 
-The OAI importer draws, into RUN_DIR/figures/localize/ (`kneeoa.localize.core.OVERVIEW_DIR`), a sample of films
+The OAI importer draws, into RUN_DIR/figures/localize/ (`kneeoa.runfolder.manifest.OVERVIEW_DIR`), a sample of films
 (`OVERVIEW_SAMPLE`, evenly spread) and every film with a knee that was not cropped: the film reduced to 800 px wide,
 each cropped knee's square in green with its confidence, each missed side in red. Next to each PNG a JSON says
 which film it is, what was found and why a knee was missed. This section shows the sample first, then the misses.
@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 from kneeoa.config import Config
-from kneeoa.localize.films import OVERVIEW_DIR
 from kneeoa.report.figures import png_tag
+from kneeoa.runfolder.manifest import OVERVIEW_DIR
 
 #: At most this many overviews of films with a missed knee are shown (all are in the run folder).
 MAX_MISSED = 12

@@ -2,8 +2,10 @@
 
 General-domain foundation model (BiomedCLIP), chest-radiograph foundation model (RAD-DINO), a knee encoder pretrained
 without labels on the run's own images (`kneeoa pretrain`), and the supervised CNN arms, with the random-weights
-control of the knee encoder beside them. Each row is the arm's headline metric per task on `stats.compare_split`
-with its patient-bootstrap CI; an arm without weights says "not run (no weights)" and its reason, never a number.
+control of the knee encoder beside them: one row per registered encoder (its `<prefix>_xgb` arm, labelled with the
+entry's `family`), then one per CNN backbone of the config. Each row is the arm's headline metric per task on
+`stats.compare_split` with its patient-bootstrap CI; an arm without weights says "not run (no weights)" and its
+reason, never a number.
 """
 
 from __future__ import annotations
@@ -14,16 +16,12 @@ from pathlib import Path
 import pandas as pd
 
 from kneeoa.config import Config
-from kneeoa.models.encoders.foundation import get_encoder_spec
+from kneeoa.models.encoders.foundation import ENCODERS
 from kneeoa.report.figures import table_html
 from kneeoa.report.formatting import format_ci
 from kneeoa.runfolder.arms import read_arms
 from kneeoa.runfolder.metrics import read_metrics
 from kneeoa.tasks import get_task
-
-#: (family, encoder whose `<prefix>_xgb` arm stands for it). The supervised CNN rows come from `cnn.backbones`.
-FAMILIES = (("general-domain FM", "biomedclip"), ("chest-radiograph FM", "rad-dino"),
-            ("knee SSL (this run's images)", "kneessl"), ("control: same CNN, random weights", "random"))
 
 
 def _cell(m: pd.DataFrame, arm: str, task: str, split: str) -> str:
@@ -39,10 +37,10 @@ def four_way_section(run_dir: Path, cfg: Config) -> str | None:
     """The four families side by side; None when the run has none of the embed+boost or knee-SSL arms."""
     run_dir = Path(run_dir)
     arms = read_arms(run_dir)
-    rows_def = [(family, f"{get_encoder_spec(enc).arm_prefix}_xgb") for family, enc in FAMILIES]
-    rows_def += [("supervised CNN", bb) for bb in cfg.cnn.backbones]
-    if not any(arm in arms for _, arm in rows_def[:4]):
+    rows_def = [(spec.family or spec.title, f"{spec.arm_prefix}_xgb") for _, spec in ENCODERS.items()]
+    if not any(arm in arms for _, arm in rows_def):
         return None
+    rows_def += [("supervised CNN", bb) for bb in cfg.cnn.backbones]
     metrics = read_metrics(run_dir)
     split = cfg.stats.compare_split
     rows = []

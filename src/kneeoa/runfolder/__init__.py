@@ -59,12 +59,7 @@ _COMMANDS = {"prepare": "kneeoa prepare <source> ... --out {run} (or kneeoa phan
 RUN_FILES: Registry[RunFile] = Registry("run-folder file")
 
 
-def _add(*files: RunFile) -> None:
-    for f in files:
-        RUN_FILES.add(f.name, f)
-
-
-_add(
+for _file in (
     RunFile("config", "config.yaml", ("prepare", "run"), "resolved config, every default written out"),
     RunFile("manifest", "manifest.parquet", ("prepare",), "one validated row per knee image"),
     RunFile("data_report", "data_report.json", ("prepare",), "counts, quarantine, unmatched, label missingness"),
@@ -105,7 +100,8 @@ _add(
     RunFile("gradcam", "figures/gradcam/*", ("explain",), "Grad-CAM montages and their index.json"),
     RunFile("occlusion", "figures/occlusion/*", ("explain",), "occlusion-map montages of every arm and their index"),
     RunFile("report", "report.html", ("report",), "the self-contained HTML report"),
-)
+):
+    RUN_FILES.add(_file.name, _file)
 
 
 def run_file(name: str) -> RunFile:

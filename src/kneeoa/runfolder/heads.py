@@ -4,19 +4,31 @@
 - `<prefix>_linear` arms: the linear probe as plain numbers (`write_linear_probe`): the scaler's mean and scale and the
   logistic regression's coef, intercept and classes, enough to rebuild its probabilities exactly. Grad-CAM through the
   encoder (`kneeoa.arms.encoder_cam`) reads it back as a `LinearProbe`; export never packages it.
+
+`keep_fits` keeps what `kneeoa.models.probes.fit_arm` fitted: each head (here, or under fusion/ for the
+feature-fusion arms) and the arm's prediction tables.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kneeoa.errors import WeightsNotFoundError
 from kneeoa.io import write_json
+from kneeoa.runfolder.predictions import make_prediction_table, write_predictions
+from kneeoa.tasks import get_task
+
+if TYPE_CHECKING:
+    from kneeoa.models.probes import TaskFit
+
+_log = logging.getLogger(__name__)
 
 HEADS_DIR = "heads"
 #: The "kind" a linear-probe file carries, so an XGBoost reader and this one never take each other's files.
@@ -134,3 +146,16 @@ def load_head(head: str, path: Path) -> Any:
         WeightsNotFoundError: the file is missing or holds another kind of head.
     """
     return HEAD_FILES[head][1](path)
+
+
+def keep_fits(head: str, fits: dict[str, TaskFit], *, run_dir: Path, arm: str,
+              keep: Callable[[str], Path]) -> dict[str, dict[str, Any]]:
+    """Keep each fitted head of an arm at `keep(task)` (`save_head`) and write its prediction tables; returns the
+    settings chosen (or why a task was skipped) per task, for the arm record."""
+    for task, fit in fits.items():
+        if fit.fitted:
+            save_head(head, fit.model, keep(task), get_task(task).n_classes)
+            write_predictions(make_prediction_table(fit.image_id, fit.split, fit.y_true, fit.probs), run_dir, arm,
+                              task)
+        _log.info("%s %s: %s", arm, task, fit.chosen)
+    return {task: fit.chosen for task, fit in fits.items()}

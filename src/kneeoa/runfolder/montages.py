@@ -1,7 +1,12 @@
-"""Figure folders of the explain stage: one montage PNG per arm x task and an index.json, under RUN_DIR/figures/.
+"""Figure folders of the explain stage (owner: `explain`): one montage PNG per arm x task and an index.json, under
+RUN_DIR/figures/.
 
-`MontageFolder` names the files and writes and reads them; `kneeoa.runfolder.gradcam` and
-`kneeoa.runfolder.occlusion` are its two folders and describe what their indexes hold.
+`MontageFolder` names the files and writes and reads them. Its two folders:
+- `GRADCAM`, RUN_DIR/figures/gradcam/: the index lists the montages (`{"arm", "task", "file"}`, file relative to the
+  run folder), the random maps' smoothing per arm x task (`sigma_px`), the hooked layer (`settings`) and anything
+  skipped, with why (`{"arm", "task", "reason"}`);
+- `OCCLUSION`, RUN_DIR/figures/occlusion/: laid out alike, with the patch, stride and fill used (`settings`) and the
+  arms that could not be explained, with why (arms whose model cannot be re-run on new crops).
 """
 
 from __future__ import annotations
@@ -49,3 +54,7 @@ class MontageFolder:
             return False
         shutil.rmtree(path)
         return True
+
+
+GRADCAM = MontageFolder(Path("figures") / "gradcam")
+OCCLUSION = MontageFolder(Path("figures") / "occlusion")

@@ -24,16 +24,22 @@ import pandas as pd
 from kneeoa.errors import ConfigError, DataError
 from kneeoa.formats.dicom import is_dicom
 from kneeoa.localize.films import FILM_KINDS, FilmJob, run_film_jobs
-from kneeoa.runfolder.manifest import PREPARE_JOURNAL
-from kneeoa.sources.importers import ImportResult
+from kneeoa.sources.importers import ImportResult, ImportTarget
 from kneeoa.sources.manifest import SPLIT_ALIASES, SPLITS
-from kneeoa.tasks import RAW_GRADE_COLUMNS, TASKS
+from kneeoa.tasks import RAW_GRADE_COLUMNS, TASKS, binarised_tasks
 
 REQUIRED = ("image_path", "patient_id", "side")
 OPTIONAL = ("visit", "image_id", "kind", "split", "low_quality")
-LABELS = ("klg", *RAW_GRADE_COLUMNS, *(name for name, t in TASKS.items() if t.sources and t.reduce == "any"))
 SIDE_WORDS = {"r": "R", "right": "R", "1": "R", "l": "L", "left": "L", "2": "L"}
 MISSING_WORDS = ("", "na", "n/a", "nan", "null", "none")  # label cells read as "not graded"
+
+
+def label_columns() -> tuple[str, ...]:
+    """The label columns a table may hold, read from the task registry when a table is read (so a task from an
+    installed plugin counts): every learned task that is its own label column (KLG), the raw OARSI grades, and the
+    binarised features."""
+    own = (name for name, task in TASKS.items() if not task.sources and task.learned)
+    return (*own, *RAW_GRADE_COLUMNS, *binarised_tasks())
 
 
 def _read(source: Path, mapping: dict[str, str]) -> pd.DataFrame:
@@ -57,18 +63,18 @@ def _read(source: Path, mapping: dict[str, str]) -> pd.DataFrame:
         sep = next(s for s in ";\t|" if s in table.columns[0])
         raise DataError(f"{source} has one column, {table.columns[0]!r}: its fields are separated by {sep!r}, not "
                         "commas. Save it as comma-separated CSV (in a spreadsheet: CSV UTF-8, comma delimited).")
-    unknown = [k for k in mapping if k not in (*REQUIRED, *OPTIONAL, *LABELS)]
+    columns = (*REQUIRED, *OPTIONAL, *label_columns())
+    unknown = [k for k in mapping if k not in columns]
     if unknown:
-        raise ConfigError(f"data.csv_columns maps unknown manifest column(s) {unknown}; valid: "
-                          f"{', '.join((*REQUIRED, *OPTIONAL, *LABELS))}.")
-    cols = {name: mapping.get(name, name) for name in (*REQUIRED, *OPTIONAL, *LABELS)}
+        raise ConfigError(f"data.csv_columns maps unknown manifest column(s) {unknown}; valid: {', '.join(columns)}.")
+    cols = {name: mapping.get(name, name) for name in columns}
     missing = [f"{name} (column '{col}')" for name, col in cols.items() if name in REQUIRED and col not in table]
     if missing:
         raise DataError(f"{source} lacks {', '.join(missing)}. Rename the columns or map them in data.csv_columns, "
                         f"e.g. csv_columns: {{image_path: file}}. Columns present: {list(table.columns)}.")
     df = pd.DataFrame({name: table[col].str.strip() for name, col in cols.items() if col in table})
     df["line"] = range(2, len(df) + 2)
-    for name in (c for c in LABELS if c in df):
+    for name in (c for c in label_columns() if c in df):
         df[name] = _labels(df, name, source, cols[name])
     return df
 
@@ -102,7 +108,7 @@ def _labels(df: pd.DataFrame, name: str, source: Path, column: str) -> pd.Series
 
 def _conflict(kept: pd.Series, repeat: pd.Series) -> str:
     """", with conflicting labels (klg 2 vs 3)" when a repeated knee's labels differ from the kept row's, else ""."""
-    differ = [f"{c} {kept[c]} vs {repeat[c]}" for c in LABELS
+    differ = [f"{c} {kept[c]} vs {repeat[c]}" for c in label_columns()
               if c in kept.index and not (pd.isna(kept[c]) and pd.isna(repeat[c])) and
               (pd.isna(kept[c]) or pd.isna(repeat[c]) or kept[c] != repeat[c])]
     return f" with conflicting labels ({', '.join(differ)})" if differ else " (same labels)"
@@ -116,12 +122,12 @@ def _resolve_kind(kind: str, path: Path, sides: set[str]) -> str:
     return "bilateral" if sides == {"R", "L"} else "single"
 
 
-def import_csv(source: Path, run_dir: Path, cfg) -> ImportResult:
+def import_csv(source: Path, target: ImportTarget, cfg) -> ImportResult:
     """Import the images listed in a CSV table into knee crops and manifest rows.
 
     Args:
         source: the CSV file; relative image paths resolve against its folder.
-        run_dir: run folder; crops go to RUN_DIR/crops/<image_id>.png.
+        target: where crops (`target.crop_file`) and the resume journal go.
         cfg: study config (cfg.data.csv_columns, csv_kind, crop_mm, image_size, workers, localizer,
             default_spacing_mm).
 
@@ -133,7 +139,7 @@ def import_csv(source: Path, run_dir: Path, cfg) -> ImportResult:
         DataError: the table is missing or lacks a required column.
         ConfigError: data.csv_columns names an unknown column, or data.csv_kind is not a film kind.
     """
-    source, run_dir, d = Path(source), Path(run_dir), cfg.data
+    source, d = Path(source), cfg.data
     if d.csv_kind not in (*FILM_KINDS, "auto"):
         raise ConfigError(f"data.csv_kind must be one of {['auto', *FILM_KINDS]}. Got {d.csv_kind!r}.")
     df = _read(source, d.csv_columns)
@@ -182,26 +188,26 @@ def import_csv(source: Path, run_dir: Path, cfg) -> ImportResult:
                    f"listed for {n} knees; list it once or mark it kind=bilateral")
             continue
         jobs.append(FilmJob(path, dict(zip(group["side"], group["image_id"], strict=True)), resolved,
-                            run_dir / "crops", crop_mm=d.crop_mm, image_size=d.image_size,
+                            target.crops_dir, crop_mm=d.crop_mm, image_size=d.image_size,
                             localizer=d.localizer,
                             default_spacing_mm=d.default_spacing_mm, expect_knee=resolved != "crop"))
         job_lines.append(group["line"].tolist())
     crops = []
-    outcomes = run_film_jobs(jobs, workers=d.workers, desc="CSV images", journal=run_dir / PREPARE_JOURNAL / "films")
+    outcomes = run_film_jobs(jobs, workers=d.workers, desc="CSV images", journal=target.journal)
     for outcome, lines in zip(outcomes, job_lines, strict=True):
         if outcome.reason:
             quarantine.append({"item": f"{source.name} line(s) {', '.join(map(str, lines))}",
                                "reason": f"{outcome.job.path}: {outcome.reason}"})
         crops += outcome.crops
-    manifest = _manifest(df, crops)
+    manifest = _manifest(df, crops, target)
     notes.append(f"{source}: {len(df) + len(quarantine)} row(s) -> {len(manifest)} knee crop(s), "
                  f"{len(quarantine)} quarantined")
     return ImportResult(manifest=manifest, quarantine=pd.DataFrame(quarantine, columns=["item", "reason"]),
                         notes=notes)
 
 
-def _manifest(df: pd.DataFrame, crops: list[dict]) -> pd.DataFrame:
-    labels = [c for c in LABELS if c in df]
+def _manifest(df: pd.DataFrame, crops: list[dict], target: ImportTarget) -> pd.DataFrame:
+    labels = [c for c in label_columns() if c in df]
     extra = [c for c in ("split",) if c in df]
     base = ["image_id", "patient_id", "visit", "side", "image_path", "source", "low_quality", *labels, *extra,
             "pixel_spacing_mm", "original_path"]
@@ -209,7 +215,7 @@ def _manifest(df: pd.DataFrame, crops: list[dict]) -> pd.DataFrame:
         return pd.DataFrame(columns=base)
     out = pd.DataFrame(crops)[["image_id", "pixel_spacing_mm"]].merge(df, on="image_id", how="left")
     out["original_path"] = out["path"].astype(str)
-    out["image_path"] = "crops/" + out["image_id"] + ".png"
+    out["image_path"] = [target.manifest_path(target.crop_file(i)) for i in out["image_id"]]
     out["source"] = "csv"
     if "split" in out:
         out["split"] = out["split"].replace("", None)  # blank everywhere: prepare splits by patient

@@ -21,7 +21,7 @@ import pandas as pd
 
 from kneeoa.errors import DataError
 from kneeoa.formats.pool import check_image, process_map
-from kneeoa.sources.importers import ImportResult
+from kneeoa.sources.importers import ImportResult, ImportTarget
 from kneeoa.sources.manifest import SPLIT_ALIASES
 
 _NAME = re.compile(r"^(?P<patient>[A-Za-z0-9_-]*?\d[A-Za-z0-9_-]*?)"
@@ -69,8 +69,8 @@ def _classify(path: Path, root: Path) -> tuple[dict | None, str | None]:
             "low_quality": False, "source": "folders", "klg": int(grade_dir)}, None
 
 
-def import_folders(source: Path | None, run_dir: Path, cfg) -> ImportResult:
-    """Import a folder-per-grade tree.
+def import_folders(source: Path | None, target: ImportTarget, cfg) -> ImportResult:
+    """Import a folder-per-grade tree (crops are used in place, so nothing is written to `target`).
 
     Images whose name, grade folder or split folder does not parse, or that cannot be opened, are quarantined with
     the reason; files that are not images are listed in `skipped`.

@@ -1,14 +1,16 @@
 """Importers: one per kind of source, each turning it into manifest rows plus what it could not use.
 
-An importer is `fn(source: Path | None, run_dir: Path, cfg: Config) -> ImportResult`. It writes crops under
-RUN_DIR/crops/ and returns rows with at least the manifest's required columns except `split` (which `prepare`
-assigns by patient when the source has none) and any label columns it has (raw OARSI grades, `klg`). It never drops
-an item silently: unusable items go to `quarantine` with a reason, files it does not use to `skipped`, unmatched
-readings/images to `unmatched`.
+An importer is `fn(source: Path | None, target: ImportTarget, cfg: Config) -> ImportResult`. It writes its files
+where `target` says (crops, masks, film overviews, its resume journal; the run folder decides where:
+`kneeoa.runfolder.manifest.import_target`) and returns rows with at least the manifest's required columns except
+`split` (which `prepare` assigns by patient when the source has none) and any label columns it has (raw OARSI grades,
+`klg`); the paths in them are `target.manifest_path` of the files written. It never drops an item silently: unusable
+items go to `quarantine` with a reason, files it does not use to `skipped`, unmatched readings/images to `unmatched`.
 
 The registry maps a name to an `ImporterSpec`: where the function lives ("module:function", imported on first use),
 what its `kneeoa prepare <name>` sub-command says, and the options it reads. `kneeoa prepare` builds one sub-command
-per entry from this, with a `--<option>` flag per scalar option, so a new importer is one `IMPORTERS.add(...)` call.
+per entry from this, with a `--<option>` flag per scalar option, so a new importer is one `IMPORTERS.add(...)` call
+(or one entry point of group `kneeoa.importers` in another distribution, see `kneeoa.registry`).
 Options that are `DataCfg` fields (the built-in importers') live under `data:` in the config; any other option of an
 importer lives under `data.options.<importer>.<option>` and is read with `importer_option`.
 """
@@ -16,7 +18,6 @@ importer lives under `data.options.<importer>.<option>` and is read with `import
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,38 @@ from typing import Any
 import pandas as pd
 
 from kneeoa.errors import ConfigError
-from kneeoa.registry import Registry
+from kneeoa.registry import Registry, resolve
+
+
+@dataclass(frozen=True)
+class ImportTarget:
+    """Where an importer writes. Built by the run folder's owner (`kneeoa.runfolder.manifest.import_target`), so
+    no importer joins a path under a run folder itself.
+
+    Attributes:
+        root: the folder the manifest's relative paths (`image_path`, `mask_path`) resolve against.
+        crops_dir: knee crops, `<image_id>.png`.
+        masks_dir: feature masks, `<image_id>.npz` (the phantom's).
+        overview_dir: films drawn with the knees found in them (the film importers' localisation overviews).
+        journal: where a film import records each finished film, so a rerun after a kill continues from it.
+    """
+
+    root: Path
+    crops_dir: Path
+    masks_dir: Path
+    overview_dir: Path
+    journal: Path
+
+    def crop_file(self, image_id: str) -> Path:
+        return self.crops_dir / f"{image_id}.png"
+
+    def mask_file(self, image_id: str) -> Path:
+        return self.masks_dir / f"{image_id}.npz"
+
+    def manifest_path(self, path: Path) -> str:
+        """A file written under `root` as the manifest records it: relative to `root`, with forward slashes
+        (`crops/9001695_R_V00.png`), so the folder can move."""
+        return Path(path).relative_to(self.root).as_posix()
 
 
 @dataclass
@@ -73,50 +105,47 @@ class ImporterSpec:
     """A registered importer.
 
     Attributes:
-        function: "module:function" of the importer (imported on first use).
+        function: the importer, or its "module:function" (imported on first use).
         summary: the `kneeoa prepare <name>` sub-command's help.
         path_help: help of its PATH argument; None for an importer that reads no source (the phantom).
         options: the options it reads (see `ImporterOption`).
     """
 
-    function: str
+    function: str | Callable[..., ImportResult]
     summary: str
     path_help: str | None = "The source folder or table."
     options: tuple[ImporterOption, ...] = ()
 
 
-IMPORTERS: Registry[ImporterSpec] = Registry("importer")
+IMPORTERS: Registry[ImporterSpec] = Registry("importer", group="kneeoa.importers", entry_type=ImporterSpec)
 _FILMS = (ImporterOption("crop_mm", float, "knee crop side in mm around the joint centre"),
-          ImporterOption("localizer", str, "knee localiser for films: heatmap | profile"),
+          ImporterOption("localizer", str, "knee localiser for films (a LOCALIZERS name)"),
           ImporterOption("default_spacing_mm", float, "assume this pixel spacing (mm) for films without one"),
           ImporterOption("image_size", int, "crop size in pixels"),
           ImporterOption("workers", int, "processes decoding and localising films"))
-IMPORTERS.update({
-    "phantom": ImporterSpec(
-        "kneeoa.synthetic.phantom:import_phantom", "Generate synthetic knees with known features (no source needed).",
-        path_help=None, options=(
-            ImporterOption("patients", int, "number of patients"), ImporterOption("visits", int, "visits per patient"),
-            ImporterOption("image_size", int, "crop size in pixels"),
-            ImporterOption("low_quality_share", float, "share of deliberately low-quality images"))),
-    "folders": ImporterSpec(
-        "kneeoa.sources.folders:import_folders", "Import a folder-per-grade set such as kneeKL224 (KL only).",
-        "<root>/[<split>/]<KL>/<id><L|R>.png tree.", (ImporterOption("workers", int, "processes checking images"),)),
-    "oai": ImporterSpec(
-        "kneeoa.sources.oai:import_oai",
-        "Import an OAI-shaped release: bilateral PA DICOM films -> per-knee crops with OARSI and KL readings.",
-        "OAI release folder (contents.csv + kXR_SQ_BU tables).", _FILMS),
-    "csv": ImporterSpec(
-        "kneeoa.sources.csv_table:import_csv",
-        "Import hospital data described by a CSV table (columns mapped by data.csv_columns).",
-        "Table with image path, patient id, side, visit, labels.",
-        (ImporterOption("csv_kind", str, "images without a `kind` column: auto | crop | single | bilateral"),
-         ImporterOption("csv_columns", dict, "manifest column -> table column"), *_FILMS)),
-})
+IMPORTERS.add("phantom", ImporterSpec(
+    "kneeoa.synthetic.phantom:import_phantom", "Generate synthetic knees with known features (no source needed).",
+    path_help=None, options=(
+        ImporterOption("patients", int, "number of patients"), ImporterOption("visits", int, "visits per patient"),
+        ImporterOption("image_size", int, "crop size in pixels"),
+        ImporterOption("low_quality_share", float, "share of deliberately low-quality images"))))
+IMPORTERS.add("folders", ImporterSpec(
+    "kneeoa.sources.folders:import_folders", "Import a folder-per-grade set such as kneeKL224 (KL only).",
+    "<root>/[<split>/]<KL>/<id><L|R>.png tree.", (ImporterOption("workers", int, "processes checking images"),)))
+IMPORTERS.add("oai", ImporterSpec(
+    "kneeoa.sources.oai:import_oai",
+    "Import an OAI-shaped release: bilateral PA DICOM films -> per-knee crops with OARSI and KL readings.",
+    "OAI release folder (contents.csv + kXR_SQ_BU tables).", _FILMS))
+IMPORTERS.add("csv", ImporterSpec(
+    "kneeoa.sources.csv_table:import_csv",
+    "Import hospital data described by a CSV table (columns mapped by data.csv_columns).",
+    "Table with image path, patient id, side, visit, labels.",
+    (ImporterOption("csv_kind", str, "images without a `kind` column: auto | crop | single | bilateral"),
+     ImporterOption("csv_columns", dict, "manifest column -> table column"), *_FILMS)))
 
 
-def get_importer(name: str) -> Callable[[Path | None, Path, object], ImportResult]:
-    module, _, attr = IMPORTERS.get(name).function.partition(":")
-    return getattr(importlib.import_module(module), attr)
+def get_importer(name: str) -> Callable[[Path | None, ImportTarget, object], ImportResult]:
+    return resolve(IMPORTERS.get(name).function)
 
 
 def _is_data_field(name: str) -> bool:

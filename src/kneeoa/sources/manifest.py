@@ -153,6 +153,7 @@ def mark_mirrored(df: pd.DataFrame, mirror_left: bool) -> pd.DataFrame:
 def load_knee(run_dir: Path, row) -> np.ndarray:
     """A manifest row's image as every stage sees it: float (H, W) in [0, 1], flipped when the row is `mirrored`."""
     from kneeoa.formats.images import load_gray
+    from kneeoa.transforms.preprocess import mirror
 
     img = load_gray(resolve_image_path(run_dir, row["image_path"]))
-    return np.ascontiguousarray(img[:, ::-1]) if bool(row.get("mirrored", False)) else img
+    return mirror(img) if bool(row.get("mirrored", False)) else img

@@ -32,9 +32,8 @@ import numpy as np
 import pandas as pd
 
 from kneeoa.errors import DataError
-from kneeoa.localize.films import OVERVIEW_DIR, FilmJob, run_film_jobs, with_overviews
-from kneeoa.runfolder.manifest import PREPARE_JOURNAL
-from kneeoa.sources.importers import ImportResult
+from kneeoa.localize.films import FilmJob, run_film_jobs, with_overviews
+from kneeoa.sources.importers import ImportResult, ImportTarget
 from kneeoa.tasks import RAW_GRADE_COLUMNS
 
 #: OAI visit code -> visit number. The X-ray readings exist for these visits (months 0, 12, 24, 36, 48, 72, 96).
@@ -210,12 +209,12 @@ def _image_id(patient_id: str, side: str, visit: int) -> str:
     return f"{patient_id}_{side}_V{visit:02d}"
 
 
-def import_oai(source: Path, run_dir: Path, cfg) -> ImportResult:
+def import_oai(source: Path, target: ImportTarget, cfg) -> ImportResult:
     """Import an OAI release: readings x bilateral PA films -> localised 16-bit knee crops and manifest rows.
 
     Args:
         source: folder holding the kXR_SQ_BU tables and the per-visit image folders (searched recursively).
-        run_dir: run folder; crops go to RUN_DIR/crops/<image_id>.png.
+        target: where crops (`target.crop_file`), film overviews and the resume journal go.
         cfg: study config (uses cfg.data: crop_mm, image_size, workers, localizer,
             default_spacing_mm).
 
@@ -226,7 +225,7 @@ def import_oai(source: Path, run_dir: Path, cfg) -> ImportResult:
     Raises:
         DataError: `source` has no reading tables, or a table/listing lacks its required columns.
     """
-    source, run_dir, d = Path(source), Path(run_dir), cfg.data
+    source, d = Path(source), cfg.data
     if not source.is_dir():
         raise DataError(f"OAI source {source} is not a folder. Pass the folder holding the OAI release.")
     readings = read_readings(source)
@@ -245,7 +244,7 @@ def import_oai(source: Path, run_dir: Path, cfg) -> ImportResult:
                 unmatched.append({"kind": "image_without_reading", "item": image_id,
                                   "detail": f"{film.film_path}: no kXR_SQ_BU reading for this knee"})
         if ids:
-            jobs.append(FilmJob(Path(film.film_path), ids, "bilateral", run_dir / "crops", crop_mm=d.crop_mm,
+            jobs.append(FilmJob(Path(film.film_path), ids, "bilateral", target.crops_dir, crop_mm=d.crop_mm,
                                 image_size=d.image_size, localizer=d.localizer,
                                 default_spacing_mm=d.default_spacing_mm, dicom=True))
     filmed = set(zip(films["patient_id"], films["visit"], strict=True))
@@ -254,20 +253,21 @@ def import_oai(source: Path, run_dir: Path, cfg) -> ImportResult:
             unmatched.append({"kind": "reading_without_image", "item": _image_id(r.patient_id, r.side, r.visit),
                               "detail": f"READPRJ {r.readprj:g}: no Bilateral PA Fixed Flexion Knee film listed"})
     crops = []
-    for outcome in run_film_jobs(with_overviews(jobs, run_dir / OVERVIEW_DIR), workers=d.workers, desc="OAI films",
-                                 journal=run_dir / PREPARE_JOURNAL / "films"):
+    for outcome in run_film_jobs(with_overviews(jobs, target.overview_dir), workers=d.workers, desc="OAI films",
+                                 journal=target.journal):
         if outcome.reason:
             quarantine.append({"item": str(outcome.job.path), "reason": f"{outcome.reason} (knees "
                                f"{', '.join(outcome.job.image_ids.values())})"})
         crops += [{**c, "film_path": str(outcome.job.path)} for c in outcome.crops]
-    manifest = _manifest_rows(crops, readings.table, films)
+    manifest = _manifest_rows(crops, readings.table, films, target)
     notes.append(f"{len(manifest)} knee crop(s) from {len(jobs)} film(s); {len(quarantine)} quarantined item(s), "
                  f"{len(unmatched)} unmatched")
     return ImportResult(manifest=manifest, quarantine=pd.DataFrame(quarantine, columns=["item", "reason"]),
                         unmatched=pd.DataFrame(unmatched, columns=["kind", "item", "detail"]), notes=notes)
 
 
-def _manifest_rows(crops: list[dict], readings: pd.DataFrame, films: pd.DataFrame) -> pd.DataFrame:
+def _manifest_rows(crops: list[dict], readings: pd.DataFrame, films: pd.DataFrame,
+                   target: ImportTarget) -> pd.DataFrame:
     cols = ["image_id", "patient_id", "visit", "side", "image_path", "source", "low_quality", *VARIABLES,
             "pixel_spacing_mm", "film_path", "readprj", "barcode", "joint_row_px", "joint_col_px", "joint_score"]
     if not crops:
@@ -275,7 +275,7 @@ def _manifest_rows(crops: list[dict], readings: pd.DataFrame, films: pd.DataFram
     df = pd.DataFrame(crops)
     keys = df["image_id"].str.rsplit("_", n=2, expand=True)
     df["patient_id"], df["visit"] = keys[0], keys[2].str[1:].astype(int)
-    df["image_path"] = "crops/" + df["image_id"] + ".png"
+    df["image_path"] = [target.manifest_path(target.crop_file(i)) for i in df["image_id"]]
     df["source"], df["low_quality"] = "oai", False
     df = df.merge(readings.drop(columns="table_row"), on=["patient_id", "visit", "side"], how="left")
     df = df.merge(films[["patient_id", "visit", "barcode"]], on=["patient_id", "visit"], how="left")

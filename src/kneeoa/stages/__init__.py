@@ -9,12 +9,11 @@ so that a missing input stops it, with the command that makes the input, before 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kneeoa.registry import Registry
+from kneeoa.registry import Registry, resolve
 from kneeoa.runfolder import RUN_FILES, require
 
 
@@ -39,47 +38,45 @@ class StageSpec:
             RUN_FILES.get(name)  # an unknown file name fails at registration, with the valid ones
 
     def load(self) -> Callable[[Path, object], None]:
-        module, _, attr = self.target.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return resolve(self.target)
 
 
 STAGES: Registry[StageSpec] = Registry("stage")
 _METRIC_PARTS = ("metrics_evaluate", "metrics_stats", "metrics_explain")
-STAGES.update({
-    "prepare": StageSpec("kneeoa.stages.prepare:run",
-                         writes=("config", "manifest", "data_report", "quarantine", "skipped", "crops", "masks",
-                                 "localize_overview", "prepare_journal")),
-    "train": StageSpec("kneeoa.stages.train:run", needs=("manifest",),
-                       reads=("crops", "image_cache", "checkpoints", "lightning"),
-                       writes=("image_cache", "checkpoints", "lightning", "train_logs", "predictions", "arms")),
-    "pretrain": StageSpec("kneeoa.stages.pretrain:run", needs=("manifest",),
-                          reads=("crops", "image_cache", "pretrain_state"),
-                          writes=("image_cache", "pretrain_state", "encoders")),
-    "embed": StageSpec("kneeoa.stages.embed:run", needs=("manifest",),
-                       reads=("crops", "embeddings", "embeddings_info"),
-                       writes=("embeddings", "embeddings_info", "arms")),
-    "boost": StageSpec("kneeoa.stages.boost:run", needs=("manifest",), reads=("embeddings", "embeddings_info", "arms"),
-                       writes=("heads", "predictions", "arms")),
-    "fusion": StageSpec("kneeoa.stages.fusion:run", needs=("manifest", "predictions", "arms"),
-                        reads=("crops", "checkpoints", "embeddings", "embeddings_info"),
-                        writes=("fusion_models", "predictions", "arms")),
-    "zeroshot": StageSpec("kneeoa.stages.zeroshot:run", needs=("manifest",),
-                          reads=("crops", "embeddings", "embeddings_info"),
-                          writes=("zeroshot_qc", "zeroshot_summary", "predictions", "arms")),
-    "evaluate": StageSpec("kneeoa.stages.evaluate:run", needs=("predictions",), reads=_METRIC_PARTS,
-                          writes=("metrics_evaluate", "metrics", "metrics_json")),
-    "stats": StageSpec("kneeoa.stages.stats:run", needs=("manifest", "predictions"), reads=_METRIC_PARTS,
-                       writes=("metrics_stats", "metrics", "comparisons", "reliability", "roc_bands")),
-    "explain": StageSpec("kneeoa.stages.explain:run", needs=("manifest", "predictions"),
-                         reads=("crops", "masks", "checkpoints", "heads", "arms", "embeddings_info", "encoders",
-                                "fusion_models", *_METRIC_PARTS),
-                         writes=("gradcam", "occlusion", "metrics_explain", "metrics")),
-    "report": StageSpec("kneeoa.report.html:run", needs=("manifest", "metrics"),
-                        reads=("crops", "data_report", "localize_overview", "arms", "predictions", *_METRIC_PARTS,
-                               "metrics_json", "comparisons", "reliability", "roc_bands", "gradcam", "zeroshot_qc",
-                               "zeroshot_summary", "embeddings_info", "occlusion", "fusion_models"),
-                        writes=("report",)),
-})
+STAGES.add("prepare", StageSpec("kneeoa.stages.prepare:run",
+                                writes=("config", "manifest", "data_report", "quarantine", "skipped", "crops", "masks",
+                                        "localize_overview", "prepare_journal")))
+STAGES.add("train", StageSpec("kneeoa.stages.train:run", needs=("manifest",),
+                              reads=("crops", "image_cache", "checkpoints", "lightning"),
+                              writes=("image_cache", "checkpoints", "lightning", "train_logs", "predictions", "arms")))
+STAGES.add("pretrain", StageSpec("kneeoa.stages.pretrain:run", needs=("manifest",),
+                                 reads=("crops", "image_cache", "pretrain_state"),
+                                 writes=("image_cache", "pretrain_state", "encoders")))
+STAGES.add("embed", StageSpec("kneeoa.stages.embed:run", needs=("manifest",),
+                              reads=("crops", "embeddings", "embeddings_info"),
+                              writes=("embeddings", "embeddings_info", "arms")))
+STAGES.add("boost", StageSpec("kneeoa.stages.boost:run", needs=("manifest",),
+                              reads=("embeddings", "embeddings_info", "arms"), writes=("heads", "predictions", "arms")))
+STAGES.add("fusion", StageSpec("kneeoa.stages.fusion:run", needs=("manifest", "predictions", "arms"),
+                               reads=("crops", "checkpoints", "embeddings", "embeddings_info"),
+                               writes=("fusion_models", "predictions", "arms")))
+STAGES.add("zeroshot", StageSpec("kneeoa.stages.zeroshot:run", needs=("manifest",),
+                                 reads=("crops", "embeddings", "embeddings_info"),
+                                 writes=("zeroshot_qc", "zeroshot_summary", "predictions", "arms")))
+STAGES.add("evaluate", StageSpec("kneeoa.stages.evaluate:run", needs=("predictions",), reads=_METRIC_PARTS,
+                                 writes=("metrics_evaluate", "metrics", "metrics_json")))
+STAGES.add("stats", StageSpec("kneeoa.stages.stats:run", needs=("manifest", "predictions"), reads=_METRIC_PARTS,
+                              writes=("metrics_stats", "metrics", "comparisons", "reliability", "roc_bands")))
+STAGES.add("explain", StageSpec("kneeoa.stages.explain:run", needs=("manifest", "predictions"),
+                                reads=("crops", "masks", "checkpoints", "heads", "arms", "embeddings_info", "encoders",
+                                       "fusion_models", *_METRIC_PARTS),
+                                writes=("gradcam", "occlusion", "metrics_explain", "metrics")))
+STAGES.add("report", StageSpec("kneeoa.report.html:run", needs=("manifest", "metrics"),
+                               reads=("crops", "data_report", "localize_overview", "arms", "predictions",
+                                      *_METRIC_PARTS, "metrics_json", "comparisons", "reliability", "roc_bands",
+                                      "gradcam", "zeroshot_qc", "zeroshot_summary", "embeddings_info", "occlusion",
+                                      "fusion_models"),
+                               writes=("report",)))
 
 
 def check_inputs(name: str, run_dir: Path) -> None:

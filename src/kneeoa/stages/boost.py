@@ -23,12 +23,11 @@ from kneeoa.models.encoders.foundation import encoder_arms, get_encoder_spec
 from kneeoa.models.probes import fit_arm
 from kneeoa.runfolder.arms import read_arms, record_arm
 from kneeoa.runfolder.embeddings import manifest_matrix, read_embeddings
-from kneeoa.runfolder.heads import head_path
+from kneeoa.runfolder.heads import head_path, keep_fits
 from kneeoa.runfolder.manifest import read_manifest
-from kneeoa.tasks import available_tasks
+from kneeoa.tasks import available_tasks, learned_tasks
 
 #: Tasks that are not learned from labels (zero-shot anatomy QC has y_true = 1 everywhere).
-_NOT_LEARNED = ("knee_id",)
 
 
 def run(run_dir: Path, cfg: Config) -> None:
@@ -38,7 +37,7 @@ def run(run_dir: Path, cfg: Config) -> None:
     """
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    tasks = [t for t in available_tasks(manifest, cfg.tasks.names) if t not in _NOT_LEARNED]
+    tasks = learned_tasks(available_tasks(manifest, cfg.tasks.names))
     for name in cfg.foundation.encoders:
         spec = get_encoder_spec(name)
         arms = encoder_arms(cfg.foundation, spec.name)
@@ -54,8 +53,8 @@ def run(run_dir: Path, cfg: Config) -> None:
         weights = f"{info['model_id']} revision {info['revision']} sha256 {info['checksum'][:12]}"
         for arm in arms:
             head = arm.removeprefix(f"{spec.arm_prefix}_")
-            chosen = fit_arm(head, X, manifest, tasks, cfg, run_dir=run_dir, arm=arm,
-                             keep=lambda task, arm=arm: head_path(run_dir, arm, task))
+            chosen = keep_fits(head, fit_arm(head, X, manifest, tasks, cfg), run_dir=run_dir, arm=arm,
+                               keep=lambda task, arm=arm: head_path(run_dir, arm, task))
             record_arm(run_dir, arm, status="ran", weights=weights,
                        details={"encoder": spec.name, "features": info["features"], "dim": info["dim"],
                                 "head": head, "tasks": chosen})

@@ -5,10 +5,10 @@ Two kinds of map (`MAPS`), each for every arm it can explain and every configure
 
 * **Grad-CAM** (`kneeoa.explain.cam`), for every arm with a checkpoint (RUN_DIR/checkpoints/<arm>/) and every
   linear-probe encoder arm (through the encoder's real architecture, `kneeoa.arms.encoder_cam`): montages in
-  RUN_DIR/figures/gradcam/ (`kneeoa.runfolder.gradcam`);
+  RUN_DIR/figures/gradcam/ (`kneeoa.runfolder.montages.GRADCAM`);
 * **occlusion** (`kneeoa.explain.occlusion`, when `explain.occlusion` is on), for every arm whose model can be re-run
   on new crops (`kneeoa.arms.predictors`: CNNs, encoder + XGBoost or linear arms, zero-shot arms, fused arms):
-  montages in RUN_DIR/figures/occlusion/ (`kneeoa.runfolder.occlusion`); arms that cannot be re-run (a missing
+  montages in RUN_DIR/figures/occlusion/ (`kneeoa.runfolder.montages.OCCLUSION`); arms that cannot be re-run (a missing
   weights file, an unknown kind) are listed in its index with why.
 
 A montage RUN_DIR/figures/<kind>/<arm>__<task>.png: rows are true classes, columns up to `explain.per_grade`
@@ -33,6 +33,7 @@ import logging
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +48,10 @@ from kneeoa.explain.mask_scores import metric_names, metric_rows, scored_rows
 from kneeoa.explain.occlusion import occlusion_map
 from kneeoa.formats.images import load_gray
 from kneeoa.registry import Registry
-from kneeoa.runfolder.checkpoints import CHECKPOINTS_DIR, checkpoint_arms
-from kneeoa.runfolder.gradcam import GRADCAM
+from kneeoa.runfolder.checkpoints import CHECKPOINTS_DIR, arm_dir, checkpoint_arms
 from kneeoa.runfolder.manifest import load_knee, read_manifest, resolve_image_path
 from kneeoa.runfolder.metrics import COLUMNS, write_metrics_part
-from kneeoa.runfolder.montages import MontageFolder
-from kneeoa.runfolder.occlusion import OCCLUSION
+from kneeoa.runfolder.montages import GRADCAM, OCCLUSION, MontageFolder
 from kneeoa.runfolder.predictions import PREDICTIONS_DIR, list_predictions, prediction_path, read_predictions
 from kneeoa.tasks import get_task
 
@@ -83,7 +82,7 @@ def _gradcam_maps(run_dir: Path, arm: str, task: str, cfg: Config) -> RowMaps:
     from kneeoa.models.cnn.infer import load_classifier
 
     if arm in checkpoint_arms(run_dir):
-        model, layer, preprocess = load_classifier(run_dir, arm, task, cam_layer=cfg.explain.cam_layer)
+        model, layer, preprocess = load_classifier(arm_dir(run_dir, arm), task, cam_layer=cfg.explain.cam_layer)
         reshape = None
     else:
         model, layer, preprocess, reshape = encoder_arm_classifier(run_dir, arm, task, cfg)
@@ -149,21 +148,19 @@ class MapKind:
 
 
 MAPS: Registry[MapKind] = Registry("kind of explanation map")
-MAPS.update({
-    "gradcam": MapKind(
-        title="Grad-CAM", folder=GRADCAM, prefix="cam", enabled=lambda cfg: True,
-        arms=_gradcam_arms,
-        none=lambda run_dir: f"no checkpoints under {run_dir / CHECKPOINTS_DIR} and no linear-probe arms",
-        load=_gradcam_maps,
-        score_images=lambda cfg: cfg.explain.max_score_images,
-        settings=lambda cfg: {"cam_layer": cfg.explain.cam_layer}),
-    "occlusion": MapKind(
-        title="occlusion map", folder=OCCLUSION, prefix="occlusion", enabled=lambda cfg: cfg.explain.occlusion,
-        arms=_prediction_arms, none=lambda run_dir: f"no prediction tables under {run_dir / PREDICTIONS_DIR}",
-        load=_occlusion_maps, score_images=lambda cfg: cfg.explain.occlusion_images,
-        settings=lambda cfg: {"patch": cfg.explain.occlusion_patch, "stride": cfg.explain.occlusion_stride,
-                              "fill": "image mean"}),
-})
+MAPS.add("gradcam", MapKind(
+    title="Grad-CAM", folder=GRADCAM, prefix="cam", enabled=lambda cfg: True,
+    arms=_gradcam_arms,
+    none=lambda run_dir: f"no checkpoints under {run_dir / CHECKPOINTS_DIR} and no linear-probe arms",
+    load=_gradcam_maps,
+    score_images=lambda cfg: cfg.explain.max_score_images,
+    settings=lambda cfg: {"cam_layer": cfg.explain.cam_layer}))
+MAPS.add("occlusion", MapKind(
+    title="occlusion map", folder=OCCLUSION, prefix="occlusion", enabled=lambda cfg: cfg.explain.occlusion,
+    arms=_prediction_arms, none=lambda run_dir: f"no prediction tables under {run_dir / PREDICTIONS_DIR}",
+    load=_occlusion_maps, score_images=lambda cfg: cfg.explain.occlusion_images,
+    settings=lambda cfg: {"patch": cfg.explain.occlusion_patch, "stride": cfg.explain.occlusion_stride,
+                          "fill": "image mean"}))
 
 
 def select_examples(preds: pd.DataFrame, per_grade: int, rng: np.random.Generator) -> pd.DataFrame:
@@ -236,7 +233,8 @@ def _explain(kind: MapKind, run_dir: Path, part: pd.DataFrame, cfg: Config) -> l
                                           "file": str(kind.folder.write_montage(fig, run_dir, arm, task))})
             if "mask_path" in part and get_task(task).masks and kind.score_images(cfg):
                 rng = _rng(cfg.explain.seed, "score", arm, task)
-                scored, masks, target = scored_rows(run_dir, part, preds, task, kind.score_images(cfg), rng)
+                scored, masks, target = scored_rows(partial(resolve_image_path, run_dir), part, preds, task,
+                                                    kind.score_images(cfg), rng)
                 sigma = float("nan")
                 if masks:
                     new, sigma = metric_rows(maps(scored, target), masks, scored, arm=arm, task=task,

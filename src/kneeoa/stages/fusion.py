@@ -10,7 +10,7 @@ The members are `fusion.arms` (at least two: CNN arms, embedding arms, any arm w
   in-sample and would teach the stacker to trust them).
 - `features` -> arms `fusion_features_<head>` (`fusion.heads`: xgb, linear): the CNN members' pooled backbone
   features (every member of an ensemble, side by side) concatenated with the embedding members' vectors, into the
-  heads of `kneeoa.models.probes`, fitted on train and chosen on val exactly as the embedding arms are. The CNN
+  heads of `kneeoa.models.probes`, fitted on train, chosen on val and kept exactly as the embedding arms are. The CNN
   features of train images are in-sample (the CNN was fitted on them); the head sees that, the val choice does not.
 
 A member that did not run makes every fused arm a not-run record naming it. A name that is not an arm of the run, a
@@ -40,6 +40,7 @@ from kneeoa.runfolder.arms import read_arms, record_arm
 from kneeoa.runfolder.checkpoints import checkpoint_arms
 from kneeoa.runfolder.embeddings import manifest_matrix, read_embeddings
 from kneeoa.runfolder.fusion import fusion_model_path, write_fusion_record
+from kneeoa.runfolder.heads import keep_fits
 from kneeoa.runfolder.manifest import load_knee, read_manifest
 from kneeoa.runfolder.predictions import (
     list_predictions,
@@ -49,14 +50,13 @@ from kneeoa.runfolder.predictions import (
     read_predictions,
     write_predictions,
 )
-from kneeoa.tasks import available_tasks, get_task
+from kneeoa.tasks import available_tasks, get_task, learned_tasks
 
 _log = logging.getLogger(__name__)
 
 PREFIX = "fusion"
 STACK_ARM = f"{PREFIX}_stack"
 FEATURES_ARM = f"{PREFIX}_features_{{head}}"
-_NOT_LEARNED = ("knee_id",)  # zero-shot anatomy QC: no labels to learn from
 
 
 
@@ -100,7 +100,7 @@ def run(run_dir: Path, cfg: Config) -> None:
     run_dir = Path(run_dir)
     members = members_of(run_dir, cfg)
     manifest = read_manifest(run_dir)
-    tasks = [t for t in available_tasks(manifest, cfg.tasks.names) if t not in _NOT_LEARNED]
+    tasks = learned_tasks(available_tasks(manifest, cfg.tasks.names))
     records = read_arms(run_dir)
     absent = [a for a in members if records.get(a, {}).get("status") == "not_run"]
     for method in cfg.fusion.methods:
@@ -232,16 +232,16 @@ def features(run_dir: Path, cfg: Config, manifest: pd.DataFrame, members: list[s
                  for (kind, name), b in zip(sources, blocks, strict=True)]
     for head in cfg.fusion.heads:
         arm = FEATURES_ARM.format(head=head)
-        chosen = fit_arm(head, X, manifest, tasks, cfg, run_dir=run_dir, arm=arm,
-                         keep=lambda task, arm=arm: fusion_model_path(run_dir, arm, task))
+        chosen = keep_fits(head, fit_arm(head, X, manifest, tasks, cfg), run_dir=run_dir, arm=arm,
+                           keep=lambda task, arm=arm: fusion_model_path(run_dir, arm, task))
         record_arm(run_dir, arm, status="ran",
                    weights="features of " + " + ".join(f"{s['name']} ({s['dim']}-d)" for s in described),
                    details={"method": "features", "members": members, "sources": described, "head": head,
                             "dim": int(X.shape[1]), "tasks": chosen})
 
 
-METHODS.update({"stack": Method(stack, lambda cfg: [STACK_ARM]),
-                "features": Method(features, lambda cfg: [FEATURES_ARM.format(head=h) for h in cfg.fusion.heads])})
+METHODS.add("stack", Method(stack, lambda cfg: [STACK_ARM]))
+METHODS.add("features", Method(features, lambda cfg: [FEATURES_ARM.format(head=h) for h in cfg.fusion.heads]))
 
 
 def outcome(run_dir: Path, cfg: Config) -> tuple[list[str], bool]:

@@ -23,18 +23,23 @@ import pandas as pd
 from kneeoa.config import Config, dump_config
 from kneeoa.errors import DataError
 from kneeoa.io import write_parquet, write_text
-from kneeoa.runfolder.manifest import DATA_REPORT, PREPARE_JOURNAL, QUARANTINE, SKIPPED, write_data_report
+from kneeoa.runfolder.manifest import (
+    DATA_REPORT,
+    PREPARE_JOURNAL,
+    QUARANTINE,
+    SKIPPED,
+    import_target,
+    write_data_report,
+)
 from kneeoa.runlock import run_lock
-from kneeoa.sources.importers import ImportResult, get_importer
+from kneeoa.sources.importers import ImportResult, ImportTarget, get_importer
 from kneeoa.sources.manifest import mark_mirrored, validate_manifest, write_manifest
 from kneeoa.sources.splits import assign_splits
-from kneeoa.tasks import TASKS, add_task_labels
+from kneeoa.tasks import TASKS, add_task_labels, primary_task
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["DATA_REPORT", "data_report", "prepare", "run"]
-
-_IMPORT_FOLDERS = ("crops", "masks")  # files the importers write, one per manifest row (image_path / mask_path)
 
 
 def data_report(manifest: pd.DataFrame, result: ImportResult, task_names: list[str]) -> dict[str, Any]:
@@ -45,7 +50,7 @@ def data_report(manifest: pd.DataFrame, result: ImportResult, task_names: list[s
               "low_quality": int(manifest["low_quality"].sum()),
               "quarantined": len(result.quarantine), "skipped": len(result.skipped)}
     per_grade = {}
-    for name in ["klg", *task_names]:
+    for name in [primary_task(), *task_names]:
         if name in manifest and name in TASKS and manifest[name].notna().any():
             table = pd.crosstab(manifest[name], manifest["split"])
             per_grade[name] = {str(int(k)): v for k, v in table.to_dict(orient="index").items()}
@@ -78,13 +83,13 @@ def _write_table(table: pd.DataFrame, path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _remove_unlisted(run_dir: Path, manifest: pd.DataFrame) -> int:
+def _remove_unlisted(target: ImportTarget, manifest: pd.DataFrame) -> int:
     """Delete crops and masks of an earlier import that the new manifest does not list; returns how many."""
-    listed = {str((run_dir / p).resolve()) for col in ("image_path", "mask_path") if col in manifest
+    listed = {str((target.root / p).resolve()) for col in ("image_path", "mask_path") if col in manifest
               for p in manifest[col].dropna().astype(str)}
     removed = 0
-    for folder in _IMPORT_FOLDERS:
-        for path in (run_dir / folder).glob("*") if (run_dir / folder).is_dir() else []:
+    for folder in (target.crops_dir, target.masks_dir):  # files the importers write, one per manifest row
+        for path in folder.glob("*") if folder.is_dir() else []:
             if path.is_file() and str(path.resolve()) not in listed:
                 path.unlink()
                 removed += 1
@@ -143,7 +148,8 @@ def prepare(run_dir: Path, cfg: Config, source: str | None = None, path: str | P
     path = path if path is not None else cfg.data.path
     origin = f"{source} import of {path or 'generated data'}"
     with run_lock(run_dir, f"prepare {source}"):
-        result = get_importer(source)(Path(path) if path else None, run_dir, cfg)
+        target = import_target(run_dir)
+        result = get_importer(source)(Path(path) if path else None, target, cfg)
         df = result.manifest.copy()
         if df.empty:
             raise _nothing_kept(result, origin)
@@ -157,7 +163,7 @@ def prepare(run_dir: Path, cfg: Config, source: str | None = None, path: str | P
         write_data_report(data_report(df, result, cfg.tasks.names), run_dir)
         _write_table(result.quarantine, run_dir / QUARANTINE)
         _write_table(result.skipped, run_dir / SKIPPED)
-        removed = _remove_unlisted(run_dir, df)
+        removed = _remove_unlisted(target, df)
         used = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=source,
                                                                  path=str(path) if path else None))
         write_text(dump_config(used), run_dir / "config.yaml")

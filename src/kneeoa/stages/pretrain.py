@@ -12,7 +12,8 @@ atomically every `checkpoint_every_s` seconds and at each epoch end; a rerun wit
 continues from it (and says so), one with other settings starts afresh (and says why). Each step's views and dropout
 are drawn from (seed, step), so a resumed run repeats the steps the killed one would have taken; only the schedule's
 time term differs when the time cap, not the epochs, sets the pace. The time cap counts the time of every attempt. A
-finished run removes the state and writes RUN_DIR/encoders/kneessl/ (`kneeoa.runfolder.encoders`).
+finished run removes the state and writes RUN_DIR/encoders/kneessl/ (`kneeoa.runfolder.encoders`), an encoder folder
+(`kneeoa.models.cnn.encoder_folder`).
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ from tqdm.auto import tqdm
 
 from kneeoa.config import Config, PretrainCfg
 from kneeoa.errors import ConfigError, DataError
-from kneeoa.io import atomic_path, write_json, write_text
+from kneeoa.io import atomic_path, write_text
 from kneeoa.models.cnn.backbones import BACKBONES, create_backbone, norm_stats
+from kneeoa.models.cnn.encoder_folder import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, write_encoder
 from kneeoa.models.cnn.resume import fingerprint
 from kneeoa.models.cnn.ssl import SimCLR, simclr_step
 from kneeoa.registry import Registry
-from kneeoa.runfolder.encoders import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, encoder_dir, pretrain_state_path
+from kneeoa.runfolder.encoders import encoder_dir, pretrain_state_path
 from kneeoa.runfolder.manifest import read_manifest
 from kneeoa.sources.folders import IMAGE_SUFFIXES
 from kneeoa.transforms.augment import POLICIES
@@ -228,13 +230,10 @@ def _plot_curve(curve: pd.DataFrame, path: Path) -> None:
 
 def export_encoder(run_dir: Path, backbone: torch.nn.Module, pc: PretrainCfg, seed: int, rows: pd.DataFrame,
                    state: dict[str, Any], *, mean: float, std: float, stopped_by: str) -> Path:
-    """Write the encoder folder: weights (safetensors), config.json, loss curve (csv, png) and the model card."""
-    from safetensors.torch import save_file
-
+    """Write the encoder folder: loss curve (csv, png), weights (safetensors) and config.json
+    (`kneeoa.models.cnn.encoder_folder.write_encoder`), and the model card."""
     folder = encoder_dir(run_dir, ENCODER_NAME)
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in backbone.state_dict().items()}, str(tmp))
     curve = loss_curve(state["history"])
     with atomic_path(folder / "loss_curve.csv") as tmp:
         curve.to_csv(tmp, index=False)
@@ -250,7 +249,7 @@ def export_encoder(run_dir: Path, backbone: torch.nn.Module, pc: PretrainCfg, se
             "minutes": minutes, "max_minutes": pc.max_minutes, "stopped_by": stopped_by,
             "attempts": state["attempts"], "final_loss": float(curve["loss"].iloc[-1]) if len(curve) else None,
             "source_run": str(Path(run_dir).resolve()), "created": datetime.now(UTC).isoformat(timespec="seconds")}
-    write_json(info, folder / CONFIG_FILE)
+    write_encoder(folder, backbone, info)
     write_text(model_card(info, curve), folder / CARD_FILE)
     return folder
 

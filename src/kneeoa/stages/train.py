@@ -31,12 +31,11 @@ from kneeoa.errors import ConfigError
 from kneeoa.models.cnn.backbones import (
     BACKBONES,
     MultiTaskNet,
-    checkpoint_path,
+    cnn_preprocess,
     create_backbone,
     input_rows,
     make_payload,
     net_from_payload,
-    norm_stats,
     resolve_pretrained,
     write_checkpoint,
 )
@@ -52,7 +51,7 @@ from kneeoa.models.cnn.resume import (
     save_finished,
 )
 from kneeoa.runfolder.arms import record_arm
-from kneeoa.runfolder.checkpoints import CHECKPOINTS_DIR
+from kneeoa.runfolder.checkpoints import CHECKPOINTS_DIR, checkpoint_path
 from kneeoa.runfolder.manifest import read_manifest
 from kneeoa.runfolder.predictions import make_prediction_table, write_predictions
 from kneeoa.runlock import is_rank_zero
@@ -61,6 +60,7 @@ from kneeoa.tasks import available_tasks, get_task
 from kneeoa.transforms.augment import POLICIES, BatchTransform
 from kneeoa.transforms.cache import image_cache
 from kneeoa.transforms.dataset import MISSING_LABEL, KneeDataset, task_labels
+from kneeoa.transforms.preprocess import Preprocess
 
 _logger = logging.getLogger(__name__)
 
@@ -207,7 +207,8 @@ def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg
                     y, probs = self.all_gather(y).flatten(0, 1), self.all_gather(probs).flatten(0, 1)
                 value = val_score(t, y.cpu().numpy(), probs.cpu().numpy(), hp.klg_decode)
                 if np.isfinite(value):
-                    self.log(f"val_{t}_{get_task(t).headline_metric}", value, prog_bar=t == "klg", sync_dist=True)
+                    self.log(f"val_{t}_{get_task(t).headline_metric}", value, prog_bar=get_task(t).primary,
+                             sync_dist=True)
                     scores.append(value)
             self.log("val_score", float(np.mean(scores)) if scores else 0.0, sync_dist=True)
 
@@ -246,10 +247,11 @@ def _train_sampler(labels: dict[str, np.ndarray], hp: CnnCfg, seed: int):
     return WeightedRandomSampler(torch.as_tensor(w), num_samples=len(y), replacement=True, generator=gen)
 
 
-def training_loaders(train_ds: KneeDataset, val_ds: KneeDataset, hp: CnnCfg, *, seed: int, mean: float, std: float,
+def training_loaders(train_ds: KneeDataset, val_ds: KneeDataset, hp: CnnCfg, *, seed: int, pre: Preprocess,
                      hflip: bool, channels_last: bool, rows: tuple[int, int] | None = None
                      ) -> tuple[DataLoader, DataLoader]:
-    """The train and val DataLoaders: batches read from the cache, augmented (train) and normalised.
+    """The train and val DataLoaders: batches read from the cache, augmented (train) and normalised by `pre`, the
+    network's `Preprocess` (the one its checkpoint stores).
 
     With `cnn.num_workers` > 0 the training batches are fetched and augmented in that many persistent worker
     processes, overlapping the model step; validation batches only need normalising and stay in the main process.
@@ -259,10 +261,9 @@ def training_loaders(train_ds: KneeDataset, val_ds: KneeDataset, hp: CnnCfg, *, 
     workers = hp.num_workers
     train_dl = DataLoader(train_ds, batch_size=hp.batch_size, sampler=_train_sampler(train_ds.labels, hp, seed),
                           drop_last=len(train_ds) > hp.batch_size, num_workers=workers, persistent_workers=workers > 0,
-                          collate_fn=BatchTransform(mean, std, policy, hflip, channels_last, rows, hp.augment_group),
+                          collate_fn=BatchTransform(pre, policy, hflip, channels_last, rows, hp.augment_group),
                           generator=torch.Generator().manual_seed(seed))
-    val_dl = DataLoader(val_ds, batch_size=hp.batch_size, collate_fn=BatchTransform(mean, std, None, False,
-                                                                                     channels_last))
+    val_dl = DataLoader(val_ds, batch_size=hp.batch_size, collate_fn=BatchTransform(pre, None, False, channels_last))
     return train_dl, val_dl
 
 
@@ -300,12 +301,13 @@ def train_member(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
     if hub_error:
         source_text = f"random init: loading {bb.hub_id} from the hub failed ({hub_error.splitlines()[0][:200]})"
     _logger.info("%s (seed %d): starting weights: %s", backbone, seed, source_text)
-    mean, std = norm_stats(module)
+    pre = cnn_preprocess(module, hp.image_size, mirror_left=bool(manifest.get("mirrored", pd.Series(False)).any()),
+                         tta=hp.tta)
     channels_last = bb.channels_last if hp.channels_last == "auto" else hp.channels_last in ("true", "True", True)
     precision = resolve_precision(hp.precision, hp.accelerator)
     train_ds = KneeDataset(images, train_idx, task_labels(manifest.iloc[train_idx], tasks))
     val_ds = KneeDataset(images, val_idx, task_labels(manifest.iloc[val_idx], tasks))
-    train_dl, val_dl = training_loaders(train_ds, val_ds, hp, seed=seed, mean=mean, std=std,
+    train_dl, val_dl = training_loaders(train_ds, val_ds, hp, seed=seed, pre=pre,
                                         hflip=_uses_hflip(hp, manifest), channels_last=channels_last,
                                         rows=input_rows(module, hp.image_size))
     weights = {t: (class_weights(train_ds.labels[t], get_task(t).n_classes) if hp.class_balance == "weighted_loss"
@@ -340,10 +342,8 @@ def train_member(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
     if best.best_model_path:
         lm.load_state_dict(torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"])
     net = lm.scored.cpu().eval().to(memory_format=torch.contiguous_format)
-    preprocess = {"image_size": hp.image_size, "in_chans": 1, "mean": mean, "std": std,
-                  "mirror_left": bool(manifest.get("mirrored", pd.Series(False)).any()), "tta": hp.tta}
     score = float(best.best_model_score) if best.best_model_score is not None else None
-    payload = make_payload(net, backbone=backbone, preprocess=preprocess, weights_source=source_text,
+    payload = make_payload(net, backbone=backbone, preprocess=pre, weights_source=source_text,
                            extra={"seed": seed, "epochs_run": int(trainer.current_epoch), "minutes": round(minutes, 2),
                                   "best_epoch_score": score, "selected_by": monitor, "precision": precision,
                                   "channels_last": channels_last,

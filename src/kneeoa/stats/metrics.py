@@ -44,15 +44,6 @@ class Metric:
 METRICS: Registry[Metric] = Registry("metric")
 
 
-def _metric(name: str, weighted: w.WeightedFn | None, kinds: tuple[str, ...] = ("binary", "ordinal"),
-            needs_probs: bool = False, higher_is_better: bool = True):
-    def wrap(fn):
-        METRICS.add(name, Metric(name, fn, kinds, higher_is_better, needs_probs, weighted))
-        return fn
-
-    return wrap
-
-
 def _pred(probs: np.ndarray, pred: np.ndarray | None = None) -> np.ndarray:
     return np.asarray(probs).argmax(axis=1) if pred is None else np.asarray(pred)
 
@@ -61,39 +52,33 @@ def _labels(probs: np.ndarray) -> np.ndarray:
     return np.arange(np.asarray(probs).shape[1])
 
 
-@_metric("accuracy", w.weighted_accuracy)
 def accuracy(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     return float(np.mean(np.asarray(y_true) == _pred(probs, pred)))
 
 
-@_metric("balanced_accuracy", w.weighted_balanced_accuracy)
 def balanced_accuracy(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """Mean recall over the classes present in y_true."""
     y, p = np.asarray(y_true), _pred(probs, pred)
     return float(np.mean([np.mean(p[y == c] == c) for c in np.unique(y)]))
 
 
-@_metric("f1_macro", w.weighted_f1_macro)
 def f1_macro(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """Unweighted mean F1 over all K classes (a class never predicted nor present scores 0)."""
     return float(skm.f1_score(y_true, _pred(probs, pred), labels=_labels(probs), average="macro", zero_division=0))
 
 
-@_metric("sensitivity", w.weighted_sensitivity, kinds=("binary",))
 def sensitivity(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """TP / (TP + FN) for class 1; NaN without positives."""
     y, p = np.asarray(y_true), _pred(probs, pred)
     return float(np.mean(p[y == 1] == 1)) if (y == 1).any() else float("nan")
 
 
-@_metric("specificity", w.weighted_specificity, kinds=("binary",))
 def specificity(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """TN / (TN + FP); NaN without negatives."""
     y, p = np.asarray(y_true), _pred(probs, pred)
     return float(np.mean(p[y == 0] == 0)) if (y == 0).any() else float("nan")
 
 
-@_metric("auc", w.weighted_auc, needs_probs=True)
 def auc(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """ROC AUC: binary on prob_1; multiclass one-vs-rest macro over the classes present. NaN with one class."""
     y, probs = np.asarray(y_true), np.asarray(probs, dtype="float64")
@@ -105,15 +90,25 @@ def auc(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -
     return float(np.mean([skm.roc_auc_score(y == c, probs[:, c]) for c in present]))
 
 
-@_metric("kappa_linear", w.weighted_kappa("linear"), kinds=("ordinal",))
 def kappa_linear(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     return float(skm.cohen_kappa_score(y_true, _pred(probs, pred), labels=_labels(probs), weights="linear"))
 
 
-@_metric("kappa_quadratic", w.weighted_kappa("quadratic"), kinds=("ordinal",))
 def kappa_quadratic(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> float:
     """Quadratic-weighted Cohen's kappa, the paper's KLG metric."""
     return float(skm.cohen_kappa_score(y_true, _pred(probs, pred), labels=_labels(probs), weights="quadratic"))
+
+
+METRICS.add("accuracy", Metric("accuracy", accuracy, weighted=w.weighted_accuracy))
+METRICS.add("balanced_accuracy", Metric("balanced_accuracy", balanced_accuracy, weighted=w.weighted_balanced_accuracy))
+METRICS.add("f1_macro", Metric("f1_macro", f1_macro, weighted=w.weighted_f1_macro))
+METRICS.add("sensitivity", Metric("sensitivity", sensitivity, kinds=("binary",), weighted=w.weighted_sensitivity))
+METRICS.add("specificity", Metric("specificity", specificity, kinds=("binary",), weighted=w.weighted_specificity))
+METRICS.add("auc", Metric("auc", auc, needs_probs=True, weighted=w.weighted_auc))
+METRICS.add("kappa_linear", Metric("kappa_linear", kappa_linear, kinds=("ordinal",),
+                                   weighted=w.weighted_kappa("linear")))
+METRICS.add("kappa_quadratic", Metric("kappa_quadratic", kappa_quadratic, kinds=("ordinal",),
+                                      weighted=w.weighted_kappa("quadratic")))
 
 
 def metrics_for(task: Task) -> list[Metric]:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kneeoa.registry import Registry
+from kneeoa.transforms.preprocess import Preprocess, standardise
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,6 @@ def intensity_lut(b: int, policy: Policy, generator: torch.Generator | None) -> 
     contrast = _uniform(b, *policy.contrast, generator)[:, None]
     bright = _uniform(b, -policy.brightness, policy.brightness, generator)[:, None]
     return ((levels**gamma - 0.5) * contrast + 0.5 + bright).clamp(0, 1)
-
-
-def normalise(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """uint8 (B, 1, S, S) -> normalised float32, the one conversion training and inference share."""
-    return (x.float() / 255.0 - mean) / std
 
 
 def affine_grid(theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -145,7 +141,7 @@ def augment_batch(x: torch.Tensor, policy: Policy, *, hflip: bool, generator: to
     b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
     top, bottom = rows or (0, h)
     lo, hi = (max(top - 1, 0), min(bottom + 1, h)) if rows else (0, h)
-    lut = ((intensity_lut(b, policy, generator) - mean) / std).numpy()
+    lut = standardise(intensity_lut(b, policy, generator), mean, std).numpy()
     n_geo = -(-b // group)  # geometric draws: one per group of batch neighbours
     angle = _uniform(n_geo, -policy.degrees, policy.degrees, generator) * math.pi / 180
     scale = _uniform(n_geo, *policy.scale, generator)
@@ -177,9 +173,10 @@ def augment_batch(x: torch.Tensor, policy: Policy, *, hflip: bool, generator: to
                 cv2.scaleAdd(noise[i], amps[i], band[i], dst=band[i])
             if blurred[i]:
                 cv2.GaussianBlur(band[i], (3, 3), 0, dst=band[i], borderType=border)
+    black = standardise(0.0, mean, std)
     if noise is not None:  # the tables keep intensities in range; noise can push them out
-        out[:, :, top:bottom].clamp_(-mean / std, (1 - mean) / std)
-    out[:, :, :top] = out[:, :, bottom:] = -mean / std
+        out[:, :, top:bottom].clamp_(black, standardise(1.0, mean, std))
+    out[:, :, :top] = out[:, :, bottom:] = black
     return out
 
 
@@ -187,15 +184,14 @@ def augment_batch(x: torch.Tensor, policy: Policy, *, hflip: bool, generator: to
 class BatchTransform:
     """collate_fn of the training and validation loaders: a cached uint8 batch -> the network's float input.
 
-    Augments (when `policy` is set), normalises and sets the memory format of a batch from
-    `kneeoa.transforms.dataset.KneeDataset`. It runs wherever the DataLoader runs it: in a worker process when
-    `num_workers` > 0, so that the next batch is augmented while the model steps on this one. Random draws use the
-    process's torch generator, which the DataLoader seeds per worker from its own seeded generator, so a run is
-    reproducible for a given seed and worker count.
+    Augments (when `policy` is set), normalises (with the CNN's `Preprocess`, the one its checkpoint stores) and sets
+    the memory format of a batch from `kneeoa.transforms.dataset.KneeDataset`. It runs wherever the DataLoader runs
+    it: in a worker process when `num_workers` > 0, so that the next batch is augmented while the model steps on this
+    one. Random draws use the process's torch generator, which the DataLoader seeds per worker from its own seeded
+    generator, so a run is reproducible for a given seed and worker count.
     """
 
-    mean: float
-    std: float
+    pre: Preprocess
     policy: Policy | None = None
     hflip: bool = False
     channels_last: bool = False
@@ -206,12 +202,13 @@ class BatchTransform:
     def __call__(self, batch: tuple[torch.Tensor, dict[str, torch.Tensor]]):
         x, y = batch
         if self.policy is None:
-            x = normalise(x, self.mean, self.std)
+            x = self.pre.from_uint8(x)
         else:
             if self.noise is None and self.policy.noise:
                 self.noise = torch.randn((2 * len(x), *x.shape[1:]))
-            x = augment_batch(x, self.policy, hflip=self.hflip, noise_bank=self.noise, mean=self.mean, std=self.std,
-                              rows=self.rows, group=self.group)
+            # a CNN's input has one mean and std (`Preprocess.for_cnn`): augmentation folds them into its tables
+            x = augment_batch(x, self.policy, hflip=self.hflip, noise_bank=self.noise, mean=self.pre.mean[0],
+                              std=self.pre.std[0], rows=self.rows, group=self.group)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y

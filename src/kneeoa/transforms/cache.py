@@ -5,6 +5,9 @@ The cache is built once per run and size (`RUN_DIR/cache/images_<S>.u8`, rows in
 already flipped) with a JSON record of what it holds; a manifest that changed (other images, other order, other
 mirroring) rebuilds it. It is written under a temporary name and renamed when complete, so a killed build never
 leaves a half-filled cache that looks finished.
+
+Its pixels are the quantisation step of a CNN's `kneeoa.transforms.preprocess.Preprocess` (`to_uint8`), which
+depends on the size alone: one cache serves every backbone trained at that size, whatever its normalisation.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kneeoa.formats.images import resize
 from kneeoa.io import atomic_path
 from kneeoa.sources.manifest import load_knee
+from kneeoa.transforms.preprocess import to_uint8
 
 CACHE_DIR = "cache"
 
@@ -28,11 +31,6 @@ def _fingerprint(rows: pd.DataFrame, size: int) -> str:
     text = "\n".join(f"{i}\t{p}\t{bool(m)}" for i, p, m in zip(rows["image_id"], rows["image_path"], mirrored,
                                                                strict=True))
     return hashlib.sha256(f"{size}\n{text}".encode()).hexdigest()
-
-
-def to_uint8(img: np.ndarray, size: int) -> np.ndarray:
-    """A float image in [0, 1] as the model's uint8 input at `size` (the cache's exact quantisation)."""
-    return np.round(resize(np.asarray(img, dtype=np.float32), size) * 255).astype(np.uint8)
 
 
 def image_cache(run_dir: Path, rows: pd.DataFrame, size: int, *, progress: bool = True) -> np.ndarray:

@@ -7,7 +7,8 @@ possible), and `cnn.multitask: false` trains one model per task instead with the
 
 Pretrained weights are resolved in one place (`resolve_pretrained`): an explicit local file, the local cache, the
 hub; without any, the model starts from random init and says so (the arm record and the report carry it).
-Every checkpoint stores the preprocessing it needs (input size, channels, mean/std from the weights' timm config).
+Every checkpoint stores the preprocessing it needs (`cnn_preprocess`: input size, channels, mean/std from the
+weights' timm config), as the plain data of a `kneeoa.transforms.preprocess.Preprocess`.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import torch
 from torch import nn
 
 from kneeoa.errors import ConfigError, WeightsNotFoundError
+from kneeoa.models.cnn.encoder_folder import WEIGHTS_FILE, is_encoder_dir, read_encoder_config
 from kneeoa.models.cnn.heads import HEADS
 from kneeoa.models.hub import cached_file, hub_offline
 from kneeoa.registry import Registry
-from kneeoa.runfolder.checkpoints import checkpoint_path as checkpoint_path  # the run folder names checkpoints
-from kneeoa.runfolder.encoders import WEIGHTS_FILE, is_encoder_dir, read_encoder_config
+from kneeoa.transforms.preprocess import Preprocess
 
 _logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Backbone:
         return f"timm/{self.name}.{self.pretrained_tag}" if self.pretrained_tag else None
 
 
-BACKBONES: Registry[Backbone] = Registry("backbone")
+BACKBONES: Registry[Backbone] = Registry("backbone", group="kneeoa.backbones", entry_type=Backbone)
 BACKBONES.add("resnet18", Backbone("resnet18", "a1_in1k", True,
                                     {"last": lambda m: m.layer4[-1], "penultimate": lambda m: m.layer3[-1]}))
 BACKBONES.add("convnext_small", Backbone("convnext_small", "in12k_ft_in1k", False,
@@ -132,7 +133,11 @@ def resolve_pretrained(backbone: Backbone, pretrained: str, weights_file: str | 
                   f"fetch them with `huggingface-cli download {backbone.hub_id}` or set cnn.weights.{backbone.name}")
 
 
-def create_backbone(name: str, *, source: str | None, in_chans: int = 1) -> tuple[nn.Module, str | None]:
+#: Input channels of kneeoa's CNNs: radiographs are grey.
+IN_CHANS = 1
+
+
+def create_backbone(name: str, *, source: str | None, in_chans: int = IN_CHANS) -> tuple[nn.Module, str | None]:
     """A headless backbone (`num_classes=0`) for `in_chans` channels.
 
     Returns (module, error) where error is the reason a hub download failed (then the module is randomly
@@ -151,6 +156,13 @@ def norm_stats(module: nn.Module) -> tuple[float, float]:
     """Single-channel mean/std from the backbone's timm pretrained config (average over RGB)."""
     cfg = getattr(module, "pretrained_cfg", {}) or {}
     return float(np.mean(cfg.get("mean", (0.5,)))), float(np.mean(cfg.get("std", (0.5,))))
+
+
+def cnn_preprocess(module: nn.Module, image_size: int, *, mirror_left: bool, tta: bool) -> Preprocess:
+    """The input of a CNN on `module`, as its training loaders feed it and its checkpoint stores it: quantised grey
+    crops at `image_size`, normalised with the backbone's weights' mean and std (`norm_stats`)."""
+    mean, std = norm_stats(module)
+    return Preprocess.for_cnn(image_size, mean, std, in_chans=IN_CHANS, mirror_left=mirror_left, tta=tta)
 
 
 def input_rows(module: nn.Module, size: int) -> tuple[int, int] | None:
@@ -204,11 +216,12 @@ class TaskView(nn.Module):
         return torch.log(self.net.probs({self.task: out})[self.task].clamp(min=1e-8))
 
 
-def make_payload(net: MultiTaskNet, *, backbone: str, preprocess: dict[str, Any], weights_source: str,
+def make_payload(net: MultiTaskNet, *, backbone: str, preprocess: Preprocess, weights_source: str,
                  decoding: dict[str, dict] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One member's checkpoint payload: weights plus everything needed to rebuild and feed the model."""
+    """One member's checkpoint payload: weights plus everything needed to rebuild and feed the model (plain data
+    only: the preprocessing as `Preprocess.to_dict`)."""
     return {"backbone": backbone, "tasks": dict(net.n_classes), "heads": dict(net.head_names),
-            "state_dict": {k: v.contiguous() for k, v in net.state_dict().items()}, "preprocess": preprocess,
+            "state_dict": {k: v.contiguous() for k, v in net.state_dict().items()}, "preprocess": preprocess.to_dict(),
             "weights_source": weights_source,
             "decoding": decoding or {t: {"method": "argmax"} for t in net.n_classes}, "extra": extra or {}}
 
@@ -228,24 +241,12 @@ def save_checkpoint(path: Path, net: MultiTaskNet, **payload: Any) -> Path:
     return write_checkpoint(path, [make_payload(net, **payload)])
 
 
-def net_from_payload(payload: dict[str, Any]) -> MultiTaskNet:
-    """Rebuild the network a checkpoint payload describes and load its weights (eval mode)."""
+def net_from_payload(payload: dict[str, Any], origin: str = "checkpoint") -> MultiTaskNet:
+    """Rebuild the network a checkpoint payload describes and load its weights (eval mode); `origin` names the
+    payload's file in errors."""
     bb = BACKBONES.get(payload["backbone"])
-    backbone = bb.build(bb.name, None, bb.pretrained_tag, payload["preprocess"]["in_chans"])
+    in_chans = Preprocess.from_dict(payload["preprocess"], origin).in_chans
+    backbone = bb.build(bb.name, None, bb.pretrained_tag, in_chans)
     net = MultiTaskNet(backbone, payload["tasks"], payload.get("heads"))
     net.load_state_dict(payload["state_dict"])
     return net.eval()
-
-
-def preprocess_fn(pre: dict[str, Any]) -> Callable[[np.ndarray], torch.Tensor]:
-    """The checkpoint's preprocessing: float (H, W) in [0, 1] -> normalised (1, size, size) tensor.
-
-    The image is quantised to uint8 at the model size first, exactly as the training cache stores it.
-    """
-    from kneeoa.transforms.cache import to_uint8
-
-    def apply(img: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(to_uint8(img, pre["image_size"])).float() / 255.0
-        return ((x - pre["mean"]) / pre["std"]).unsqueeze(0)
-
-    return apply

@@ -7,16 +7,14 @@ provenance written beside every embedding table.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from kneeoa.models.encoders.spec import EncoderSpec
 from kneeoa.models.hub import Snapshot
 from kneeoa.transforms.preprocess import Preprocess
-
-if TYPE_CHECKING:
-    from kneeoa.models.encoders.foundation import EncoderSpec
 
 
 class Encoder:

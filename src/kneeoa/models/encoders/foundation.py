@@ -5,15 +5,14 @@ from, licence and paper. `create_encoder` resolves the weights (explicit folder,
 `kneeoa.models.hub`), builds the model with the library that publishes it (open_clip or transformers) and reads the
 resize / crop / normalisation settings from the snapshot's own files, so no mean or std is written here.
 
-The parts live beside this registry: preprocessing (`kneeoa.transforms.preprocess`), device and precision
-(`kneeoa.models.encoders.device`), the encoder objects (`kneeoa.models.encoders.base`) and the library loaders
-(`kneeoa.models.encoders.loaders`). Adding an encoder is one `EncoderSpec` entry here; the embedding table it fills
-belongs to the run folder (`kneeoa.runfolder.embeddings`).
+The parts live beside this registry: the entry type (`kneeoa.models.encoders.spec`), preprocessing
+(`kneeoa.transforms.preprocess`), device and precision (`kneeoa.models.encoders.device`), the encoder objects
+(`kneeoa.models.encoders.base`) and the library loaders (`kneeoa.models.encoders.loaders`). Adding an encoder is one
+`EncoderSpec` entry here; the embedding table it fills belongs to the run folder (`kneeoa.runfolder.embeddings`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,91 +20,43 @@ from kneeoa.errors import ConfigError
 from kneeoa.models.encoders.base import Encoder
 from kneeoa.models.encoders.device import resolve_device, resolve_precision
 from kneeoa.models.encoders.loaders import LOADERS
+from kneeoa.models.encoders.spec import EncoderSpec
 from kneeoa.models.hub import Layout, file_sha256, first_existing, resolve_snapshot
 from kneeoa.registry import Registry
 
 if TYPE_CHECKING:
     from kneeoa.config import FoundationCfg
 
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """One registered encoder, as data.
-
-    Attributes:
-        name: registry name (`biomedclip`, `rad-dino`). title: display name. hub_id: Hugging Face repository.
-        library: the LOADERS entry that builds it. arm_prefix: prefix of its arms (`raddino_xgb`).
-        features: feature choice -> embedding size of the published model; the first is the default.
-        layout: files a snapshot must hold. weight_files: checkpoint names, in order of preference.
-        preprocess_file: the snapshot file the preprocessing is read from.
-        licence, paper: provenance for the report.
-        zero_shot: True for an image-text model (a `ClipEncoder`) that can classify by text prompts.
-    """
-
-    name: str
-    title: str
-    hub_id: str
-    library: str
-    arm_prefix: str
-    features: dict[str, int]
-    layout: Layout
-    weight_files: tuple[str, ...]
-    preprocess_file: str
-    licence: str
-    paper: str
-    zero_shot: bool = False
-    notes: dict[str, str] = field(default_factory=dict)
-    run_folder: str | None = None  # weights made in the run folder (RUN_DIR/<run_folder>), used when none is given
-
-    @property
-    def default_features(self) -> str:
-        return next(iter(self.features))
-
-    @property
-    def fetch_hint(self) -> str:
-        return f"kneeoa models fetch {self.name} --dest DIR"
-
-    @property
-    def zeroshot_arm(self) -> str:
-        """The arm of its zero-shot predictions (`biomedclip_zeroshot`)."""
-        return f"{self.arm_prefix}_zeroshot"
-
-
-ENCODERS: Registry[EncoderSpec] = Registry("encoder")
-
-
-def _add(spec: EncoderSpec) -> None:
-    ENCODERS.add(spec.name, spec)
-
+ENCODERS: Registry[EncoderSpec] = Registry("encoder", group="kneeoa.encoders", entry_type=EncoderSpec)
 
 _CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
-_add(EncoderSpec(
+ENCODERS.add("biomedclip", EncoderSpec(
     name="biomedclip", title="BiomedCLIP", hub_id="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
     library="open_clip", arm_prefix="biomedclip", features={"projected": 512, "pre_projection": 768},
     layout=Layout(("open_clip_config.json", "vocab.txt", "tokenizer_config.json"), (_CLIP_WEIGHTS,)),
     weight_files=_CLIP_WEIGHTS, preprocess_file="open_clip_config.json",
     licence="MIT", paper="Zhang et al. 2023, BiomedCLIP, arXiv:2303.00915", zero_shot=True,
-    notes={"text": "text tower config.json in <snapshot>/text/ (BiomedBERT)"}))
+    notes={"text": "text tower config.json in <snapshot>/text/ (BiomedBERT)"}, family="general-domain FM"))
 _RAD_DINO_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-_add(EncoderSpec(
+ENCODERS.add("rad-dino", EncoderSpec(
     name="rad-dino", title="RAD-DINO", hub_id="microsoft/rad-dino", library="transformers", arm_prefix="raddino",
     features={"cls": 768, "cls_mean_patch": 1536},
     layout=Layout(("config.json", "preprocessor_config.json"), (_RAD_DINO_WEIGHTS,)),
     weight_files=_RAD_DINO_WEIGHTS, preprocess_file="preprocessor_config.json",
     licence="MSRLA (Microsoft Research Licence Agreement)", paper="Perez-Garcia et al. 2025, Nat Mach Intell, "
-    "arXiv:2401.10815"))
+    "arXiv:2401.10815", family="chest-radiograph FM"))
 # kneeoa's own two-branch knee CNN (kneeoa.models.encoders.ssl): pretrained without labels by `kneeoa pretrain`, and
 # the same architecture with random weights as its control.
-_add(EncoderSpec(
+ENCODERS.add("kneessl", EncoderSpec(
     name="kneessl", title="knee SSL (SimCLR)", hub_id="kneeoa/kneessl", library="kneessl", arm_prefix="kneessl",
     features={"pooled": 256}, layout=Layout(("config.json", "model.safetensors")), weight_files=("model.safetensors",),
     preprocess_file="config.json", licence="the run's own", paper="Chen et al. 2020, SimCLR, arXiv:2002.05709",
-    run_folder="encoders/kneessl"))
-_add(EncoderSpec(
+    run_folder="encoders/kneessl", family="knee SSL (this run's images)"))
+ENCODERS.add("random", EncoderSpec(
     name="random", title="random-init CNN", hub_id="kneeoa/random", library="random", arm_prefix="random",
     features={"pooled": 256}, layout=Layout(("config.json",)), weight_files=(), preprocess_file="config.json",
-    licence="none",
-    paper="control: kneessl's architecture, random weights"))
+    licence="none", paper="control: kneessl's architecture, random weights",
+    family="control: same CNN, random weights"))
 
 
 def list_encoders() -> list[str]:

@@ -12,19 +12,17 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from kneeoa.errors import WeightsNotFoundError
 from kneeoa.models.encoders.base import ClipEncoder, Encoder
+from kneeoa.models.encoders.spec import EncoderSpec
 from kneeoa.models.encoders.ssl import backbone_cam_layer, load_kneessl, load_random, locate_kneessl, locate_random
 from kneeoa.models.hub import Snapshot, cached_file, first_existing, hub_offline
 from kneeoa.registry import Registry
 from kneeoa.transforms.preprocess import preprocess_from_hf, preprocess_from_open_clip
-
-if TYPE_CHECKING:
-    from kneeoa.models.encoders.foundation import EncoderSpec
 
 
 def _require(module: str, caller: str):

@@ -1,8 +1,8 @@
 """Encoders built from kneeoa's own CNN backbones (`LOADERS` entries `kneessl` and `random`).
 
-- `kneessl`: an encoder folder written by `kneeoa pretrain` (`kneeoa.runfolder.encoders`): the backbone is built by
-  its registered loader (`kneeoa.models.cnn.backbones.BACKBONES`) from `model.safetensors`, with the input size and
-  normalisation of the folder's config.json.
+- `kneessl`: an encoder folder written by `kneeoa pretrain` (`kneeoa.models.cnn.encoder_folder`): the backbone is
+  built by its registered loader (`kneeoa.models.cnn.backbones.BACKBONES`) from `model.safetensors`, with the input
+  size and normalisation of the folder's config.json.
 - `random`: the same architecture with random weights drawn from a fixed seed, the control that tells what the
   pretraining added. Its architecture and input are the defaults of `pretrain` (`kneeoa.config.PretrainCfg`), or
   those of an encoder folder given as its weights (the folder's weights are then not loaded).
@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from kneeoa.config import PretrainCfg
 from kneeoa.errors import WeightsNotFoundError
+from kneeoa.models.cnn.encoder_folder import CONFIG_FILE, WEIGHTS_FILE, is_encoder_dir, read_encoder_config
 from kneeoa.models.encoders.base import Encoder
+from kneeoa.models.encoders.spec import EncoderSpec
 from kneeoa.models.hub import Snapshot
-from kneeoa.runfolder.encoders import CONFIG_FILE, WEIGHTS_FILE, is_encoder_dir, read_encoder_config
 from kneeoa.transforms.preprocess import Preprocess
-
-if TYPE_CHECKING:
-    from kneeoa.models.encoders.foundation import EncoderSpec
 
 RANDOM_SEED = 0
 

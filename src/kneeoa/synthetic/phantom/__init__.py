@@ -3,8 +3,9 @@
 A cohort of patients, each with a patient-specific anatomy (`anatomy`), two knees and several visits; each
 knee's KL grade and OARSI grades are drawn by `grades` and progress over visits; every image is rendered by
 `render.render_knee` (PA view, radiographic orientation) under a routine or deliberately poor acquisition
-(`quality`). `import_phantom` is the "phantom" importer: it writes RUN_DIR/crops/<image_id>.png (16-bit)
-and RUN_DIR/masks/<image_id>.npz (boolean masks at crop resolution) and returns the manifest rows.
+(`quality`). `import_phantom` is the "phantom" importer: it writes a 16-bit crop (`<image_id>.png`) and boolean masks
+at crop resolution (`<image_id>.npz`) per image where its `ImportTarget` says (RUN_DIR/crops/ and masks/ for
+`kneeoa prepare`) and returns the manifest rows.
 
 Determinism: patient i draws its anatomy and baseline grades from `SeedSequence(seed, spawn_key=(i,))`, each knee
 its progression and quality flags from `spawn_key=(i, side)`, and each image renders from
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from kneeoa.errors import ConfigError
 from kneeoa.formats.images import save_gray16
 from kneeoa.io import atomic_path
-from kneeoa.sources.importers import ImportResult
+from kneeoa.sources.importers import ImportResult, ImportTarget
 from kneeoa.synthetic.phantom.anatomy import Anatomy, sample_anatomy
 from kneeoa.synthetic.phantom.grades import KneeGrades, progress, sample_grades
 from kneeoa.synthetic.phantom.quality import DEGRADATIONS, sample_quality
@@ -135,17 +136,19 @@ def save_masks(masks: dict[str, np.ndarray], path: Path) -> Path:
     return Path(path)
 
 
-def _row(spec: KneeSpec, rendered: RenderedKnee) -> dict[str, Any]:
+def _row(spec: KneeSpec, rendered: RenderedKnee, target: ImportTarget) -> dict[str, Any]:
     return {
         "image_id": spec.image_id, "patient_id": spec.patient_id, "visit": spec.visit, "side": spec.side,
-        "image_path": f"crops/{spec.image_id}.png", "mask_path": f"masks/{spec.image_id}.npz",
+        "image_path": target.manifest_path(target.crop_file(spec.image_id)),
+        "mask_path": target.manifest_path(target.mask_file(spec.image_id)),
         "low_quality": spec.low_quality, "degradation": rendered.quality["degradation"] or "none",
         "source": "phantom", **spec.grades.as_dict(), "pixel_spacing_mm": rendered.pixel_spacing_mm,
     }
 
 
-def import_phantom(source: Path | None, run_dir: Path, cfg: Any, *, show_progress: bool | None = None) -> ImportResult:
-    """The "phantom" importer: simulate the cohort, write crops and masks under `run_dir`, return manifest rows.
+def import_phantom(source: Path | None, target: ImportTarget, cfg: Any, *,
+                   show_progress: bool | None = None) -> ImportResult:
+    """The "phantom" importer: simulate the cohort, write crops and masks where `target` says, return manifest rows.
 
     Uses cfg.seed, cfg.data.patients, cfg.data.visits, cfg.data.image_size (crop px), cfg.data.crop_mm (field of
     view) and cfg.data.low_quality_share. Rows carry image_id, patient_id, visit, side, image_path, mask_path,
@@ -153,7 +156,7 @@ def import_phantom(source: Path | None, run_dir: Path, cfg: Any, *, show_progres
 
     Args:
         source: unused (the phantom needs no input); a path given here is noted, not read.
-        run_dir: the run folder; crops/ and masks/ are created in it.
+        target: where the crops and masks go (their folders are created).
         cfg: a `kneeoa.config.Config`.
         show_progress: tqdm bar; None shows it only on a terminal.
 
@@ -164,14 +167,13 @@ def import_phantom(source: Path | None, run_dir: Path, cfg: Any, *, show_progres
     size = _check_int("data.image_size", data.image_size, MIN_OUT_PX)
     specs = simulate_cohort(patients=data.patients, visits=data.visits, seed=cfg.seed,
                             low_quality_share=data.low_quality_share)
-    run_dir = Path(run_dir)
     rows = []
     disable = None if show_progress is None else not show_progress  # tqdm: None = only on a terminal
     for spec in tqdm(specs, desc="phantom", unit="img", disable=disable):
         rendered = render_spec(spec, out_px=size, fov_mm=float(data.crop_mm))
-        save_gray16(rendered.image, run_dir / "crops" / f"{spec.image_id}.png")
-        save_masks(rendered.masks, run_dir / "masks" / f"{spec.image_id}.npz")
-        rows.append(_row(spec, rendered))
+        save_gray16(rendered.image, target.crop_file(spec.image_id))
+        save_masks(rendered.masks, target.mask_file(spec.image_id))
+        rows.append(_row(spec, rendered, target))
     notes = [f"phantom: {data.patients} patients x 2 knees x {data.visits} visits, seed {cfg.seed}, "
              f"{sum(s.low_quality for s in specs)} low-quality images ({', '.join(DEGRADATIONS.names())})."]
     if source is not None:

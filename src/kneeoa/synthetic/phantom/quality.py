@@ -39,38 +39,40 @@ Degradation = Callable[[np.ndarray, float, np.random.Generator, float], np.ndarr
 DEGRADATIONS: Registry[Degradation] = Registry("degradation")
 
 
-@DEGRADATIONS.register("noise")
 def _noise(img: np.ndarray, severity: float, rng: np.random.Generator, px_mm: float) -> np.ndarray:
     return img + rng.normal(0.0, 0.07 + 0.08 * severity, img.shape)
 
 
-@DEGRADATIONS.register("blur")
 def _blur(img: np.ndarray, severity: float, rng: np.random.Generator, px_mm: float) -> np.ndarray:
     return ndimage.gaussian_filter(img, (1.5 + 1.5 * severity) / px_mm)
 
 
-@DEGRADATIONS.register("motion")
 def _motion(img: np.ndarray, severity: float, rng: np.random.Generator, px_mm: float) -> np.ndarray:
     length = max(3, round((5.0 + 7.0 * severity) / px_mm))
     return ndimage.uniform_filter1d(img, length, axis=int(rng.integers(0, 2)))
 
 
-@DEGRADATIONS.register("underexposed")
 def _underexposed(img: np.ndarray, severity: float, rng: np.random.Generator, px_mm: float) -> np.ndarray:
     keep = 0.45 - 0.25 * severity
     return 1.0 - (1.0 - img) * keep + rng.normal(0.0, 0.03 + 0.04 * severity, img.shape)
 
 
-@DEGRADATIONS.register("overexposed")
 def _overexposed(img: np.ndarray, severity: float, rng: np.random.Generator, px_mm: float) -> np.ndarray:
     floor = 0.3 + 0.2 * severity
     return np.clip(img - floor, 0.0, None) * (0.6 - 0.2 * severity)
 
 
-@DEGRADATIONS.register("clipped")
 def _clipped(img: np.ndarray, severity: float, rng: np.random.Generator, px_mm: float) -> np.ndarray:
     lo = 0.4 + 0.15 * severity
     return (img - lo) / (0.3 - 0.15 * severity)
+
+
+DEGRADATIONS.add("noise", _noise)
+DEGRADATIONS.add("blur", _blur)
+DEGRADATIONS.add("motion", _motion)
+DEGRADATIONS.add("underexposed", _underexposed)
+DEGRADATIONS.add("overexposed", _overexposed)
+DEGRADATIONS.add("clipped", _clipped)
 
 
 def sample_quality(rng: np.random.Generator, *, low_quality: bool = False) -> dict[str, Any]:
