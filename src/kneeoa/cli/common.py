@@ -1,6 +1,7 @@
 """What every `kneeoa` command shares: the error console, the guard that turns user-fixable errors into one line and
-exit code 2, and the config a command runs with. The main CLI (`kneeoa.cli.app`) and the command modules it registers
-(`kneeoa.commands_*`) import this module, never each other, so the command line has no import cycle.
+exit code 2, and the config a command runs with. The app (`kneeoa.cli.app`) and the command modules it registers
+(`kneeoa.cli.deploy`, `.localize`, `.models`, `.prepare`, `.pretrain`) import this module, never each other, so the
+command line has no import cycle.
 """
 
 from __future__ import annotations
