@@ -1,10 +1,10 @@
 """One ablation-table row per KLG arm of a run folder, on val: the figures docs/results.md quotes.
 
-For every `predictions/<arm>__klg.parquet`: quadratic kappa with its patient-bootstrap 95 % CI, accuracy, balanced
-accuracy, KL1 and KL4 recall, under the arm's own decoding (`y_pred`), under argmax, and with the cut-points
-cross-fitted on val (tuned on one half of the val patients, applied to the other half, and the other way round):
-the stored decoding tunes its cut-points on all of val, so its val kappa is optimistic; the cross-fitted figure is
-not. Test rows are never read.
+For every `predictions/<arm>__klg.parquet`: quadratic kappa and accuracy with their patient-bootstrap 95 % CIs,
+balanced accuracy, KL1, KL2 and KL4 recall, under the arm's own decoding (`y_pred`), under argmax, and with the
+cut-points cross-fitted on val (tuned on one half of the val patients, applied to the other half, and the other way
+round): the stored decoding tunes its cut-points on all of val, so its val kappa is optimistic; the cross-fitted figure
+is not. Test rows are never read.
 
     .venv/bin/python bench/kl_summary.py RUN_DIR [RUN_DIR ...] [--cut-boot N] [--accuracy-weight W] [--halvings K]
 """
@@ -40,7 +40,7 @@ def rows(run_dir: Path, n_boot: int = 1000, cut_boot: int | None = None, accurac
          halvings: int = 1) -> list[dict]:
     """The table's rows for one run folder. `cut_boot`, `accuracy_weight`: how the cross-fitted row tunes its
     cut-points (default: as the run did, `cnn.cutpoint_bootstrap` and `cnn.cutpoint_accuracy_weight`); `halvings` > 1
-    adds that row's kappa, accuracy and KL1 recall averaged over as many random patient halvings (one halving is a
+    adds that row's kappa, accuracy, KL1 and KL2 recall averaged over as many random patient halvings (one halving is a
     noisy estimate)."""
     from kneeoa.runfolder.predictions import prob_columns, read_predictions
     from kneeoa.sources.manifest import read_manifest
@@ -64,16 +64,21 @@ def rows(run_dir: Path, n_boot: int = 1000, cut_boot: int | None = None, accurac
         crossed = [cross_fitted(y, probs, pid, seed=s, **tuning) for s in range(max(halvings, 1))]
         for decoding, pred in (("stored", val["y_pred"].to_numpy()), ("argmax", probs.argmax(1)),
                                ("cross-fitted cut-points", crossed[0])):
-            ci = bootstrap.bootstrap_ci(y, probs, w, point=kappa, weighted=METRICS.get("kappa_quadratic").weighted_fn,
-                                    pred=pred)
-            out.append({"run": run_dir.name, "arm": arm, "decoding": decoding, "kappa": round(ci.value, 3),
-                        "ci": f"[{ci.low:.3f}, {ci.high:.3f}]", "accuracy": round(float(np.mean(pred == y)), 3),
+            ci = {name: bootstrap.bootstrap_ci(y, probs, w, point=METRICS.get(name).fn, pred=pred,
+                                               weighted=METRICS.get(name).weighted_fn)
+                  for name in ("kappa_quadratic", "accuracy")}
+            kq, acc = ci["kappa_quadratic"], ci["accuracy"]
+            out.append({"run": run_dir.name, "arm": arm, "decoding": decoding, "kappa": round(kq.value, 3),
+                        "ci": f"[{kq.low:.3f}, {kq.high:.3f}]", "accuracy": round(acc.value, 3),
+                        "accuracy_ci": f"[{acc.low:.3f}, {acc.high:.3f}]",
                         "balanced_accuracy": round(METRICS.get("balanced_accuracy").fn(y, probs, pred), 3),
-                        "KL1_recall": round(float(np.mean(pred[y == 1] == 1)), 3),
-                        "KL4_recall": round(float(np.mean(pred[y == 4] == 4)), 3), "n": len(y)})
+                        **{f"KL{k}_recall": round(float(np.mean(pred[y == k] == k)), 3) for k in (1, 2, 4)},
+                        "n": len(y)})
         if halvings > 1:
-            figures = np.array([(kappa(y, probs, pred=p), np.mean(p == y), np.mean(p[y == 1] == 1)) for p in crossed])
-            for name, value in zip(("kappa", "accuracy", "KL1_recall"), figures.mean(axis=0), strict=True):
+            figures = np.array([(kappa(y, probs, pred=p), np.mean(p == y), np.mean(p[y == 1] == 1),
+                                 np.mean(p[y == 2] == 2)) for p in crossed])
+            for name, value in zip(("kappa", "accuracy", "KL1_recall", "KL2_recall"), figures.mean(axis=0),
+                                   strict=True):
                 out[-1][f"{halvings}_halvings_{name}"] = round(float(value), 3)
     return out
 
