@@ -35,7 +35,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _owns(run_dir: Path, arm: str, record: dict[str, Any]) -> bool:
-    return (run_dir / "checkpoints" / arm).is_dir()
+    return arm_dir(run_dir, arm).is_dir()
 
 
 def _export(run_dir: Path, arm: str, cfg: Config, weights_dir: Path) -> dict[str, Any]:
