@@ -21,10 +21,10 @@ def _features(crops, sides):
     return np.stack([np.concatenate([c.mean(axis=0)[::4], c.mean(axis=1)[::4]]) for c in crops])
 
 
-def _fitted(rng, n=600, alpha=0.02):
+def _fitted(rng, n=600, alpha=0.02, thumb=THUMB):
     crops = [_knee(rng) for _ in range(n)]
-    described = KneeCheck.describe(crops, ["R"] * n, _features)
-    films = np.stack([layout(film_like(c, rng)) for c in crops])
+    described = KneeCheck.describe(crops, ["R"] * n, _features, thumb=thumb)
+    films = np.stack([layout(film_like(c, rng), thumb) for c in crops])
     groups = np.arange(n) // 2
     return KNEE_CHECKS.get("layout_features").fit(described, groups, film_layouts=films, film_groups=groups,
                                                   alpha=alpha)
@@ -47,7 +47,19 @@ def test_state_round_trip_scores_alike():
     again = KneeCheck.from_state(arrays, meta)
     crops = [_knee(rng) for _ in range(30)]
     assert np.array_equal(again.scores(crops, ["R"] * 30, _features), check.scores(crops, ["R"] * 30, _features))
-    assert meta["views"]["layout"]["dim"] == THUMB * THUMB and meta["threshold"] == 0.02
+    assert meta["views"]["layout"]["dim"] == THUMB * THUMB and meta["threshold"] == 0.02 and meta["thumb"] == THUMB
+
+
+def test_a_check_keeps_the_thumbnail_side_it_was_fitted_with():
+    """Packages fitted with 16 px layouts (before the side became 12) still score with 16 px after a round trip."""
+    rng = np.random.default_rng(4)
+    old = KneeCheck.from_state(*_fitted(rng, n=400, alpha=0.04, thumb=16).state())
+    assert old.thumb == 16 != THUMB and old.state()[1]["views"]["layout"]["dim"] == 256
+    crops = [_knee(rng) for _ in range(30)]
+    by_hand = old.view_scores(KneeCheck.describe(crops, ["R"] * 30, _features, thumb=16))
+    assert np.array_equal(old.scores(crops, ["R"] * 30, _features), np.minimum(*by_hand.values()))
+    with pytest.raises(ValueError):
+        old.view_scores(KneeCheck.describe(crops, ["R"] * 30, _features))
 
 
 def test_too_few_knees_to_calibrate_is_an_error():

@@ -4,9 +4,11 @@ Two views of a crop are each fitted with one Gaussian (mean and Ledoit-Wolf shru
 training knees, and an image is scored by its Mahalanobis distance in each:
 
 - **layout**: the crop in right-knee orientation reduced to `THUMB` x `THUMB` pixels and standardised (zero mean,
-  unit spread): where bone, joint space and soft tissue lie. It is fitted on the training crops and on
-  `FILM_COPIES` copies of each made film-like (`film_like`: rotated, rescaled, shifted, re-exposed, blurred, noisy
-  as crops re-cut from films are), so that knees localised on real films are not refused for framing or exposure.
+  unit spread): where bone, joint space and soft tissue lie. Coarse on purpose: at 12 px the knees' layout is
+  tight enough that a whole chest film lies outside it, where 16 px and finer leave room for chests (a check keeps
+  the side it was fitted with: `KneeCheck.thumb`). It is fitted on the training crops and on `FILM_COPIES` copies
+  of each made film-like (`film_like`: rotated, rescaled, shifted, re-exposed, blurred, noisy as crops re-cut from
+  films are), so that knees localised on real films are not refused for framing or exposure.
 - **features**: the grader's own features (a CNN's pooled backbone output, an encoder's embedding) of the crop
   after histogram equalisation, which takes gain, offset and gamma out: what the grader itself sees of the knee.
 
@@ -26,6 +28,7 @@ model.json (`kneeoa.deploy.package`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,8 +41,8 @@ from kneeoa.registry import Registry
 DEFAULT_ALPHA = 0.005
 #: Share of the training patients the Gaussians are fitted on; the rest calibrate the scores.
 FIT_SHARE = 0.8
-#: Side of the layout thumbnail, pixels.
-THUMB = 16
+#: Side of the layout thumbnail, pixels, for checks fitted now (packages fitted with 16 px keep 16).
+THUMB = 12
 #: Film-like copies of each training crop the layout view is fitted and calibrated on.
 FILM_COPIES = 2
 
@@ -48,11 +51,11 @@ KNEE_CHECKS: Registry[type] = Registry("knee check")
 Features = Callable[[list[np.ndarray], list[str]], np.ndarray]
 
 
-def layout(crop: np.ndarray) -> np.ndarray:
-    """(THUMB * THUMB,) the crop reduced to THUMB x THUMB (area average) and standardised."""
+def layout(crop: np.ndarray, thumb: int = THUMB) -> np.ndarray:
+    """(thumb * thumb,) the crop reduced to thumb x thumb (area average) and standardised."""
     import cv2
 
-    t = cv2.resize(np.asarray(crop, dtype=np.float32), (THUMB, THUMB), interpolation=cv2.INTER_AREA).astype(np.float64)
+    t = cv2.resize(np.asarray(crop, dtype=np.float32), (thumb, thumb), interpolation=cv2.INTER_AREA).astype(np.float64)
     return ((t - t.mean()) / (t.std() + 1e-3)).ravel()
 
 
@@ -137,12 +140,18 @@ class KneeCheck:
         """knee_score below which an image is refused."""
         return self.alpha / len(self.views)
 
+    @property
+    def thumb(self) -> int:
+        """Side of the layout thumbnail this check was fitted with (read from the layout view's size)."""
+        return math.isqrt(self.views["layout"].mean.shape[0])
+
     @staticmethod
-    def describe(crops: list[np.ndarray], sides: list[str], features: Features) -> dict[str, np.ndarray]:
+    def describe(crops: list[np.ndarray], sides: list[str], features: Features, *, thumb: int = THUMB
+                 ) -> dict[str, np.ndarray]:
         """Each view's vectors of float crops in radiographic orientation: the layout of a left knee is taken mirrored
         (every layout in right-knee orientation); `features` orients crops itself."""
         right = [np.asarray(c)[:, ::-1] if s == "L" else c for c, s in zip(crops, sides, strict=True)]
-        return {"layout": np.stack([layout(c) for c in right]) if crops else np.zeros((0, THUMB * THUMB)),
+        return {"layout": np.stack([layout(c, thumb) for c in right]) if crops else np.zeros((0, thumb * thumb)),
                 "features": features([equalised(c) for c in crops], sides)}
 
     @classmethod
@@ -190,13 +199,14 @@ class KneeCheck:
         """knee_score (n,) in [0, 1]: the smaller tail share of the two views."""
         if not crops:
             return np.zeros(0)
-        return np.min(np.stack(list(self.view_scores(self.describe(crops, sides, features)).values())), axis=0)
+        described = self.describe(crops, sides, features, thumb=self.thumb)
+        return np.min(np.stack(list(self.view_scores(described).values())), axis=0)
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """(arrays to save as safetensors, JSON settings)."""
         arrays = {f"{name}.{part}": getattr(view, part) for name, view in self.views.items()
                   for part in ("mean", "precision", "calibration")}
-        return arrays, {"method": self.name, "alpha": self.alpha, "threshold": self.threshold,
+        return arrays, {"method": self.name, "alpha": self.alpha, "threshold": self.threshold, "thumb": self.thumb,
                         "views": {name: {"dim": int(v.mean.shape[0]), "calibration_knees": int(len(v.calibration)),
                                          "sqrt": v.sqrt} for name, v in self.views.items()}}
 
