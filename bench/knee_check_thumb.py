@@ -44,7 +44,7 @@ def main() -> None:
 
     import kneeoa
     from kneeoa.formats.images import load_gray
-    from kneeoa.models.knee_check import FILM_COPIES, FIT_SHARE, GaussianView, equalised, film_like, layout
+    from kneeoa.models.knee_check import FILM_COPIES, KneeCheck, equalised, film_like, layout
     from kneeoa.synthetic.crop_films import read_truth
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -77,33 +77,27 @@ def main() -> None:
     sources["composed"] = np.array([k for k, v in grey.items() for _ in v])
 
     groups = train["patient_id"].astype(str).to_numpy()
-    patients = np.unique(groups)
-    held = np.random.default_rng(0).choice(patients, size=max(1, round(len(patients) * (1 - FIT_SHARE))),
-                                           replace=False)
-    calibrate = np.isin(groups, held)
-    cut = args.alpha / 2
     features = {k: model.features([equalised(c) for c in v], sides[k]) for k, v in crops.items()}
-    feature_view = GaussianView.fit(features["train"], calibrate, sqrt=True)
-    feature_pass = {k: feature_view.tail(features[k]) >= cut for k in crops if k != "train"}
-    print("features view alone refuses: " + ", ".join(f"{k} {1 - v.mean():.4f}" for k, v in feature_pass.items()))
 
     def shares(passed: dict[str, np.ndarray]) -> dict[str, str]:
         row = {"val crops": f"{1 - passed['val'].mean():.4f}", "val-film knees": f"{1 - passed['films'].mean():.4f}"}
         for group in ("nonknee", "composed"):
             for name in np.unique(sources[group]):
                 mask = sources[group] == name
-                row[name] = f"{1 - passed[group][mask].mean():.3f}"
+                row[str(name)] = f"{1 - passed[group][mask].mean():.3f}"
         return row
 
     table = []
     for thumb in args.thumbs:
         lay = {k: np.stack([layout(c, thumb) for c in right(v, sides[k])]) for k, v in crops.items()}
-        fit = np.concatenate([lay["train"], np.stack([layout(c, thumb) for c in copies])])
-        view = GaussianView.fit(fit, np.concatenate([calibrate] * (1 + FILM_COPIES)), sqrt=False)
-        alone = {k: view.tail(lay[k]) >= cut for k in crops if k != "train"}
-        table.append({"thumb": thumb, "views": "layout", **shares(alone)})
+        check = KneeCheck.fit({"layout": lay["train"], "features": features["train"]}, groups,
+                              film_layouts=np.stack([layout(c, thumb) for c in copies]),
+                              film_groups=np.tile(groups, FILM_COPIES), alpha=args.alpha)
+        tails = {k: check.view_scores({"layout": lay[k], "features": features[k]}) for k in crops if k != "train"}
+        table.append({"thumb": thumb, "views": "layout",
+                      **shares({k: t["layout"] >= check.threshold for k, t in tails.items()})})
         table.append({"thumb": thumb, "views": "layout + features",
-                      **shares({k: alone[k] & feature_pass[k] for k in alone})})
+                      **shares({k: np.minimum(*t.values()) >= check.threshold for k, t in tails.items()})})
         print(table[-1], flush=True)
     print("\nShare refused (knees: lower is better; every other column: higher is better)\n")
     cols = list(table[0])
