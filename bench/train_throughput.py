@@ -151,7 +151,8 @@ def main() -> None:
 
     def fresh():
         torch.manual_seed(0)
-        net = MultiTaskNet(create_backbone(backbone, source=None)[0], {"klg": 5}, {"klg": hp.klg_head})
+        net = MultiTaskNet(create_backbone(backbone, source=None, args=hp.backbone_args)[0], {"klg": 5},
+                           {"klg": hp.klg_head})
         return net.to(memory_format=torch.channels_last) if channels_last else net
 
     loop, bare = paired_times(fresh(), fresh(), hp, images, labels, args.steps, channels_last, args.ready_batch)

@@ -158,6 +158,19 @@ def test_augmentation_keeps_range_and_is_reproducible():
     assert len(views) == 7 and torch.equal(views[0], x.float() / 255)
 
 
+def test_the_sharp_policy_adds_no_noise_or_blur_to_what_strong_warps():
+    """On a flat grey batch (which any warp and exposure curve leave flat), `strong` leaves noise texture and
+    `strong_sharp` none."""
+    from kneeoa.transforms.augment import POLICIES, augment_batch
+
+    x = torch.full((16, 1, 32, 32), 128, dtype=torch.uint8)
+    spread = {name: augment_batch(x, POLICIES.get(name), hflip=False,
+                                  generator=torch.Generator().manual_seed(3)).flatten(1).std(1)
+              for name in ("strong", "strong_sharp")}
+    assert spread["strong_sharp"].max() < 1e-6
+    assert (spread["strong"] > 1e-3).sum() >= 8
+
+
 def test_y_pred_drives_hard_metrics():
     from kneeoa.runfolder.predictions import make_prediction_table, validate_predictions
     from kneeoa.stats.metrics import METRICS

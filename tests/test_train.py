@@ -69,6 +69,40 @@ def test_per_task_models(tiny_run):
         load_classifier(arm_dir(tiny_run, "resnet50"), "klg")
 
 
+def test_backbone_args_reach_the_trained_network_its_checkpoint_and_its_package(tiny_run, tmp_path):
+    from kneeoa.deploy.package import export_arm, load_model
+
+    cfg = _cfg("twobranch")
+    cfg.tasks.names = ["klg"]
+    cfg.cnn.image_size, cfg.cnn.backbone_args = 64, {"patch_height": 0.75}
+    train.run(tiny_run, cfg)
+    assert read_arms(tiny_run)["twobranch"]["details"]["backbone_args"] == {"patch_height": 0.75}
+    model, _, _ = load_classifier(arm_dir(tiny_run, "twobranch"), "klg")
+    assert model.net.backbone.input_rows(64) == (8, 56)  # the default 0.5 reads rows 16-48
+    package = load_model(export_arm(tiny_run, "twobranch", tmp_path / "package"))
+    member = package.predictor.groups[0][0]
+    assert member.payload["backbone_args"] == {"patch_height": 0.75} and member.net.backbone.patch_height == 0.75
+
+
+@pytest.mark.parametrize(("backbone", "args", "reason"), [("twobranch", {"widht": 8}, "unexpected keyword"),
+                                                          ("twobranch", {"patch_height": 1.5}, "patch_height"),
+                                                          ("resnet18", {"patch_height": 0.4}, "unexpected keyword")])
+def test_backbone_args_the_backbone_refuses_are_a_config_error(backbone, args, reason):
+    from kneeoa.models.cnn.backbones import create_backbone
+
+    with pytest.raises(ConfigError, match=rf"cnn.backbone_args .* do not fit the backbone {backbone}: .*{reason}"):
+        create_backbone(backbone, source=None, args=args)
+
+
+def test_backbone_args_reach_a_timm_backbone():
+    from kneeoa.models.cnn.backbones import create_backbone
+
+    plain, _ = create_backbone("resnet18", source=None)
+    dropped, _ = create_backbone("resnet18", source=None, args={"drop_path_rate": 0.1})
+    assert not any(type(m).__name__ == "DropPath" for m in plain.modules())
+    assert any(type(m).__name__ == "DropPath" for m in dropped.modules())
+
+
 def test_class_weights_balance_the_loss():
     w = class_weights(np.array([0, 0, 0, 1, -1]), 3).numpy()
     assert w[1] == pytest.approx(3 * w[0])

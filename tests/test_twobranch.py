@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from kneeoa.explain.cam import gradcam
@@ -38,3 +39,23 @@ def test_gradcam_on_the_fold_is_aligned_with_the_input():
         assert m.shape == (224, 224)
         assert m[:, 112:].sum() > 5 * m[:, :112].sum()
         assert m[:40].sum() + m[-40:].sum() < 0.05 * m.sum()  # nothing outside the patch band (rows 56-168)
+
+
+def test_patch_height_sets_the_band_the_net_reads():
+    """patch_height 0.4 at 224 px reads rows 67-157: a change outside them leaves the features as they were."""
+    torch.manual_seed(0)
+    net = TwoBranchNet(patch_height=0.4, drop=0.0).eval()
+    assert net.input_rows(224) == (67, 157) and TwoBranchNet().input_rows(224) == (56, 168)
+    x = torch.rand(1, 1, 224, 224)
+    outside, inside = x.clone(), x.clone()
+    outside[:, :, 160:] = 0.0
+    inside[:, :, 150:157] = 0.0
+    with torch.no_grad():
+        assert torch.equal(net(x), net(outside))
+        assert not torch.allclose(net(x), net(inside))
+
+
+@pytest.mark.parametrize("height", [0.0, -0.2, 1.5])
+def test_a_patch_height_outside_0_1_is_refused(height):
+    with pytest.raises(ValueError, match=r"patch_height .* in \(0, 1\]; got"):
+        TwoBranchNet(patch_height=height)

@@ -62,6 +62,9 @@ class TasksCfg:
 @dataclass
 class CnnCfg:
     backbones: list[str] = field(default_factory=lambda: ["resnet18", "convnext_small"])
+    # keyword arguments of the backbone's constructor, stored in every checkpoint and package; e.g. twobranch:
+    # {patch_height: 0.4} (the share of the crop's height it reads), timm: {drop_path_rate: 0.1}
+    backbone_args: dict[str, Any] = field(default_factory=dict)
     image_size: int = DataCfg.image_size  # network input side in pixels; by default the crops' own size
     multitask: bool = True  # one shared backbone with a head per task; False trains one model per task
     epochs: int = 30

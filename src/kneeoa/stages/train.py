@@ -297,7 +297,7 @@ def train_member(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
     bb = BACKBONES.get(backbone)
     L.seed_everything(seed, workers=True, verbose=False)
     source, source_text = resolve_pretrained(bb, hp.pretrained, hp.weights.get(backbone))
-    module, hub_error = create_backbone(backbone, source=source)
+    module, hub_error = create_backbone(backbone, source=source, args=hp.backbone_args)
     if hub_error:
         source_text = f"random init: loading {bb.hub_id} from the hub failed ({hub_error.splitlines()[0][:200]})"
     _logger.info("%s (seed %d): starting weights: %s", backbone, seed, source_text)
@@ -343,11 +343,11 @@ def train_member(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
         lm.load_state_dict(torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"])
     net = lm.scored.cpu().eval().to(memory_format=torch.contiguous_format)
     score = float(best.best_model_score) if best.best_model_score is not None else None
-    payload = make_payload(net, backbone=backbone, preprocess=pre, weights_source=source_text,
-                           extra={"seed": seed, "epochs_run": int(trainer.current_epoch), "minutes": round(minutes, 2),
-                                  "best_epoch_score": score, "selected_by": monitor, "precision": precision,
-                                  "channels_last": channels_last,
-                                  "resumed_after_epoch": resume.epochs_done if resume else None})
+    extra = {"seed": seed, "epochs_run": int(trainer.current_epoch), "minutes": round(minutes, 2),
+             "best_epoch_score": score, "selected_by": monitor, "precision": precision, "channels_last": channels_last,
+             "resumed_after_epoch": resume.epochs_done if resume else None}
+    payload = make_payload(net, backbone=backbone, backbone_args=hp.backbone_args, preprocess=pre,
+                           weights_source=source_text, extra=extra)
     save_finished(ckpt_dir, key, payload)
     return payload
 
@@ -414,6 +414,7 @@ def run(run_dir: Path, cfg: Config) -> None:
             details = {g: [m["extra"] for m in ms] for g, ms in groups.items()}
             record_arm(run_dir, arm, status="ran", weights=first["weights_source"],
                        details={"members": details, "decoding": decoding, "head": hp.klg_head, "tta": hp.tta,
-                                "ema": hp.ema, "class_balance": hp.class_balance, "image_size": hp.image_size})
+                                "ema": hp.ema, "class_balance": hp.class_balance, "image_size": hp.image_size,
+                                "backbone_args": hp.backbone_args})
     for backbone in cfg.cnn.backbones:  # every arm is written: a rerun of the stage trains afresh
         clear_finished(Path(run_dir) / CHECKPOINTS_DIR / backbone / "lightning")

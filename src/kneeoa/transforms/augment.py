@@ -11,14 +11,14 @@ the middle half) only that band is computed (`rows`); `group` lets batch neighbo
 together in one OpenCV call.
 
 Policies are registry entries (`cnn.augment_policy`): `standard` is mild geometry and contrast; `strong` is the
-Tiulpin et al. 2018 family (larger rotations, gamma, noise, blur), for training small networks from scratch; `ssl`
-makes the two views of self-supervised pretraining.
+Tiulpin et al. 2018 family (larger rotations, gamma, noise, blur), for training small networks from scratch;
+`strong_sharp` is `strong` without the noise and blur; `ssl` makes the two views of self-supervised pretraining.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -44,8 +44,12 @@ class Policy:
 
 POLICIES: Registry[Policy] = Registry("augmentation policy")
 POLICIES.add("standard", Policy())
-POLICIES.add("strong", Policy(degrees=10.0, scale=(0.9, 1.1), translate=0.05, gamma=(0.6, 1.6), contrast=(0.8, 1.25),
-                              brightness=0.08, noise=0.02, blur_p=0.2))
+_STRONG = Policy(degrees=10.0, scale=(0.9, 1.1), translate=0.05, gamma=(0.6, 1.6), contrast=(0.8, 1.25),
+                 brightness=0.08, noise=0.02, blur_p=0.2)
+POLICIES.add("strong", _STRONG)
+# The same geometry and exposure without the noise and blur, which soften the small osteophytes and joint-space
+# edges that the KL1 and KL2 calls hinge on.
+POLICIES.add("strong_sharp", replace(_STRONG, noise=0.0, blur_p=0.0))
 # Self-supervised views (`kneeoa.models.cnn.ssl`): zoom up to 1.6x (a crop of 62 % of the side) and larger shifts, so
 # two views share only part of the joint, with wide exposure changes, more noise and blur; rotations stay small.
 POLICIES.add("ssl", Policy(degrees=10.0, scale=(0.9, 1.6), translate=0.1, gamma=(0.5, 2.0), contrast=(0.6, 1.4),

@@ -33,21 +33,23 @@ from kneeoa.transforms.preprocess import Preprocess
 _logger = logging.getLogger(__name__)
 
 
-def _timm_model(name: str, source: str | None, tag: str | None, in_chans: int) -> nn.Module:
-    """A headless timm model: random init (source None), hub weights ("hub") or weights from a local file."""
+def _timm_model(name: str, source: str | None, tag: str | None, in_chans: int, **args: Any) -> nn.Module:
+    """A headless timm model: random init (source None), hub weights ("hub") or weights from a local file; `args`
+    go to `timm.create_model` (e.g. drop_path_rate)."""
     import timm
 
     if source is None:
-        return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=0)
+        return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=0, **args)
     overlay = {} if source == "hub" else {"pretrained_cfg_overlay": {"file": source}}
-    return timm.create_model(f"{name}.{tag}", pretrained=True, in_chans=in_chans, num_classes=0, **overlay)
+    return timm.create_model(f"{name}.{tag}", pretrained=True, in_chans=in_chans, num_classes=0, **overlay, **args)
 
 
-def _twobranch(name: str, source: str | None, tag: str | None, in_chans: int) -> nn.Module:
-    """The two-branch knee CNN; `source` is a local state-dict file (kneeoa has no hub weights for it)."""
+def _twobranch(name: str, source: str | None, tag: str | None, in_chans: int, **args: Any) -> nn.Module:
+    """The two-branch knee CNN; `source` is a local state-dict file (kneeoa has no hub weights for it); `args` go to
+    `TwoBranchNet` (e.g. patch_height)."""
     from kneeoa.models.cnn.twobranch import TwoBranchNet
 
-    net = TwoBranchNet(in_chans=in_chans)
+    net = TwoBranchNet(in_chans=in_chans, **args)
     if source is not None:
         from safetensors.torch import load_file
 
@@ -67,14 +69,15 @@ class Backbone:
         channels_last: whether channels_last memory format helps on CPU (it slows ConvNeXt by ~0.7x here).
         cam_layers: the layers Grad-CAM can hook, by name: "last" (the last block, the usual choice) and
             "penultimate" (the last block of the stage before, twice the spatial resolution).
-        build: (name, weights source or None, pretrained tag, in_chans) -> headless module with `num_features`.
+        build: (name, weights source or None, pretrained tag, in_chans, **constructor arguments) -> headless module
+            with `num_features`.
     """
 
     name: str
     pretrained_tag: str | None
     channels_last: bool
     cam_layers: dict[str, Callable[[nn.Module], nn.Module]]
-    build: Callable[[str, str | None, str | None, int], nn.Module] = _timm_model
+    build: Callable[..., nn.Module] = _timm_model
 
     @property
     def hub_id(self) -> str | None:
@@ -137,19 +140,31 @@ def resolve_pretrained(backbone: Backbone, pretrained: str, weights_file: str | 
 IN_CHANS = 1
 
 
-def create_backbone(name: str, *, source: str | None, in_chans: int = IN_CHANS) -> tuple[nn.Module, str | None]:
-    """A headless backbone (`num_classes=0`) for `in_chans` channels.
+def create_backbone(name: str, *, source: str | None, in_chans: int = IN_CHANS,
+                    args: dict[str, Any] | None = None) -> tuple[nn.Module, str | None]:
+    """A headless backbone (`num_classes=0`) for `in_chans` channels; `args` are keyword arguments of its
+    constructor (`cnn.backbone_args`, e.g. the two-branch net's `patch_height`).
 
     Returns (module, error) where error is the reason a hub download failed (then the module is randomly
     initialised and the caller must record that).
+
+    Raises:
+        ConfigError: `args` that the backbone does not take, or values it refuses.
     """
     bb = BACKBONES.get(name)
+    args = dict(args or {})
+    if args:
+        try:  # a random-init build first, so that a bad argument is not reported as a bad weights file
+            bb.build(bb.name, None, bb.pretrained_tag, in_chans, **args)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"cnn.backbone_args {args} do not fit the backbone {name}: {e}. They are "
+                              "keyword arguments of its constructor: remove or correct them.") from e
     try:
-        return bb.build(bb.name, source, bb.pretrained_tag, in_chans), None
+        return bb.build(bb.name, source, bb.pretrained_tag, in_chans, **args), None
     except (OSError, RuntimeError, ValueError) as e:
         if source != "hub":
             raise WeightsNotFoundError(f"Weights file {source} could not be loaded into {bb.name}: {e}") from e
-        return bb.build(bb.name, None, bb.pretrained_tag, in_chans), str(e)
+        return bb.build(bb.name, None, bb.pretrained_tag, in_chans, **args), str(e)
 
 
 def norm_stats(module: nn.Module) -> tuple[float, float]:
@@ -217,10 +232,12 @@ class TaskView(nn.Module):
 
 
 def make_payload(net: MultiTaskNet, *, backbone: str, preprocess: Preprocess, weights_source: str,
-                 decoding: dict[str, dict] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 decoding: dict[str, dict] | None = None, extra: dict[str, Any] | None = None,
+                 backbone_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """One member's checkpoint payload: weights plus everything needed to rebuild and feed the model (plain data
-    only: the preprocessing as `Preprocess.to_dict`)."""
-    return {"backbone": backbone, "tasks": dict(net.n_classes), "heads": dict(net.head_names),
+    only: the preprocessing as `Preprocess.to_dict`, the backbone's constructor arguments)."""
+    return {"backbone": backbone, "backbone_args": dict(backbone_args or {}), "tasks": dict(net.n_classes),
+            "heads": dict(net.head_names),
             "state_dict": {k: v.contiguous() for k, v in net.state_dict().items()}, "preprocess": preprocess.to_dict(),
             "weights_source": weights_source,
             "decoding": decoding or {t: {"method": "argmax"} for t in net.n_classes}, "extra": extra or {}}
@@ -246,7 +263,7 @@ def net_from_payload(payload: dict[str, Any], origin: str = "checkpoint") -> Mul
     payload's file in errors."""
     bb = BACKBONES.get(payload["backbone"])
     in_chans = Preprocess.from_dict(payload["preprocess"], origin).in_chans
-    backbone = bb.build(bb.name, None, bb.pretrained_tag, in_chans)
+    backbone = bb.build(bb.name, None, bb.pretrained_tag, in_chans, **payload.get("backbone_args", {}))
     net = MultiTaskNet(backbone, payload["tasks"], payload.get("heads"))
     net.load_state_dict(payload["state_dict"])
     return net.eval()

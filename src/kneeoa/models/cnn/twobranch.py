@@ -50,6 +50,9 @@ class TwoBranchNet(nn.Module):
     def __init__(self, in_chans: int = 1, widths: tuple[int, ...] = (16, 32, 64, 128), patch_height: float = 0.5,
                  drop: float = 0.2) -> None:
         super().__init__()
+        if not 0 < patch_height <= 1:
+            raise ValueError(f"patch_height is the share of the crop's height the patches span, in (0, 1]; got "
+                             f"{patch_height}")
         layers: list[nn.Module] = [_conv(in_chans, widths[0], stride=2), nn.MaxPool2d(2, ceil_mode=True)]
         for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
             layers += [_conv(c_in, c_out), _conv(c_out, c_out), nn.MaxPool2d(2, ceil_mode=True)]
