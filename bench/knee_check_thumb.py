@@ -24,11 +24,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA = Path("../shared/data")
 
 
-def right(crops: list[np.ndarray], sides: list[str]) -> list[np.ndarray]:
-    """Crops in right-knee orientation (left knees mirrored), as the layout view takes them."""
-    return [np.asarray(c)[:, ::-1] if s == "L" else np.asarray(c) for c, s in zip(crops, sides, strict=True)]
-
-
 def cut_crops(grader, inputs: list, out: Path) -> tuple[list[np.ndarray], list[str], np.ndarray]:
     """The crops `predict` cuts from `inputs` with the knee check off: (crops, sides, source file of each)."""
     from kneeoa.formats.images import load_gray
@@ -44,7 +39,7 @@ def main() -> None:
 
     import kneeoa
     from kneeoa.formats.images import load_gray
-    from kneeoa.models.knee_check import FILM_COPIES, KneeCheck, equalised, film_like, layout
+    from kneeoa.models.knee_check import FILM_COPIES, KneeCheck, equalised, film_like, layout, right_knees
     from kneeoa.synthetic.crop_films import read_truth
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -61,7 +56,7 @@ def main() -> None:
     crops = {"train": [load_gray(DATA / "kneeKL224" / p) for p in train["path"]]}
     sides = {"train": list(train["side"])}
     rng = np.random.default_rng(0)
-    copies = [film_like(c, rng) for _ in range(FILM_COPIES) for c in right(crops["train"], sides["train"])]
+    copies = [film_like(c, rng) for _ in range(FILM_COPIES) for c in right_knees(crops["train"], sides["train"])]
     crops["val"], sides["val"] = [load_gray(DATA / "kneeKL224" / p) for p in val["path"]], list(val["side"])
     sources: dict[str, np.ndarray] = {}
     films = sorted({Path(f) for f in read_truth(args.films)["film"]})
@@ -89,7 +84,7 @@ def main() -> None:
 
     table = []
     for thumb in args.thumbs:
-        lay = {k: np.stack([layout(c, thumb) for c in right(v, sides[k])]) for k, v in crops.items()}
+        lay = {k: np.stack([layout(c, thumb) for c in right_knees(v, sides[k])]) for k, v in crops.items()}
         check = KneeCheck.fit({"layout": lay["train"], "features": features["train"]}, groups,
                               film_layouts=np.stack([layout(c, thumb) for c in copies]),
                               film_groups=np.tile(groups, FILM_COPIES), alpha=args.alpha)

@@ -260,7 +260,7 @@ def fit_knee_check(model: KneeModel, run_dir: Path, out_dir: Path, *, seed: int 
     from tqdm.auto import tqdm
 
     from kneeoa.formats.images import load_gray
-    from kneeoa.models.knee_check import FILM_COPIES, KNEE_CHECKS, film_like, layout
+    from kneeoa.models.knee_check import FILM_COPIES, KNEE_CHECKS, film_like, layout, right_knees
     from kneeoa.sources.manifest import read_manifest, resolve_image_path
 
     method = KNEE_CHECKS.get("layout_features")
@@ -274,7 +274,7 @@ def fit_knee_check(model: KneeModel, run_dir: Path, out_dir: Path, *, seed: int 
         crops = [load_gray(resolve_image_path(run_dir, p)) for p in rows["image_path"]]
         for view, x in method.describe(crops, list(rows["side"]), model.features).items():
             parts.setdefault(view, []).append(x)
-        right = [c[:, ::-1] if side == "L" else c for c, side in zip(crops, rows["side"], strict=True)]
+        right = right_knees(crops, list(rows["side"]))
         for _ in range(FILM_COPIES):
             films.append(np.stack([layout(film_like(c, rng)) for c in right]))
             film_groups.append(rows["patient_id"].to_numpy())

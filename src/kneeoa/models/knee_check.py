@@ -51,6 +51,11 @@ KNEE_CHECKS: Registry[type] = Registry("knee check")
 Features = Callable[[list[np.ndarray], list[str]], np.ndarray]
 
 
+def right_knees(crops: list[np.ndarray], sides: list[str]) -> list[np.ndarray]:
+    """Crops in right-knee orientation (left knees mirrored), the orientation every layout is taken in."""
+    return [np.asarray(c)[:, ::-1] if s == "L" else np.asarray(c) for c, s in zip(crops, sides, strict=True)]
+
+
 def layout(crop: np.ndarray, thumb: int = THUMB) -> np.ndarray:
     """(thumb * thumb,) the crop reduced to thumb x thumb (area average) and standardised."""
     import cv2
@@ -150,8 +155,8 @@ class KneeCheck:
                  ) -> dict[str, np.ndarray]:
         """Each view's vectors of float crops in radiographic orientation: the layout of a left knee is taken mirrored
         (every layout in right-knee orientation); `features` orients crops itself."""
-        right = [np.asarray(c)[:, ::-1] if s == "L" else c for c, s in zip(crops, sides, strict=True)]
-        return {"layout": np.stack([layout(c, thumb) for c in right]) if crops else np.zeros((0, thumb * thumb)),
+        layouts = [layout(c, thumb) for c in right_knees(crops, sides)]
+        return {"layout": np.stack(layouts) if crops else np.zeros((0, thumb * thumb)),
                 "features": features([equalised(c) for c in crops], sides)}
 
     @classmethod

@@ -153,18 +153,26 @@ def create_backbone(name: str, *, source: str | None, in_chans: int = IN_CHANS,
     """
     bb = BACKBONES.get(name)
     args = dict(args or {})
-    if args:
-        try:  # a random-init build first, so that a bad argument is not reported as a bad weights file
-            bb.build(bb.name, None, bb.pretrained_tag, in_chans, **args)
+
+    def build(src: str | None) -> nn.Module:
+        return bb.build(bb.name, src, bb.pretrained_tag, in_chans, **args)
+
+    if source is None or args:
+        try:  # random init; with arguments, also their check, so a bad one is not reported as a bad weights file
+            plain = build(None)
         except (TypeError, ValueError) as e:
+            if not args:
+                raise
             raise ConfigError(f"cnn.backbone_args {args} do not fit the backbone {name}: {e}. They are "
                               "keyword arguments of its constructor: remove or correct them.") from e
+        if source is None:
+            return plain, None
     try:
-        return bb.build(bb.name, source, bb.pretrained_tag, in_chans, **args), None
+        return build(source), None
     except (OSError, RuntimeError, ValueError) as e:
         if source != "hub":
             raise WeightsNotFoundError(f"Weights file {source} could not be loaded into {bb.name}: {e}") from e
-        return bb.build(bb.name, None, bb.pretrained_tag, in_chans, **args), str(e)
+        return build(None), str(e)
 
 
 def norm_stats(module: nn.Module) -> tuple[float, float]:
