@@ -7,6 +7,10 @@ round): the stored decoding tunes its cut-points on all of val, so its val kappa
 is not. Test rows are never read.
 
     .venv/bin/python bench/kl_summary.py RUN_DIR [RUN_DIR ...] [--cut-boot N] [--accuracy-weight W] [--halvings K]
+        [--pool]
+
+`--pool` scores the networks of all the given runs averaged as one ensemble instead (an offline ceiling for more
+networks).
 """
 
 from __future__ import annotations
@@ -36,51 +40,97 @@ def cross_fitted(y: np.ndarray, probs: np.ndarray, patients: np.ndarray, seed: i
     return pred
 
 
-def rows(run_dir: Path, n_boot: int = 1000, cut_boot: int | None = None, accuracy_weight: float | None = None,
-         halvings: int = 1) -> list[dict]:
-    """The table's rows for one run folder. `cut_boot`, `accuracy_weight`: how the cross-fitted row tunes its
-    cut-points (default: as the run did, `cnn.cutpoint_bootstrap` and `cnn.cutpoint_accuracy_weight`); `halvings` > 1
-    adds that row's kappa, accuracy, KL1 and KL2 recall averaged over as many random patient halvings (one halving is a
-    noisy estimate)."""
+def _tuning(run_dir: Path, cut_boot: int | None, accuracy_weight: float | None) -> dict:
+    """How the cross-fitted row tunes its cut-points: as given, else as the run did (`cnn.cutpoint_*`)."""
+    cnn = yaml.safe_load((run_dir / "config.yaml").read_text()).get("cnn") or {}
+    return {"n_boot": cnn.get("cutpoint_bootstrap", 0) if cut_boot is None else cut_boot,
+            "accuracy_weight": cnn.get("cutpoint_accuracy_weight", 0.0) if accuracy_weight is None
+            else accuracy_weight}
+
+
+def _val_klg(run_dir: Path, path: Path) -> tuple[str, pd.DataFrame, np.ndarray, np.ndarray]:
+    """(arm, val rows, val labels, val probabilities) of one KLG prediction table, rows in image-id order."""
     from kneeoa.runfolder.predictions import prob_columns, read_predictions
-    from kneeoa.sources.manifest import read_manifest
+
+    arm, _, table = read_predictions(path)
+    val = table[table["split"] == "val"].sort_values("image_id", kind="stable")
+    return arm, val, val["y_true"].to_numpy(), val[prob_columns(5)].to_numpy()
+
+
+def score(label: str, arm: str, y: np.ndarray, probs: np.ndarray, stored: np.ndarray | None, pid: np.ndarray,
+          tuning: dict, n_boot: int = 1000, halvings: int = 1) -> list[dict]:
+    """The table's rows for one set of val probabilities: the `stored` decoding (when given), argmax and the
+    cut-points cross-fitted on patient halves; `halvings` > 1 adds that row's kappa, accuracy, KL1 and KL2 recall
+    averaged over as many random patient halvings (one halving is a noisy estimate)."""
     from kneeoa.stats import bootstrap
     from kneeoa.stats.metrics import METRICS
 
-    patients = read_manifest(run_dir).set_index("image_id")["patient_id"]
-    cnn = yaml.safe_load((run_dir / "config.yaml").read_text()).get("cnn") or {}
-    cut_boot = cnn.get("cutpoint_bootstrap", 0) if cut_boot is None else cut_boot
-    accuracy_weight = cnn.get("cutpoint_accuracy_weight", 0.0) if accuracy_weight is None else accuracy_weight
-    tuning = {"n_boot": cut_boot, "accuracy_weight": accuracy_weight}
+    codes, n_pat = bootstrap.patient_codes(pid)
+    w = bootstrap.bootstrap_weights(codes, n_pat, n_boot, np.random.default_rng(0))
+    kappa = METRICS.get("kappa_quadratic").fn
+    crossed = [cross_fitted(y, probs, pid, seed=s, **tuning) for s in range(max(halvings, 1))]
+    decodings = ([("stored", stored)] if stored is not None else []) + [
+        ("argmax", probs.argmax(1)), ("cross-fitted cut-points", crossed[0])]
+    out = []
+    for decoding, pred in decodings:
+        ci = {name: bootstrap.bootstrap_ci(y, probs, w, point=METRICS.get(name).fn, pred=pred,
+                                           weighted=METRICS.get(name).weighted_fn)
+              for name in ("kappa_quadratic", "accuracy")}
+        kq, acc = ci["kappa_quadratic"], ci["accuracy"]
+        out.append({"run": label, "arm": arm, "decoding": decoding, "kappa": round(kq.value, 3),
+                    "ci": f"[{kq.low:.3f}, {kq.high:.3f}]", "accuracy": round(acc.value, 3),
+                    "accuracy_ci": f"[{acc.low:.3f}, {acc.high:.3f}]",
+                    "balanced_accuracy": round(METRICS.get("balanced_accuracy").fn(y, probs, pred), 3),
+                    **{f"KL{k}_recall": round(float(np.mean(pred[y == k] == k)), 3) for k in (1, 2, 4)},
+                    "n": len(y)})
+    if halvings > 1:
+        figures = np.array([(kappa(y, probs, pred=p), np.mean(p == y), np.mean(p[y == 1] == 1),
+                             np.mean(p[y == 2] == 2)) for p in crossed])
+        for name, value in zip(("kappa", "accuracy", "KL1_recall", "KL2_recall"), figures.mean(axis=0), strict=True):
+            out[-1][f"{halvings}_halvings_{name}"] = round(float(value), 3)
+    return out
+
+
+def _patients(run_dir: Path, image_ids: pd.Series) -> np.ndarray:
+    from kneeoa.sources.manifest import read_manifest
+
+    return read_manifest(run_dir).set_index("image_id")["patient_id"].loc[image_ids].to_numpy()
+
+
+def rows(run_dir: Path, n_boot: int = 1000, cut_boot: int | None = None, accuracy_weight: float | None = None,
+         halvings: int = 1) -> list[dict]:
+    """The table's rows for every KLG arm of one run folder (`score`), cut-points tuned as given or as the run did."""
+    tuning = _tuning(run_dir, cut_boot, accuracy_weight)
     out = []
     for path in sorted((run_dir / "predictions").glob("*__klg.parquet")):
-        arm, _, table = read_predictions(path)
-        val = table[table["split"] == "val"]
-        y, probs = val["y_true"].to_numpy(), val[prob_columns(5)].to_numpy()
-        pid = patients.loc[val["image_id"]].to_numpy()
-        codes, n_pat = bootstrap.patient_codes(pid)
-        w = bootstrap.bootstrap_weights(codes, n_pat, n_boot, np.random.default_rng(0))
-        kappa = METRICS.get("kappa_quadratic").fn
-        crossed = [cross_fitted(y, probs, pid, seed=s, **tuning) for s in range(max(halvings, 1))]
-        for decoding, pred in (("stored", val["y_pred"].to_numpy()), ("argmax", probs.argmax(1)),
-                               ("cross-fitted cut-points", crossed[0])):
-            ci = {name: bootstrap.bootstrap_ci(y, probs, w, point=METRICS.get(name).fn, pred=pred,
-                                               weighted=METRICS.get(name).weighted_fn)
-                  for name in ("kappa_quadratic", "accuracy")}
-            kq, acc = ci["kappa_quadratic"], ci["accuracy"]
-            out.append({"run": run_dir.name, "arm": arm, "decoding": decoding, "kappa": round(kq.value, 3),
-                        "ci": f"[{kq.low:.3f}, {kq.high:.3f}]", "accuracy": round(acc.value, 3),
-                        "accuracy_ci": f"[{acc.low:.3f}, {acc.high:.3f}]",
-                        "balanced_accuracy": round(METRICS.get("balanced_accuracy").fn(y, probs, pred), 3),
-                        **{f"KL{k}_recall": round(float(np.mean(pred[y == k] == k)), 3) for k in (1, 2, 4)},
-                        "n": len(y)})
-        if halvings > 1:
-            figures = np.array([(kappa(y, probs, pred=p), np.mean(p == y), np.mean(p[y == 1] == 1),
-                                 np.mean(p[y == 2] == 2)) for p in crossed])
-            for name, value in zip(("kappa", "accuracy", "KL1_recall", "KL2_recall"), figures.mean(axis=0),
-                                   strict=True):
-                out[-1][f"{halvings}_halvings_{name}"] = round(float(value), 3)
+        arm, val, y, probs = _val_klg(run_dir, path)
+        out += score(run_dir.name, arm, y, probs, val["y_pred"].to_numpy(), _patients(run_dir, val["image_id"]),
+                     tuning, n_boot, halvings)
     return out
+
+
+def pooled(run_dirs: list[Path], n_boot: int = 1000, cut_boot: int | None = None,
+           accuracy_weight: float | None = None, halvings: int = 1) -> list[dict]:
+    """The rows of every network of several runs averaged as one ensemble: each run's KLG arm with the most members
+    (`<backbone>_ens`, else its one network), weighted by its number of networks (`cnn.ensemble_seeds`). The
+    cut-points are tuned as the first run tunes them. An offline ceiling: what more networks would give, at the
+    summed training time of the runs."""
+    total, weight, first = None, 0, None
+    for run_dir in run_dirs:
+        paths = sorted((run_dir / "predictions").glob("*__klg.parquet"), key=lambda q: ("_ens__" not in q.name, q))
+        if not paths:
+            raise SystemExit(f"{run_dir}: no KLG prediction table under predictions/. Run its train stage first.")
+        _, val, y, probs = _val_klg(run_dir, paths[0])
+        cnn = yaml.safe_load((run_dir / "config.yaml").read_text()).get("cnn") or {}
+        k = max(1, int(cnn.get("ensemble_seeds", 1))) if "_ens__" in paths[0].name else 1
+        if first is None:
+            first = (val["image_id"].to_numpy(), y)
+        elif not np.array_equal(val["image_id"].to_numpy(), first[0]):
+            raise SystemExit(f"{run_dir}: its val images differ from {run_dirs[0]}'s; runs pool only on one val set.")
+        total, weight = (probs * k if total is None else total + probs * k), weight + k
+    label = "+".join(r.name for r in run_dirs) + f" ({weight} networks)"
+    return score(label, "pooled", first[1], total / weight, None, _patients(run_dirs[0], pd.Series(first[0])),
+                 _tuning(run_dirs[0], cut_boot, accuracy_weight), n_boot, halvings)
 
 
 def main() -> None:
@@ -91,9 +141,12 @@ def main() -> None:
     ap.add_argument("--accuracy-weight", type=float, default=None,
                     help="accuracy weight of the cross-fitted row's cut-points (default: the run's)")
     ap.add_argument("--halvings", type=int, default=1, help="also average the cross-fitted row over this many halvings")
+    ap.add_argument("--pool", action="store_true",
+                    help="score every network of the given runs averaged as one ensemble instead of each arm")
     args = ap.parse_args()
     tuning = {"cut_boot": args.cut_boot, "accuracy_weight": args.accuracy_weight, "halvings": args.halvings}
-    table = pd.DataFrame([r for run in args.runs for r in rows(run, **tuning)])
+    table = pd.DataFrame(pooled(args.runs, **tuning) if args.pool else
+                         [r for run in args.runs for r in rows(run, **tuning)])
     print(table.to_string(index=False))
 
 

@@ -6,12 +6,12 @@ import torch
 from kneeoa.config import Config
 from kneeoa.errors import ConfigError, WeightsNotFoundError
 from kneeoa.models.cnn.backbones import BACKBONES, resolve_pretrained
+from kneeoa.models.cnn.heads import class_weights
 from kneeoa.models.cnn.infer import load_classifier
 from kneeoa.runfolder.arms import read_arms
 from kneeoa.runfolder.checkpoints import arm_dir
 from kneeoa.runfolder.predictions import list_predictions, read_predictions
 from kneeoa.stages import evaluate, train
-from kneeoa.stages.train import class_weights
 
 
 def _cfg(backbone, multitask=True):
@@ -86,6 +86,7 @@ def test_backbone_args_reach_the_trained_network_its_checkpoint_and_its_package(
 
 @pytest.mark.parametrize(("backbone", "args", "reason"), [("twobranch", {"widht": 8}, "unexpected keyword"),
                                                           ("twobranch", {"patch_height": 1.5}, "patch_height"),
+                                                          ("twobranch", {"pool": "max"}, "pool must be one of"),
                                                           ("resnet18", {"patch_height": 0.4}, "unexpected keyword")])
 def test_backbone_args_the_backbone_refuses_are_a_config_error(backbone, args, reason):
     from kneeoa.models.cnn.backbones import create_backbone

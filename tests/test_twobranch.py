@@ -59,3 +59,34 @@ def test_patch_height_sets_the_band_the_net_reads():
 def test_a_patch_height_outside_0_1_is_refused(height):
     with pytest.raises(ValueError, match=r"patch_height .* in \(0, 1\]; got"):
         TwoBranchNet(patch_height=height)
+
+
+def test_gem_pooling_lies_between_the_mean_and_the_maximum_and_weighs_a_small_bright_spot_more():
+    """On one branch map a lone bright cell lifts the GeM feature far more than the mean; p = 1 is the mean."""
+    from kneeoa.models.cnn.twobranch import GeMPool, MeanPool
+
+    x = torch.full((1, 2, 3, 3), 0.1)
+    x[0, 0, 1, 2] = 2.0
+    gem, mean = GeMPool()(x), MeanPool()(x)
+    assert torch.all(mean <= gem + 1e-6) and torch.all(gem <= x.amax(dim=(2, 3)) + 1e-6)
+    assert gem[0, 0] - gem[0, 1] > 2 * (mean[0, 0] - mean[0, 1])
+    assert torch.allclose(GeMPool(p=1.0)(x), mean, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert GeMPool()(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_the_pool_option_changes_the_features_not_their_shape():
+    torch.manual_seed(0)
+    mean_net = TwoBranchNet(drop=0.0).eval()
+    gem_net = TwoBranchNet(drop=0.0, pool="gem").eval()
+    gem_net.load_state_dict(mean_net.state_dict())  # no weights of its own: mean checkpoints load into a GeM net
+    x = torch.rand(2, 1, 96, 96)
+    with torch.no_grad():
+        f, g = mean_net(x), gem_net(x)
+    assert f.shape == g.shape == (2, 256)
+    assert torch.all(g >= f - 1e-5) and not torch.allclose(f, g)
+
+
+def test_an_unknown_pool_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"pool must be one of \['gem', 'mean'\]; got 'max'"):
+        TwoBranchNet(pool="max")

@@ -72,6 +72,7 @@ class CnnCfg:
     lr: float = 1e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.0
+    mixup: float = 0.0  # a of the Beta(a, a) blend of batch pairs in training (kneeoa.models.cnn.mixup); 0 = off
     class_balance: str = "weighted_loss"  # none | weighted_loss (inverse-frequency class weights) | balanced_sampling
     klg_head: str = "ce"  # output head for ordinal tasks (KLG): ce | corn | regression (kneeoa.models.cnn.heads)
     klg_decode: str = "argmax"  # argmax | cutpoints (expected grade, cut-points tuned on val for quadratic kappa)

@@ -113,6 +113,7 @@ CNN_CHECKS: dict[str, OneOf | Range] = {
     "lr": POSITIVE,
     "weight_decay": NON_NEGATIVE,
     "label_smoothing": Range(0, 1, open_hi=True),
+    "mixup": NON_NEGATIVE,
     "class_balance": OneOf(words=("none", "weighted_loss", "balanced_sampling")),
     "klg_head": OneOf("output head"),
     "klg_decode": OneOf(words=("argmax", "cutpoints")),

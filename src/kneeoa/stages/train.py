@@ -39,8 +39,9 @@ from kneeoa.models.cnn.backbones import (
     resolve_pretrained,
     write_checkpoint,
 )
-from kneeoa.models.cnn.heads import HEADS, decode, tune_cutpoints
+from kneeoa.models.cnn.heads import HEADS, class_weights, decode, tune_cutpoints
 from kneeoa.models.cnn.infer import CnnPredictor
+from kneeoa.models.cnn.mixup import mix_batch
 from kneeoa.models.cnn.resume import (
     clear_finished,
     find_resume_point,
@@ -65,17 +66,6 @@ from kneeoa.transforms.preprocess import Preprocess
 _logger = logging.getLogger(__name__)
 
 BUDGET_KEY = "kneeoa_budget_spent_s"  # checkpoint entry: seconds the learning-rate schedule had spent
-
-
-def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights normalised to mean 1 over the classes present (absent classes get weight 1)."""
-    y = labels[labels != MISSING_LABEL]
-    counts = np.bincount(y, minlength=n_classes).astype("float64")
-    w = np.ones(n_classes)
-    present = counts > 0
-    w[present] = counts[present].sum() / (present.sum() * counts[present])
-    w[present] /= w[present].mean()
-    return torch.tensor(w, dtype=torch.float32)
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -143,8 +133,9 @@ def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg
     import lightning as L
 
     class KneeModule(L.LightningModule):
-        """Sum of the tasks' head losses; AdamW, warm-up + cosine over the planned steps or the time cap. Batches
-        arrive augmented and normalised (`training_loaders`); the training loss is logged once per epoch."""
+        """Sum of the tasks' head losses (blended over mixup pairs with `cnn.mixup`); AdamW, warm-up + cosine over
+        the planned steps or the time cap. Batches arrive augmented and normalised (`training_loaders`); the training
+        loss is logged once per epoch."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -170,7 +161,9 @@ def _make_module(net: MultiTaskNet, weights: dict[str, torch.Tensor], hp: CnnCfg
             return total
 
         def training_step(self, batch, _):
-            loss = self._loss(self.net(batch[0]), batch[1])
+            x, mates, lam = mix_batch(*batch, hp.mixup)  # mates None, lam 1 without mixup
+            out = self.net(x)
+            loss = lam * self._loss(out, batch[1]) + (self._loss(out, mates) * (1 - lam) if mates else 0.0)
             self._loss_sum, self._loss_n = self._loss_sum + loss.detach() * len(batch[0]), self._loss_n + len(batch[0])
             return loss
 

@@ -30,6 +30,17 @@ from kneeoa.transforms.dataset import MISSING_LABEL
 REGRESSION_SD = 0.5  # spread of the display probabilities of the regression head, in grades
 
 
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights normalised to mean 1 over the classes present (absent classes get weight 1)."""
+    y = labels[labels != MISSING_LABEL]
+    counts = np.bincount(y, minlength=n_classes).astype("float64")
+    w = np.ones(n_classes)
+    present = counts > 0
+    w[present] = counts[present].sum() / (present.sum() * counts[present])
+    w[present] /= w[present].mean()
+    return torch.tensor(w, dtype=torch.float32)
+
+
 class LossFn(Protocol):
     def __call__(self, out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, smoothing: float) -> torch.Tensor:
         ...

@@ -36,6 +36,34 @@ class PatchFold(nn.Module):
         return canvas
 
 
+class GeMPool(nn.Module):
+    """Generalised-mean pooling over a map's rows and columns (Radenovic et al. 2018): (B, C, h, w) -> (B, C).
+
+    With p = 1 it is the mean and as p grows it tends to the maximum; at the usual p = 3 a small bright structure (an
+    osteophyte's tip) is not averaged away by the rest of the patch. `p` is fixed rather than learnt, since the
+    recipe's weight decay reaches every parameter and would pull a learnt exponent towards the mean. Computed in
+    float32 whatever the autocast dtype: x ** p of bfloat16 activations loses the small ones.
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p, self.eps = p, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p).to(x.dtype)
+
+
+class MeanPool(nn.Module):
+    """Mean over a map's rows and columns: (B, C, h, w) -> (B, C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+#: How each branch's band map is pooled into its feature vector (`TwoBranchNet(pool=...)`, `cnn.backbone_args`).
+POOLS: dict[str, type[nn.Module]] = {"mean": MeanPool, "gem": GeMPool}
+
+
 class TwoBranchNet(nn.Module):
     """Shared-weight CNN over the lateral and medial patches of a knee crop; (B, C, S, S) -> (B, 2 * widths[-1]).
 
@@ -45,20 +73,25 @@ class TwoBranchNet(nn.Module):
             (two 3x3 convs, then a 2x2 max-pool).
         patch_height: patch height as a share of the crop height, centred on the crop's middle row (the joint).
         drop: dropout on the concatenated features.
+        pool: how each branch's map is pooled, a key of `POOLS`: "mean" (the default) or "gem" (generalised
+            mean with p = 3, between the mean and the maximum).
     """
 
     def __init__(self, in_chans: int = 1, widths: tuple[int, ...] = (16, 32, 64, 128), patch_height: float = 0.5,
-                 drop: float = 0.2) -> None:
+                 drop: float = 0.2, pool: str = "mean") -> None:
         super().__init__()
         if not 0 < patch_height <= 1:
             raise ValueError(f"patch_height is the share of the crop's height the patches span, in (0, 1]; got "
                              f"{patch_height}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {sorted(POOLS)}; got {pool!r}")
         layers: list[nn.Module] = [_conv(in_chans, widths[0], stride=2), nn.MaxPool2d(2, ceil_mode=True)]
         for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
             layers += [_conv(c_in, c_out), _conv(c_out, c_out), nn.MaxPool2d(2, ceil_mode=True)]
         self.trunk = nn.Sequential(*layers)
         self.stride = 2 ** (len(widths) + 1)
         self.fold = PatchFold()
+        self.pool = POOLS[pool]()
         self.drop = nn.Dropout(drop)
         self.patch_height = patch_height
         self.num_features = 2 * widths[-1]
@@ -88,5 +121,5 @@ class TwoBranchNet(nn.Module):
         row0 = min(round(top / self.stride), max(0, -(-height // self.stride) - h))
         folded = self.fold(feats, b, row0, max(-(-height // self.stride), row0 + h))
         band = folded[:, :, row0:row0 + h]
-        pooled = torch.cat([band[..., :w].mean(dim=(2, 3)), band[..., w:].mean(dim=(2, 3))], dim=1)
+        pooled = torch.cat([self.pool(band[..., :w]), self.pool(band[..., w:])], dim=1)
         return self.drop(pooled)
