@@ -40,9 +40,14 @@ def cross_fitted(y: np.ndarray, probs: np.ndarray, patients: np.ndarray, seed: i
     return pred
 
 
+def _cnn(run_dir: Path) -> dict:
+    """The `cnn` section of the run's stored config."""
+    return yaml.safe_load((run_dir / "config.yaml").read_text()).get("cnn") or {}
+
+
 def _tuning(run_dir: Path, cut_boot: int | None, accuracy_weight: float | None) -> dict:
     """How the cross-fitted row tunes its cut-points: as given, else as the run did (`cnn.cutpoint_*`)."""
-    cnn = yaml.safe_load((run_dir / "config.yaml").read_text()).get("cnn") or {}
+    cnn = _cnn(run_dir)
     return {"n_boot": cnn.get("cutpoint_bootstrap", 0) if cut_boot is None else cut_boot,
             "accuracy_weight": cnn.get("cutpoint_accuracy_weight", 0.0) if accuracy_weight is None
             else accuracy_weight}
@@ -121,8 +126,7 @@ def pooled(run_dirs: list[Path], n_boot: int = 1000, cut_boot: int | None = None
         if not paths:
             raise SystemExit(f"{run_dir}: no KLG prediction table under predictions/. Run its train stage first.")
         _, val, y, probs = _val_klg(run_dir, paths[0])
-        cnn = yaml.safe_load((run_dir / "config.yaml").read_text()).get("cnn") or {}
-        k = max(1, int(cnn.get("ensemble_seeds", 1))) if "_ens__" in paths[0].name else 1
+        k = max(1, int(_cnn(run_dir).get("ensemble_seeds", 1))) if "_ens__" in paths[0].name else 1
         if first is None:
             first = (val["image_id"].to_numpy(), y)
         elif not np.array_equal(val["image_id"].to_numpy(), first[0]):

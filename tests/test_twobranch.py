@@ -3,7 +3,7 @@ import torch
 
 from kneeoa.explain.cam import gradcam
 from kneeoa.models.cnn.backbones import BACKBONES, MultiTaskNet, TaskView
-from kneeoa.models.cnn.twobranch import TwoBranchNet
+from kneeoa.models.cnn.twobranch import GeMPool, MeanPool, TwoBranchNet
 
 
 def test_shapes_and_shared_weights():
@@ -63,8 +63,6 @@ def test_a_patch_height_outside_0_1_is_refused(height):
 
 def test_gem_pooling_lies_between_the_mean_and_the_maximum_and_weighs_a_small_bright_spot_more():
     """On one branch map a lone bright cell lifts the GeM feature far more than the mean; p = 1 is the mean."""
-    from kneeoa.models.cnn.twobranch import GeMPool, MeanPool
-
     x = torch.full((1, 2, 3, 3), 0.1)
     x[0, 0, 1, 2] = 2.0
     gem, mean = GeMPool()(x), MeanPool()(x)
