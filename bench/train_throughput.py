@@ -66,7 +66,8 @@ def paired_times(loop_net, bare_net, hp, images: np.ndarray, labels: np.ndarray,
     import lightning as L
 
     from kneeoa.models.cnn.backbones import input_rows
-    from kneeoa.stages.train import _make_module, training_loaders
+    from kneeoa.models.cnn.training import make_module
+    from kneeoa.stages.train import training_loaders
     from kneeoa.transforms.dataset import KneeDataset
     from kneeoa.transforms.preprocess import Preprocess
 
@@ -91,7 +92,7 @@ def paired_times(loop_net, bare_net, hp, images: np.ndarray, labels: np.ndarray,
                              rows=input_rows(loop_net.backbone, hp.image_size))
     if ready_batch:
         dl.collate_fn = ReadyBatch(dl.collate_fn)
-    module = _make_module(loop_net, {"klg": torch.ones(5)}, hp, steps_per_epoch=len(dl))
+    module = make_module([loop_net], {"klg": torch.ones(5)}, hp, steps_per_epoch=len(dl))
     clock = Paired()
     trainer = L.Trainer(max_epochs=1, limit_train_batches=steps + 3, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -122,7 +123,7 @@ def main() -> None:
     from kneeoa.config import CnnCfg
     from kneeoa.config_checks import load_config
     from kneeoa.models.cnn.backbones import BACKBONES, MultiTaskNet, create_backbone
-    from kneeoa.stages.train import resolve_precision
+    from kneeoa.models.cnn.training import resolve_precision
 
     hp = (load_config(args.config).cnn if args.config
           else CnnCfg(batch_size=64, klg_head="corn", augment_policy="strong", backbones=["twobranch"]))

@@ -279,8 +279,8 @@ def test_note_4_a_package_reproduces_its_run_whatever_precision_the_run_trained_
     """Training precision follows the CPU (bf16-mixed where it has bf16); the run's tables and the package both
     predict in fp32, so the package gives the run's test probabilities on every machine."""
     from deploy_fixtures import crop_list
+    from kneeoa.models.cnn.training import resolve_precision
     from kneeoa.runfolder.predictions import prediction_path
-    from kneeoa.stages.train import resolve_precision
 
     record = json.loads((deploy_run / "arms" / "resnet18.json").read_text())
     assert record["details"]["members"]["multitask"][0]["precision"] == resolve_precision("auto", "auto")

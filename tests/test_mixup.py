@@ -34,14 +34,14 @@ def test_each_image_blends_with_one_mate_whose_labels_come_along_and_the_draws_r
 def test_the_training_step_blends_the_losses_against_both_labels():
     """With `cnn.mixup` the step's loss is lam x loss(labels) + (1 - lam) x loss(mates' labels) on the mixed batch."""
     from kneeoa.models.cnn.backbones import MultiTaskNet, create_backbone
-    from kneeoa.stages.train import _make_module
+    from kneeoa.models.cnn.training import make_module
 
     hp = CnnCfg(mixup=0.4)
     torch.manual_seed(0)
     net = MultiTaskNet(create_backbone("twobranch", source=None, args={"drop": 0.0})[0], {"klg": 5}, {"klg": "corn"})
     with torch.no_grad():
         net.heads["klg"].weight.mul_(100.0)  # outputs that differ from knee to knee, as a trained network's do
-    module = _make_module(net.eval(), {"klg": torch.ones(5)}, hp, steps_per_epoch=1)
+    module = make_module([net.eval()], {"klg": torch.ones(5)}, hp, steps_per_epoch=1)
     x = torch.rand(6, 1, 32, 32)
     y = {"klg": torch.tensor([0, 1, 2, 3, 4, 2])}
     torch.manual_seed(7)

@@ -23,12 +23,14 @@ EPOCHS = 10
 KILL_AFTER = 2  # epochs completed when the first run is killed
 
 
-def _config() -> Config:
+def _config(mutual: float = 0.0) -> Config:
     cfg = Config()
     cfg.tasks.names = ["klg"]
     cfg.cnn.backbones = ["resnet18"]
     cfg.cnn.image_size, cfg.cnn.epochs, cfg.cnn.batch_size, cfg.cnn.patience = 64, EPOCHS, 8, 100
     cfg.cnn.pretrained, cfg.cnn.precision, cfg.cnn.ema = "none", "32-true", 0.9
+    if mutual:  # two seeds that train together: one folder, one checkpoint for both
+        cfg.cnn.ensemble_seeds, cfg.cnn.mutual = 2, mutual
     return cfg
 
 
@@ -47,11 +49,12 @@ def _epochs_done(last: Path) -> int | None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-def test_killed_training_resumes_from_its_last_epoch(tmp_path):
+@pytest.mark.parametrize(("mutual", "folder"), [(0.0, "multitask-seed0"), (1.0, "multitask-seeds0-1")])
+def test_killed_training_resumes_from_its_last_epoch(tmp_path, mutual, folder):
     run = tmp_path / "run"
     make_tiny_run(run, patients=24, size=64)
-    (run / "config.yaml").write_text(dump_config(_config()))
-    member = run / "checkpoints" / "resnet18" / "lightning" / "multitask-seed0"
+    (run / "config.yaml").write_text(dump_config(_config(mutual)))
+    member = run / "checkpoints" / "resnet18" / "lightning" / folder
 
     first = _train(run)
     deadline = time.monotonic() + 1500  # a loaded machine may take minutes to start the run
@@ -72,7 +75,7 @@ def test_killed_training_resumes_from_its_last_epoch(tmp_path):
     assert "".join(said.split()) in "".join(out.split())  # the log wraps long lines
     extra = read_arms(run)["resnet18"]["details"]["members"]["multitask"][0]
     assert extra["resumed_after_epoch"] == killed_at and extra["epochs_run"] == EPOCHS
-    logged = sorted(run.glob("logs/resnet18-multitask-seed0/version_*/metrics.csv"))
+    logged = sorted(run.glob(f"logs/resnet18-{folder}/version_*/metrics.csv"))
     assert len(logged) == 2  # the killed run's log and the resumed run's
     resumed_epochs = sorted(pd.read_csv(logged[1])["epoch"].dropna().astype(int).unique())
     assert resumed_epochs == list(range(killed_at, EPOCHS))  # no epoch trained twice, none skipped
@@ -103,7 +106,7 @@ def test_unreadable_checkpoint_starts_afresh(tmp_path):
 
 
 def test_schedule_time_spent_before_a_kill_counts_after_resume():
-    from kneeoa.stages.train import TrainingBudget
+    from kneeoa.models.cnn.training import TrainingBudget
 
     now = [0.0]
     fresh = TrainingBudget(1000, max_minutes=1.0, clock=lambda: now[0])

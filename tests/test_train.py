@@ -132,7 +132,7 @@ def test_local_weights_file_is_used(tmp_path):
 
 
 def test_learning_rate_anneals_within_the_time_cap():
-    from kneeoa.stages.train import TrainingBudget
+    from kneeoa.models.cnn.training import TrainingBudget
 
     now = [0.0]
     by_steps = TrainingBudget(100, None, clock=lambda: now[0])
@@ -161,7 +161,8 @@ def test_logged_train_loss_is_the_epochs_mean_step_loss(tmp_path):
 
     from kneeoa.config import CnnCfg
     from kneeoa.models.cnn.backbones import MultiTaskNet, create_backbone
-    from kneeoa.stages.train import _make_module, training_loaders
+    from kneeoa.models.cnn.training import make_module
+    from kneeoa.stages.train import training_loaders
     from kneeoa.transforms.dataset import KneeDataset
     from kneeoa.transforms.preprocess import Preprocess
 
@@ -173,7 +174,7 @@ def test_logged_train_loss_is_the_epochs_mean_step_loss(tmp_path):
     dl, _ = training_loaders(ds, ds, hp, seed=0, pre=pre, hflip=False, channels_last=False)
     torch.manual_seed(0)
     net = MultiTaskNet(create_backbone("twobranch", source=None)[0], {"klg": 5}, {"klg": "ce"})
-    module = _make_module(net, {"klg": torch.ones(5)}, hp, steps_per_epoch=len(dl))
+    module = make_module([net], {"klg": torch.ones(5)}, hp, steps_per_epoch=len(dl))
 
     class Record(L.Callback):
         def __init__(self) -> None:

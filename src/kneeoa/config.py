@@ -80,7 +80,7 @@ class CnnCfg:
     cutpoint_accuracy_weight: float = 0.0  # cut-points maximise quadratic kappa + this x accuracy (0: kappa alone)
     select_by: str = "metric"  # model selection / early stopping: metric (mean headline val metric) | loss (val loss)
     patience: int = 6  # early stopping on the selection criterion, in epochs
-    max_minutes: float | None = None  # wall-clock cap per model (Lightning max_time); None = no cap
+    max_minutes: float | None = None  # wall-clock cap per network (Lightning max_time); None = no cap
     augment: bool = True
     augment_policy: str = "standard"  # standard | strong (kneeoa.transforms.augment.POLICIES)
     augment_group: int = 1  # 1-4 batch neighbours share one geometric draw, warped in one call (cheaper on CPU)
@@ -88,6 +88,8 @@ class CnnCfg:
     ema: float | None = None  # decay of an exponential moving average of the weights (e.g. 0.998); None = off
     tta: bool = False  # test-time augmentation: average the probabilities over small shifts and scales
     ensemble_seeds: int = 1  # >1 trains that many seeds and adds the averaged arm `<backbone>_ens`
+    together: bool = False  # the seeds train side by side in one loop on the same batches (augmented once for all)
+    mutual: float = 0.0  # >0: together, and each seed also fits the others' grades (kneeoa.models.cnn.mutual)
     pretrained: str = "auto"  # auto (hub/cache if reachable, else random init) | none | a weights file path
     weights: dict[str, str] = field(default_factory=dict)  # backbone -> local weights file (.pth/.safetensors)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # backbone -> any of the keys above

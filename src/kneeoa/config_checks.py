@@ -127,6 +127,7 @@ CNN_CHECKS: dict[str, OneOf | Range] = {
     "hflip": OneOf(words=("auto", "true", "false")),
     "ema": Range(0, 1, open_lo=True, open_hi=True),
     "ensemble_seeds": AT_LEAST_ONE,
+    "mutual": NON_NEGATIVE,
     "weights": OneOf("backbone"),
     "overrides": OneOf("backbone"),
     "num_nodes": AT_LEAST_ONE,
@@ -234,6 +235,14 @@ def _cross_checks(cfg: Any) -> Iterable[str]:
     fused = [a for a in cfg.fusion.arms if a.startswith("fusion_")]
     if fused:
         yield f"fusion.arms: {fused[0]!r} is a fused arm; members must be arms that other stages make."
+    for backbone in cfg.cnn.backbones:
+        try:
+            hp = backbone_cfg(cfg.cnn, backbone)
+        except ConfigError:
+            continue  # reported by _override_problems
+        if hp.mutual and hp.ensemble_seeds < 2:
+            yield (f"cnn.mutual: {hp.mutual!r} for {backbone} needs cnn.ensemble_seeds of 2 or more (got "
+                   f"{hp.ensemble_seeds}): mutual learning trains the seeds of an ensemble together.")
     metrics = OneOf("metric")
     for kind, names in cfg.stats.compare_metrics.items():
         yield from metrics.problems(f"stats.compare_metrics.{kind}", names)

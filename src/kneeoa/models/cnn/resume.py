@@ -1,14 +1,15 @@
 """Resuming an interrupted CNN training run from its last epoch checkpoint.
 
 Lightning writes `last.ckpt` after every epoch into the member's folder (checkpoints/<backbone>/lightning/
-<group>-seed<seed>/): weights, EMA weights (a submodule), optimizer and learning-rate schedule state, epoch and step
-counters, the early-stopping and best-checkpoint state, the wall-clock spent (`max_time`) and our schedule's
-`TrainingBudget` time. `resume.json` beside it holds a fingerprint of everything that shapes the run (the backbone's
-settings, tasks, seed and the train/val image ids); a rerun with the same fingerprint continues from `last.ckpt`, a
-rerun with a different one starts afresh (and says why). A member that finished removes both and leaves its
-result as `finished.pt` (with the same fingerprint), so that when a later member of the stage is killed, the rerun
-takes the finished ones from there instead of training them again; the stage removes these once all its arms are
-written, so running a finished stage again retrains, as before.
+<group>-seed<seed>/, or <group>-seeds<a>-<b>/ for a cohort that learns mutually): weights, EMA weights (a
+submodule), optimizer and learning-rate schedule state, epoch and step counters, the early-stopping and
+best-checkpoint state, the wall-clock spent (`max_time`) and our schedule's `TrainingBudget` time. `resume.json`
+beside it holds a fingerprint of everything that shapes the run (the backbone's settings, tasks, seeds and the
+train/val image ids); a rerun with the same fingerprint continues from `last.ckpt`, a rerun with a different one
+starts afresh (and says why). A member that finished removes both and leaves its result as `finished.pt` (with the
+same fingerprint), so that when a later member of the stage is killed, the rerun takes the finished ones from there
+instead of training them again; the stage removes these once all its arms are written, so running a finished stage
+again retrains, as before.
 """
 
 from __future__ import annotations
@@ -83,19 +84,20 @@ def mark_finished(ckpt_dir: Path) -> None:
         (Path(ckpt_dir) / name).unlink(missing_ok=True)
 
 
-def save_finished(ckpt_dir: Path, key: str, payload: dict[str, Any]) -> None:
-    """Keep a finished member's result (its checkpoint payload) until its stage has written its arms."""
+def save_finished(ckpt_dir: Path, key: str, payloads: list[dict[str, Any]]) -> None:
+    """Keep a finished member's result (its checkpoint payloads: one network, or a cohort's) until its stage has
+    written its arms."""
     import torch
 
     from kneeoa.io import atomic_path
 
     with atomic_path(Path(ckpt_dir) / FINISHED) as tmp:
-        torch.save({"fingerprint": key, "payload": payload}, tmp)
+        torch.save({"fingerprint": key, "payloads": payloads}, tmp)
 
 
-def load_finished(ckpt_dir: Path, key: str) -> dict[str, Any] | None:
-    """The payload of a member an interrupted run finished with the same fingerprint `key`, else None (a result of
-    other settings is removed)."""
+def load_finished(ckpt_dir: Path, key: str) -> list[dict[str, Any]] | None:
+    """The payloads of a member an interrupted run finished with the same fingerprint `key`, else None (a result of
+    other settings, or of an older format, is removed)."""
     import torch
 
     path = Path(ckpt_dir) / FINISHED
@@ -106,10 +108,10 @@ def load_finished(ckpt_dir: Path, key: str) -> dict[str, Any] | None:
     except Exception as e:  # a truncated or foreign file: torch/pickle raise many types
         _logger.warning("%s cannot be read (%s); training this model again", path, e)
         saved = {}
-    if saved.get("fingerprint") != key:
+    if saved.get("fingerprint") != key or "payloads" not in saved:
         path.unlink(missing_ok=True)
         return None
-    return saved["payload"]
+    return saved["payloads"]
 
 
 def clear_finished(lightning_dir: Path) -> None:
