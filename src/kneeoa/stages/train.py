@@ -137,12 +137,13 @@ def train_cohort(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
         _logger.info("%s (%s): finished in an earlier, interrupted run; reusing it (%s)", backbone, who, ckpt_dir)
         return finished if is_rank_zero() else [{}] * len(seeds)
     bb = BACKBONES.get(backbone)
+    source, source_text = resolve_pretrained(bb, hp.pretrained, hp.weights.get(backbone))
     modules = []
     for seed in seeds:
         L.seed_everything(seed, workers=True, verbose=False)
-        source, source_text = resolve_pretrained(bb, hp.pretrained, hp.weights.get(backbone))
         module, hub_error = create_backbone(backbone, source=source, args=hp.backbone_args)
-        if hub_error:
+        if hub_error:  # the cohort's later networks start from random weights too, without asking the hub again
+            source = None
             source_text = f"random init: loading {bb.hub_id} from the hub failed ({hub_error.splitlines()[0][:200]})"
         _logger.info("%s (seed %d): starting weights: %s", backbone, seed, source_text)
         modules.append(module)

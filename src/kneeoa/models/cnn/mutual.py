@@ -24,8 +24,9 @@ def mutual_loss(probs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     for task in probs[0]:
         stacked = torch.stack([p[task].float() for p in probs])  # (N, B, K)
         fixed = stacked.detach()
+        summed = fixed.sum(0)
         for i in range(len(probs)):
-            q = (fixed.sum(0) - fixed[i]) / (len(probs) - 1)
+            q = (summed - fixed[i]) / (len(probs) - 1)
             kl = (q * (q.clamp_min(EPS).log() - stacked[i].clamp_min(EPS).log())).sum(-1)
             total = total + kl.mean()
     return total
