@@ -44,6 +44,7 @@ def test_every_checked_key_exists_and_the_defaults_pass():
     ({"cnn": {"cutpoint_bootstrap": -1}}, "cnn.cutpoint_bootstrap: -1 is outside the allowed range [0, inf]."),
     ({"cnn": {"cutpoint_accuracy_weight": -0.5}}, "cnn.cutpoint_accuracy_weight: -0.5 is outside the allowed range"),
     ({"cnn": {"mixup": -0.2}}, "cnn.mixup: -0.2 is outside the allowed range [0, inf]."),
+    ({"cnn": {"class_weight_power": -1}}, "cnn.class_weight_power: -1.0 is outside the allowed range [0, inf]."),
     ({"data": {"low_quality_share": 1.5}}, "data.low_quality_share: 1.5 is outside the allowed range [0, 1]."),
     ({"data": {"split_fractions": [0.5, 0.2, 0.2]}}, "data.split_fractions: [0.5, 0.2, 0.2] must be three shares"),
     ({"tasks": {"thresholds": {"jsn": 5}}}, "tasks.thresholds.jsn: 5 is not an OARSI grade 1, 2 or 3."),

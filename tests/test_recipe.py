@@ -342,3 +342,18 @@ def test_training_loader_hands_the_configured_group_to_the_augmentation():
     train_dl, val_dl = training_loaders(ds, ds, hp, seed=0, pre=Preprocess.for_cnn(16, 0.5, 0.25, in_chans=1),
                                         hflip=False, channels_last=False)
     assert train_dl.collate_fn.group == 3 and val_dl.collate_fn.policy is None
+
+
+def test_class_weight_power_reaches_the_loss_and_the_arm_record(tiny_run):
+    """The square-root class weights train another network than the full ones from the same seed, and the arm
+    records the power it was trained with."""
+    cfg = _cfg(epochs=1)
+    cfg.tasks.names = ["klg"]
+    states = {}
+    for power in (1.0, 0.5):
+        cfg.cnn.class_weight_power = power
+        train.run(tiny_run, cfg)
+        (payload,) = read_members(tiny_run / "checkpoints" / "twobranch" / "multitask.pt")
+        states[power] = payload["state_dict"]
+        assert read_arms(tiny_run)["twobranch"]["details"]["class_weight_power"] == power
+    assert any(not torch.equal(v, states[0.5][k]) for k, v in states[1.0].items())

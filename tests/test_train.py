@@ -110,6 +110,17 @@ def test_class_weights_balance_the_loss():
     assert w[2] == pytest.approx(1.0)  # absent class
 
 
+def test_class_weight_power_softens_the_balance():
+    labels = np.array([0] * 9 + [1] * 3 + [2] + [-1])
+    full, root, none = (class_weights(labels, 3, power).numpy() for power in (1.0, 0.5, 0.0))
+    assert full[2] / full[0] == pytest.approx(9.0)
+    assert root[2] / root[0] == pytest.approx(3.0)
+    assert root[1] / root[0] == pytest.approx(3.0 ** 0.5)
+    assert none == pytest.approx(np.ones(3))
+    for w in (full, root):
+        assert w.mean() == pytest.approx(1.0)
+
+
 def test_explicit_weights_file_must_exist(tmp_path):
     with pytest.raises(WeightsNotFoundError, match="huggingface-cli download timm/resnet18.a1_in1k"):
         resolve_pretrained(BACKBONES.get("resnet18"), "auto", str(tmp_path / "nope.safetensors"))

@@ -74,6 +74,7 @@ class CnnCfg:
     label_smoothing: float = 0.0
     mixup: float = 0.0  # a of the Beta(a, a) blend of batch pairs in training (kneeoa.models.cnn.mixup); 0 = off
     class_balance: str = "weighted_loss"  # none | weighted_loss (inverse-frequency class weights) | balanced_sampling
+    class_weight_power: float = 1.0  # weighted_loss: the inverse frequency to this power (0.5: its square root)
     klg_head: str = "ce"  # output head for ordinal tasks (KLG): ce | corn | regression (kneeoa.models.cnn.heads)
     klg_decode: str = "argmax"  # argmax | cutpoints (expected grade, cut-points tuned on val for quadratic kappa)
     cutpoint_bootstrap: int = 0  # >0: each cut-point is the median over that many val-patient bootstrap tunings

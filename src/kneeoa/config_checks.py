@@ -115,6 +115,7 @@ CNN_CHECKS: dict[str, OneOf | Range] = {
     "label_smoothing": Range(0, 1, open_hi=True),
     "mixup": NON_NEGATIVE,
     "class_balance": OneOf(words=("none", "weighted_loss", "balanced_sampling")),
+    "class_weight_power": NON_NEGATIVE,
     "klg_head": OneOf("output head"),
     "klg_decode": OneOf(words=("argmax", "cutpoints")),
     "cutpoint_bootstrap": NON_NEGATIVE,

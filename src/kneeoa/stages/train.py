@@ -156,8 +156,8 @@ def train_cohort(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
     train_dl, val_dl = training_loaders(train_ds, val_ds, hp, seed=seeds[-1], pre=pre,
                                         hflip=_uses_hflip(hp, manifest), channels_last=channels_last,
                                         rows=input_rows(module, hp.image_size))
-    weights = {t: (class_weights(train_ds.labels[t], get_task(t).n_classes) if hp.class_balance == "weighted_loss"
-                   else torch.ones(get_task(t).n_classes)) for t in tasks}
+    weights = {t: (class_weights(train_ds.labels[t], get_task(t).n_classes, hp.class_weight_power)
+                   if hp.class_balance == "weighted_loss" else torch.ones(get_task(t).n_classes)) for t in tasks}
     heads = {t: (hp.klg_head if get_task(t).kind == "ordinal" else "ce") for t in tasks}
     nets = [MultiTaskNet(m, {t: get_task(t).n_classes for t in tasks}, heads) for m in modules]
     if channels_last:
@@ -264,7 +264,8 @@ def run(run_dir: Path, cfg: Config) -> None:
             details = {g: [m["extra"] for m in ms] for g, ms in groups.items()}
             record_arm(run_dir, arm, status="ran", weights=first["weights_source"],
                        details={"members": details, "decoding": decoding, "head": hp.klg_head, "tta": hp.tta,
-                                "ema": hp.ema, "class_balance": hp.class_balance, "image_size": hp.image_size,
+                                "ema": hp.ema, "class_balance": hp.class_balance,
+                                "class_weight_power": hp.class_weight_power, "image_size": hp.image_size,
                                 "backbone_args": hp.backbone_args})
     for backbone in cfg.cnn.backbones:  # every arm is written: a rerun of the stage trains afresh
         clear_finished(Path(run_dir) / CHECKPOINTS_DIR / backbone / "lightning")
