@@ -52,7 +52,7 @@ from kneeoa.models.cnn.resume import (
     mark_started,
     save_finished,
 )
-from kneeoa.models.cnn.training import make_module, resolve_precision
+from kneeoa.models.cnn.training import cohort_minutes, make_module, resolve_precision
 from kneeoa.runfolder.arms import record_arm
 from kneeoa.runfolder.checkpoints import CHECKPOINTS_DIR, checkpoint_path
 from kneeoa.runfolder.manifest import read_manifest
@@ -172,10 +172,11 @@ def train_cohort(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
                      resume.epochs_done, hp.epochs)
     elif is_rank_zero():
         mark_started(ckpt_dir, key)
+    cap = cohort_minutes(hp, len(seeds))
     trainer = L.Trainer(
         max_epochs=hp.epochs, accelerator=hp.accelerator, devices=hp.devices, strategy=hp.strategy,
         num_nodes=hp.num_nodes, precision=precision, deterministic=False, enable_model_summary=False,
-        max_time={"minutes": hp.max_minutes * len(seeds)} if hp.max_minutes else None,  # the cap is per network
+        max_time={"minutes": cap} if cap else None,
         callbacks=[EarlyStopping(monitor=monitor, patience=hp.patience, mode=mode), best],
         logger=CSVLogger(Path(run_dir) / "logs", name=f"{backbone}-{group}-{who}"), log_every_n_steps=10,
         default_root_dir=run_dir)

@@ -1,7 +1,7 @@
 """Resuming an interrupted CNN training run from its last epoch checkpoint.
 
 Lightning writes `last.ckpt` after every epoch into the member's folder (checkpoints/<backbone>/lightning/
-<group>-seed<seed>/, or <group>-seeds<a>-<b>/ for a cohort that learns mutually): weights, EMA weights (a
+<group>-seed<seed>/, or <group>-seeds<a>-<b>/ for a cohort trained together): weights, EMA weights (a
 submodule), optimizer and learning-rate schedule state, epoch and step counters, the early-stopping and
 best-checkpoint state, the wall-clock spent (`max_time`) and our schedule's `TrainingBudget` time. `resume.json`
 beside it holds a fingerprint of everything that shapes the run (the backbone's settings, tasks, seeds and the

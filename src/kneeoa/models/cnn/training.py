@@ -1,9 +1,9 @@
 """What training a CNN does at each step: the Lightning module, its learning-rate budget and its val score.
 
-The module trains a *cohort*: one network, or with `cnn.mutual` all of an ensemble's seeds side by side on the same
-batches (deep mutual learning, `kneeoa.models.cnn.mutual`). Validation scores the cohort's averaged probabilities, as
-the ensemble arm will predict, so the epoch kept is the one where the cohort grades best. With one network every
-number is what it would be without the cohort wrapper.
+The module trains a *cohort*: one network, or with `cnn.together` all of an ensemble's seeds side by side on the
+same batches, learning from each other with `cnn.mutual` (deep mutual learning, `kneeoa.models.cnn.mutual`).
+Validation scores the cohort's averaged probabilities, as the ensemble arm will predict, so the epoch kept is the one
+where the cohort grades best. With one network every number is what it would be without the cohort wrapper.
 """
 
 from __future__ import annotations
@@ -72,6 +72,11 @@ class TrainingBudget:
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * (p - self.warmup) / (1 - self.warmup)))
 
 
+def cohort_minutes(hp: CnnCfg, n_nets: int) -> float | None:
+    """The time cap of a loop that trains `n_nets` networks: `cnn.max_minutes` is per network (None: no cap)."""
+    return hp.max_minutes * n_nets if hp.max_minutes else None
+
+
 def val_score(task: str, y: np.ndarray, probs: np.ndarray, decoding_method: str) -> float:
     """The task's headline val metric under the arm's decoding (cut-points tuned on these very labels, as at the end).
 
@@ -89,8 +94,8 @@ def val_score(task: str, y: np.ndarray, probs: np.ndarray, decoding_method: str)
 
 
 def make_module(nets: list[MultiTaskNet], weights: dict[str, torch.Tensor], hp: CnnCfg, *, steps_per_epoch: int):
-    """The Lightning module that trains `nets` (one network, or a cohort that learns mutually) with these class
-    weights and settings."""
+    """The Lightning module that trains `nets` (one network, or a cohort on shared batches) with these class weights
+    and settings."""
     import lightning as L
 
     class KneeModule(L.LightningModule):
@@ -177,8 +182,8 @@ def make_module(nets: list[MultiTaskNet], weights: dict[str, torch.Tensor], hp: 
 
         def configure_optimizers(self):
             opt = torch.optim.AdamW(self.nets.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-            cap = hp.max_minutes * len(self.nets) if hp.max_minutes else None  # `cnn.max_minutes` is per network
-            self.budget = TrainingBudget(hp.epochs * steps_per_epoch, cap, spent_s=getattr(self, "budget_spent_s", 0.0))
+            self.budget = TrainingBudget(hp.epochs * steps_per_epoch, cohort_minutes(hp, len(self.nets)),
+                                         spent_s=getattr(self, "budget_spent_s", 0.0))
             sched = torch.optim.lr_scheduler.LambdaLR(opt, self.budget.lr_factor)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
