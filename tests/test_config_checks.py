@@ -45,6 +45,13 @@ def test_every_checked_key_exists_and_the_defaults_pass():
     ({"cnn": {"cutpoint_accuracy_weight": -0.5}}, "cnn.cutpoint_accuracy_weight: -0.5 is outside the allowed range"),
     ({"cnn": {"mixup": -0.2}}, "cnn.mixup: -0.2 is outside the allowed range [0, inf]."),
     ({"cnn": {"class_weight_power": -1}}, "cnn.class_weight_power: -1.0 is outside the allowed range [0, inf]."),
+    ({"cnn": {"ensemble_seeds": 2, "member_policies": ["strong"]}},
+     "cnn.member_policies: ['strong'] must name one policy per ensemble seed, in seed order (cnn.ensemble_seeds: 2); "
+     "it names 1."),
+    ({"cnn": {"ensemble_seeds": 2, "member_policies": ["strong", "sharp"]}},
+     "cnn.member_policies: 'sharp' is not one of: standard, strong"),
+    ({"cnn": {"ensemble_seeds": 2, "together": True, "member_policies": ["strong", "standard"]}},
+     "cnn.member_policies: the seeds of a cohort trained together (cnn.together, cnn.mutual) share their augmented"),
     ({"data": {"low_quality_share": 1.5}}, "data.low_quality_share: 1.5 is outside the allowed range [0, 1]."),
     ({"data": {"split_fractions": [0.5, 0.2, 0.2]}}, "data.split_fractions: [0.5, 0.2, 0.2] must be three shares"),
     ({"tasks": {"thresholds": {"jsn": 5}}}, "tasks.thresholds.jsn: 5 is not an OARSI grade 1, 2 or 3."),

@@ -357,3 +357,25 @@ def test_class_weight_power_reaches_the_loss_and_the_arm_record(tiny_run):
         states[power] = payload["state_dict"]
         assert read_arms(tiny_run)["twobranch"]["details"]["class_weight_power"] == power
     assert any(not torch.equal(v, states[0.5][k]) for k, v in states[1.0].items())
+
+
+def test_member_policies_train_each_seed_as_a_run_with_that_policy_would(tiny_run):
+    """A mixed pair (`cnn.member_policies`): each member is the network its seed trains with its own policy in an
+    unmixed run, bit for bit, each member's record names its policy, and the policy does change the network."""
+    def members(**cnn):
+        cfg = _cfg(epochs=1, **cnn)
+        cfg.tasks.names = ["klg"]
+        train.run(tiny_run, cfg)
+        arm = "twobranch_ens" if cfg.cnn.ensemble_seeds > 1 else "twobranch"
+        return read_members(tiny_run / "checkpoints" / arm / "multitask.pt")
+
+    mixed = members(ensemble_seeds=2, augment_policy="strong", member_policies=["strong_sharp", "strong"])
+    assert [m["extra"]["augment_policy"] for m in mixed] == ["strong_sharp", "strong"]
+    assert [m["extra"]["seed"] for m in mixed] == [0, 1]
+    details = read_arms(tiny_run)["twobranch_ens"]["details"]["members"]["multitask"]
+    assert [d["augment_policy"] for d in details] == ["strong_sharp", "strong"]
+    (sharp,) = members(augment_policy="strong_sharp")
+    strong = members(ensemble_seeds=2, augment_policy="strong")
+    for a, b in ((mixed[0], sharp), (mixed[1], strong[1])):
+        assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
+    assert any(not torch.equal(v, strong[0]["state_dict"][k]) for k, v in mixed[0]["state_dict"].items())

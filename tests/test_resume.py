@@ -150,3 +150,23 @@ def test_ensemble_members_finished_before_a_kill_are_reused_not_trained_again(ti
     assert not list(lightning.glob("*/finished.pt"))  # the stage completed: nothing left to reuse
     train.run(tiny_run, cfg)  # a completed stage run again trains again, as before
     assert len(fits) == 3
+
+
+def test_the_resume_checkpoint_is_the_last_epoch_even_when_an_earlier_one_scored_best(tiny_run, monkeypatch):
+    """An interrupted run resumes from its last finished epoch, not from the epoch kept as best (which Lightning's
+    `save_last` alone would leave as `last.ckpt`): here every epoch scores worse than the first."""
+    from kneeoa.models.cnn import training
+    from kneeoa.stages import train
+
+    scores = iter(range(100, 0, -1))
+    monkeypatch.setattr(training, "val_score", lambda *args: float(next(scores)))
+    monkeypatch.setattr(train, "mark_finished", lambda ckpt_dir: None)  # keep what an interruption would leave
+    cfg = Config()
+    cfg.tasks.names = ["klg"]
+    cfg.cnn.backbones, cfg.cnn.image_size, cfg.cnn.epochs, cfg.cnn.batch_size = ["twobranch"], 32, 3, 8
+    cfg.cnn.pretrained, cfg.cnn.patience = "none", 100
+    train.run(tiny_run, cfg)
+    member = tiny_run / "checkpoints" / "twobranch" / "lightning" / "multitask-seed0"
+    assert torch.load(member / "best.ckpt", map_location="cpu", weights_only=False)["epoch"] == 0
+    assert _epochs_done(member / LAST) == 3
+    assert json.loads((member / STATE).read_text())["fingerprint"]  # what a rerun checks before resuming

@@ -84,6 +84,8 @@ class CnnCfg:
     max_minutes: float | None = None  # wall-clock cap per network (Lightning max_time); None = no cap
     augment: bool = True
     augment_policy: str = "standard"  # standard | strong (kneeoa.transforms.augment.POLICIES)
+    # one policy per ensemble member, in seed order (e.g. [strong_sharp, strong]); empty: augment_policy for all
+    member_policies: list[str] = field(default_factory=list)
     augment_group: int = 1  # 1-4 batch neighbours share one geometric draw, warped in one call (cheaper on CPU)
     hflip: str = "auto"  # horizontal-flip augmentation: auto (only when the data are not mirrored) | true | false
     ema: float | None = None  # decay of an exponential moving average of the weights (e.g. 0.998); None = off
@@ -324,3 +326,39 @@ def backbone_cfg(cfg: CnnCfg, backbone: str) -> CnnCfg:
     over = cfg.overrides.get(backbone, {})
     base = dataclasses.asdict(cfg)
     return _from_dict(CnnCfg, _merge(base, dict(over)), f"cnn.overrides.{backbone}")
+
+
+def member_policy_problem(cfg: CnnCfg) -> str | None:
+    """Why `cfg.member_policies` cannot be followed (one line naming the key and the fix), or None when it can."""
+    if not cfg.member_policies:
+        return None
+    n = max(1, cfg.ensemble_seeds)
+    if len(cfg.member_policies) != n:
+        return (f"cnn.member_policies: {cfg.member_policies!r} must name one policy per ensemble seed, in seed "
+                f"order (cnn.ensemble_seeds: {n}); it names {len(cfg.member_policies)}. Or leave it empty.")
+    if cfg.together or cfg.mutual:
+        return ("cnn.member_policies: the seeds of a cohort trained together (cnn.together, cnn.mutual) share "
+                "their augmented batches and cannot each have a policy; drop member_policies or together/mutual.")
+    return None
+
+
+def cohort_cfgs(cfg: CnnCfg, first_seed: int) -> list[tuple[list[int], CnnCfg]]:
+    """The networks of one backbone's ensemble as the cohorts they train in, each with the settings it trains with.
+
+    With `together` (or `mutual`) every seed trains in one cohort on shared batches; otherwise each seed is a cohort
+    of its own, trained with its `member_policies` entry as its augmentation policy when those are given: a mixed
+    ensemble, whose members see their images differently (on kneeKL224 it did not beat one policy for all:
+    docs/results.md).
+
+    Raises:
+        ConfigError: `member_policies` does not name one policy per seed, or is combined with a shared cohort.
+    """
+    problem = member_policy_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
+    seeds = [first_seed + k for k in range(max(1, cfg.ensemble_seeds))]
+    if cfg.together or cfg.mutual:
+        return [(seeds, cfg)]
+    policies = cfg.member_policies or [cfg.augment_policy] * len(seeds)
+    return [([seed], dataclasses.replace(cfg, augment_policy=policy))
+            for seed, policy in zip(seeds, policies, strict=True)]

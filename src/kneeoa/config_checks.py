@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from kneeoa.config import Config, backbone_cfg, config_from_dict
+from kneeoa.config import Config, backbone_cfg, config_from_dict, member_policy_problem
 from kneeoa.errors import ConfigError
 from kneeoa.registry import Registry
 
@@ -124,6 +124,7 @@ CNN_CHECKS: dict[str, OneOf | Range] = {
     "patience": NON_NEGATIVE,
     "max_minutes": POSITIVE,
     "augment_policy": OneOf("augmentation policy"),
+    "member_policies": OneOf("augmentation policy"),
     "augment_group": Range(1, 4),
     "hflip": OneOf(words=("auto", "true", "false")),
     "ema": Range(0, 1, open_lo=True, open_hi=True),
@@ -244,6 +245,9 @@ def _cross_checks(cfg: Any) -> Iterable[str]:
         if hp.mutual and hp.ensemble_seeds < 2:
             yield (f"cnn.mutual: {hp.mutual!r} for {backbone} needs cnn.ensemble_seeds of 2 or more (got "
                    f"{hp.ensemble_seeds}): mutual learning trains the seeds of an ensemble together.")
+        problem = member_policy_problem(hp)
+        if problem:
+            yield f"{problem} ({backbone})"
     metrics = OneOf("metric")
     for kind, names in cfg.stats.compare_metrics.items():
         yield from metrics.problems(f"stats.compare_metrics.{kind}", names)

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
-from kneeoa.config import CnnCfg, Config, backbone_cfg
+from kneeoa.config import CnnCfg, Config, backbone_cfg, cohort_cfgs
 from kneeoa.errors import ConfigError
 from kneeoa.models.cnn.backbones import (
     BACKBONES,
@@ -44,6 +44,7 @@ from kneeoa.models.cnn.backbones import (
 from kneeoa.models.cnn.heads import HEADS, class_weights, decode, tune_cutpoints
 from kneeoa.models.cnn.infer import CnnPredictor
 from kneeoa.models.cnn.resume import (
+    LAST,
     clear_finished,
     find_resume_point,
     fingerprint,
@@ -165,7 +166,9 @@ def train_cohort(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
     lm = make_module(nets, weights, hp, steps_per_epoch=max(1, len(train_dl)))
     monitor, mode = ("val_score", "max") if hp.select_by == "metric" else ("val_loss", "min")
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
-                           enable_version_counter=False, save_last=True)
+                           enable_version_counter=False)
+    # Every epoch's end, for an interrupted run to resume from: Lightning's save_last writes only when `best` does.
+    latest = ModelCheckpoint(dirpath=ckpt_dir, filename=Path(LAST).stem, save_top_k=1, enable_version_counter=False)
     resume = find_resume_point(ckpt_dir, key)
     if resume is not None:
         _logger.info("%s (%s): resuming from %s after epoch %d of %d", backbone, who, resume.path,
@@ -177,7 +180,7 @@ def train_cohort(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
         max_epochs=hp.epochs, accelerator=hp.accelerator, devices=hp.devices, strategy=hp.strategy,
         num_nodes=hp.num_nodes, precision=precision, deterministic=False, enable_model_summary=False,
         max_time={"minutes": cap} if cap else None,
-        callbacks=[EarlyStopping(monitor=monitor, patience=hp.patience, mode=mode), best],
+        callbacks=[EarlyStopping(monitor=monitor, patience=hp.patience, mode=mode), best, latest],
         logger=CSVLogger(Path(run_dir) / "logs", name=f"{backbone}-{group}-{who}"), log_every_n_steps=10,
         default_root_dir=run_dir)
     t0 = time.time()
@@ -191,6 +194,7 @@ def train_cohort(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
     score = float(best.best_model_score) if best.best_model_score is not None else None
     extra = {"epochs_run": int(trainer.current_epoch), "minutes": round(minutes, 2), "best_epoch_score": score,
              "selected_by": monitor, "precision": precision, "channels_last": channels_last,
+             "augment_policy": hp.augment_policy if hp.augment else None,
              "resumed_after_epoch": resume.epochs_done if resume else None}
     if len(seeds) > 1:
         extra.update(cohort=seeds, mutual=hp.mutual)  # trained together
@@ -247,12 +251,14 @@ def run(run_dir: Path, cfg: Config) -> None:
         BACKBONES.get(backbone)
         hp = backbone_cfg(cfg.cnn, backbone)
         HEADS.get(hp.klg_head)
-        POLICIES.get(hp.augment_policy)
+        cohorts = cohort_cfgs(hp, cfg.seed)
+        for _, member_hp in cohorts:
+            POLICIES.get(member_hp.augment_policy)
         images = image_cache(run_dir, manifest, hp.image_size)
         task_groups = {"multitask": tasks} if hp.multitask else {t: [t] for t in tasks}
-        seeds = [cfg.seed + k for k in range(max(1, hp.ensemble_seeds))]
-        cohorts = [seeds] if hp.together or hp.mutual else [[s] for s in seeds]
-        members = {g: [p for c in cohorts for p in train_cohort(run_dir, manifest, images, backbone, ts, hp, c, g)]
+        seeds = [seed for cohort, _ in cohorts for seed in cohort]
+        members = {g: [p for c, member_hp in cohorts
+                       for p in train_cohort(run_dir, manifest, images, backbone, ts, member_hp, c, g)]
                    for g, ts in task_groups.items()}
         if not all(all(m) for m in members.values()):
             continue  # not the global-zero process of a distributed run: rank 0 writes the results
