@@ -6,6 +6,7 @@ import torch
 
 from kneeoa.config import Config
 from kneeoa.errors import ConfigError
+from kneeoa.models.cnn.epoch_weights import read_epoch_weights
 from kneeoa.models.cnn.infer import CnnPredictor, read_members
 from kneeoa.runfolder.arms import read_arms
 from kneeoa.runfolder.checkpoints import arm_dir
@@ -379,3 +380,30 @@ def test_member_policies_train_each_seed_as_a_run_with_that_policy_would(tiny_ru
     for a, b in ((mixed[0], sharp), (mixed[1], strong[1])):
         assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
     assert any(not torch.equal(v, strong[0]["state_dict"][k]) for k, v in mixed[0]["state_dict"].items())
+
+
+def test_keep_epoch_weights_writes_every_epoch_and_the_kept_one_is_the_member(tiny_run):
+    """`cnn.keep_epoch_weights` writes each epoch's weights and val score per seed; the best-scoring epoch holds the
+    member's weights bit for bit; without the option nothing is written, and reading then names the option."""
+    cfg = _cfg(epochs=3, ensemble_seeds=2, select_by="metric", patience=10)
+    cfg.tasks.names = ["klg"]
+    lightning = tiny_run / "checkpoints" / "twobranch" / "lightning"
+    train.run(tiny_run, cfg)
+    with pytest.raises(FileNotFoundError, match="keep_epoch_weights"):
+        read_epoch_weights(lightning, "multitask")
+    cfg.cnn.keep_epoch_weights = True
+    train.run(tiny_run, cfg)
+    epochs = read_epoch_weights(lightning, "multitask")
+    members = read_members(tiny_run / "checkpoints" / "twobranch_ens" / "multitask.pt")
+    assert sorted(epochs) == [0, 1]
+    for member in members:
+        kept = epochs[member["extra"]["seed"]]
+        assert [e["epoch"] for e in kept] == [0, 1, 2]
+        best = max(kept, key=lambda e: e["val_score"])  # the first of equal scores, as the checkpoint keeps it
+        assert best["val_score"] == pytest.approx(member["extra"]["best_epoch_score"])
+        assert all(torch.equal(v, best["state_dict"][k]) for k, v in member["state_dict"].items())
+    later = [e for e in kept if e["epoch"] > 0]
+    assert any(not torch.equal(v, later[0]["state_dict"][k]) for k, v in kept[0]["state_dict"].items())
+    cfg.cnn.epochs = 1  # a fresh training clears the earlier training's epochs
+    train.run(tiny_run, cfg)
+    assert [e["epoch"] for e in read_epoch_weights(lightning, "multitask")[0]] == [0]

@@ -89,6 +89,7 @@ class CnnCfg:
     augment_group: int = 1  # 1-4 batch neighbours share one geometric draw, warped in one call (cheaper on CPU)
     hflip: str = "auto"  # horizontal-flip augmentation: auto (only when the data are not mirrored) | true | false
     ema: float | None = None  # decay of an exponential moving average of the weights (e.g. 0.998); None = off
+    keep_epoch_weights: bool = False  # also write every epoch's weights, for offline study (models/cnn/epoch_weights)
     tta: bool = False  # test-time augmentation: average the probabilities over small shifts and scales
     ensemble_seeds: int = 1  # >1 trains that many seeds and adds the averaged arm `<backbone>_ens`
     together: bool = False  # the seeds train side by side in one loop on the same batches (augmented once for all)

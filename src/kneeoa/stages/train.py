@@ -19,6 +19,7 @@ Images come from the decoded uint8 cache (`kneeoa.transforms.cache`); augmentati
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from kneeoa.models.cnn.backbones import (
     resolve_pretrained,
     write_checkpoint,
 )
+from kneeoa.models.cnn.epoch_weights import EPOCHS_DIR, epoch_weights_callback
 from kneeoa.models.cnn.heads import HEADS, class_weights, decode, tune_cutpoints
 from kneeoa.models.cnn.infer import CnnPredictor
 from kneeoa.models.cnn.resume import (
@@ -169,18 +171,22 @@ def train_cohort(run_dir: Path, manifest: pd.DataFrame, images: np.ndarray, back
                            enable_version_counter=False)
     # Every epoch's end, for an interrupted run to resume from: Lightning's save_last writes only when `best` does.
     latest = ModelCheckpoint(dirpath=ckpt_dir, filename=Path(LAST).stem, save_top_k=1, enable_version_counter=False)
+    callbacks = [EarlyStopping(monitor=monitor, patience=hp.patience, mode=mode), best, latest]
+    if hp.keep_epoch_weights:
+        callbacks.append(epoch_weights_callback(ckpt_dir / EPOCHS_DIR, seeds))
     resume = find_resume_point(ckpt_dir, key)
     if resume is not None:
         _logger.info("%s (%s): resuming from %s after epoch %d of %d", backbone, who, resume.path,
                      resume.epochs_done, hp.epochs)
     elif is_rank_zero():
         mark_started(ckpt_dir, key)
+        shutil.rmtree(ckpt_dir / EPOCHS_DIR, ignore_errors=True)  # an earlier training's epochs are not this one's
     cap = cohort_minutes(hp, len(seeds))
     trainer = L.Trainer(
         max_epochs=hp.epochs, accelerator=hp.accelerator, devices=hp.devices, strategy=hp.strategy,
         num_nodes=hp.num_nodes, precision=precision, deterministic=False, enable_model_summary=False,
         max_time={"minutes": cap} if cap else None,
-        callbacks=[EarlyStopping(monitor=monitor, patience=hp.patience, mode=mode), best, latest],
+        callbacks=callbacks,
         logger=CSVLogger(Path(run_dir) / "logs", name=f"{backbone}-{group}-{who}"), log_every_n_steps=10,
         default_root_dir=run_dir)
     t0 = time.time()
