@@ -26,13 +26,11 @@ from kl_summary import _tuning, score  # noqa: E402
 def epoch_probs(run_dir: Path) -> tuple[pd.DataFrame, dict[int, list[tuple[int, float, np.ndarray]]]]:
     """(val rows in image-id order, seed -> [(epoch, val score, val KLG probabilities), ...]) of the run's first
     backbone, each epoch's weights loaded into its seed's member of the ensemble arm."""
-    from kneeoa.models.cnn.backbones import net_from_payload
     from kneeoa.models.cnn.epoch_weights import read_epoch_weights
-    from kneeoa.models.cnn.infer import Member, member_probs, read_members
+    from kneeoa.models.cnn.infer import CnnPredictor, read_members
     from kneeoa.runfolder.checkpoints import CHECKPOINTS_DIR, checkpoint_path
     from kneeoa.sources.manifest import read_manifest
     from kneeoa.transforms.cache import image_cache
-    from kneeoa.transforms.preprocess import Preprocess
 
     cnn = yaml.safe_load((run_dir / "config.yaml").read_text()).get("cnn") or {}
     backbone, group = cnn["backbones"][0], "multitask" if cnn.get("multitask", True) else "klg"
@@ -46,9 +44,8 @@ def epoch_probs(run_dir: Path) -> tuple[pd.DataFrame, dict[int, list[tuple[int, 
         payload = members[seed]
         out[seed] = []
         for e in epochs:
-            p = {**payload, "state_dict": e["state_dict"]}
-            member = Member(net_from_payload(p), p, Preprocess.from_dict(p["preprocess"]))
-            out[seed].append((e["epoch"], e["val_score"], member_probs(member, val_images)["klg"]))
+            predictor = CnnPredictor.from_payloads([{**payload, "state_dict": e["state_dict"]}])
+            out[seed].append((e["epoch"], e["val_score"], predictor.predict_uint8(val_images)["klg"]))
             print(f"seed {seed} epoch {e['epoch']}", file=sys.stderr, flush=True)
     return val, out
 
@@ -60,7 +57,10 @@ def main() -> None:
     ap.add_argument("--last", type=int, nargs="*", default=[5, 10, 20], help="each seed's last n epochs")
     ap.add_argument("--halvings", type=int, default=6)
     args = ap.parse_args()
-    val, seeds = epoch_probs(args.run)
+    try:
+        val, seeds = epoch_probs(args.run)
+    except FileNotFoundError as e:
+        raise SystemExit(f"{args.run}: {e}") from None
     y, pid = val["klg"].to_numpy().astype(int), val["patient_id"].to_numpy()
     tuning = _tuning(args.run, None, None)
     picks = {f"top {k}": lambda eps, k=k: sorted(eps, key=lambda e: (-e[1], e[0]))[:k] for k in args.top}
